@@ -1,0 +1,3 @@
+from minidiff_cli.cli.app import main
+
+main()

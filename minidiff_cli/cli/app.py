@@ -1,0 +1,107 @@
+"""The Typer app: global options, command registration, and one-line errors.
+
+Command modules are imported here, but each imports torch only inside its
+functions, so ``minidiff --help`` never pays for torch.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import click
+import typer
+
+from minidiff_cli import __version__
+from minidiff_cli.errors import MinidiffError
+
+app = typer.Typer(
+    name="minidiff",
+    help="Train and sample small diffusion models.\n\n"
+         "Examples:\n\n"
+         "  minidiff generate \"a red circle\" --steps 50 --cfg 3\n\n"
+         "  minidiff schedules plot -o schedules.png\n\n"
+         "  minidiff plugins",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=True,
+    rich_markup_mode=None,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"minidiff {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _global_options(
+    plugins_dir: Optional[Path] = typer.Option(
+        None, "--plugins-dir", envvar="MINIDIFF_PLUGINS_DIR",
+        help="Also load every .py file in this folder as a plugin."),
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="Print the version and exit."),
+) -> None:
+    from minidiff_cli import plugins
+
+    if plugins_dir is not None:
+        if not plugins_dir.is_dir():
+            raise MinidiffError(f"plugins folder '{plugins_dir}' does not exist; "
+                                "pass an existing folder to --plugins-dir")
+        os.environ["MINIDIFF_PLUGINS_DIR"] = str(plugins_dir)
+        plugins.reset()
+
+
+# Each module adds its commands to ``app`` when imported.
+COMMAND_MODULES = ("generate", "train", "info", "schedules", "clip", "plugins_cmd")
+
+
+def _register_commands() -> None:
+    import importlib
+
+    for name in COMMAND_MODULES:
+        importlib.import_module(f"minidiff_cli.cli.{name}")
+
+
+def _add_plugin_commands() -> None:
+    """Plugins may add commands; a broken one is reported, never fatal."""
+    from minidiff_cli import plugins
+
+    try:
+        plugins.registry().add_commands(app)
+    except MinidiffError as exc:
+        print(f"Error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in args
+    _register_commands()
+    # Plugin commands need the registry; skip it for bare help and --version so they stay instant.
+    if args and args[0] not in ("--help", "-h", "--version"):
+        _add_plugin_commands()
+    try:
+        app(args=args, prog_name="minidiff", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        print("Aborted.", file=sys.stderr)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except MinidiffError as exc:
+        if debug:
+            raise
+        print(f"Error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("Interrupted.", file=sys.stderr)
+        sys.exit(130)

@@ -1,0 +1,24 @@
+"""Errors a user can fix. The CLI prints them as one line and exits with code 2."""
+
+
+class MinidiffError(Exception):
+    """Base class: something the user can fix; the message says what and how."""
+
+
+class PluginError(MinidiffError):
+    """A plugin could not be loaded, clashed with another, or broke its contract."""
+
+
+class UnknownNameError(MinidiffError, KeyError):
+    """A schedule, sampler, conditioner, data set or model name that does not exist."""
+
+    def __str__(self):  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class ModelFileError(MinidiffError):
+    """A model or checkpoint file that is missing, corrupt, foreign or inconsistent."""
+
+
+class ImageMetadataError(MinidiffError):
+    """A PNG without readable minidiff parameters."""

@@ -1,0 +1,35 @@
+"""The whole plugin contract: five hooks, each handed a ``register`` callable.
+
+A plugin is a module with functions named like these hooks, decorated with
+``minidiff_cli.hookimpl``. It may implement any subset of them.
+"""
+
+import pluggy
+
+hookspec = pluggy.HookspecMarker("minidiff")
+hookimpl = pluggy.HookimplMarker("minidiff")
+
+
+@hookspec
+def register_schedules(register):
+    """Register noise schedules: ``register(name, fn)``, ``fn(num_timesteps, **opts) -> betas`` (float64, length T)."""
+
+
+@hookspec
+def register_samplers(register):
+    """Register samplers: ``register(sampler)``; see ``minidiff_cli.sampling.Sampler``."""
+
+
+@hookspec
+def register_conditioners(register):
+    """Register conditioners: ``register(name, cls)``; see ``minidiff_cli.conditioning.Conditioner``."""
+
+
+@hookspec
+def register_datasets(register):
+    """Register training data sets: ``register(name, factory)``; see ``minidiff_cli.data``."""
+
+
+@hookspec
+def register_commands(cli):
+    """Add commands to the Typer app ``cli``."""
