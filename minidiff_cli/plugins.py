@@ -148,8 +148,8 @@ class Registry:
     # -- collection --------------------------------------------------------------
     def _collect(self, kind: str) -> None:
         hook = getattr(self.pm.hook, f"register_{kind}")
-        # pluggy calls the last registered first; reverse so that discovery order wins clashes.
-        for impl in reversed(hook.get_hookimpls()):
+        # get_hookimpls() lists plugins in registration order, so the first one discovered wins a clash.
+        for impl in hook.get_hookimpls():
             info = self.plugins[impl.plugin_name]
             try:
                 impl.function(register=self._registrar(kind, info))
@@ -189,11 +189,15 @@ class Registry:
         if self._commands_added:
             return
         self._commands_added = True
-        for impl in reversed(self.pm.hook.register_commands.get_hookimpls()):
+        for impl in self.pm.hook.register_commands.get_hookimpls():
             info = self.plugins[impl.plugin_name]
+            before = (len(cli.registered_commands), len(cli.registered_groups))
             try:
                 impl.function(cli=cli)
-                info.registered.setdefault("commands", []).append("(commands)")
+                added = cli.registered_commands[before[0]:] + cli.registered_groups[before[1]:]
+                names = [getattr(c, "name", None) or getattr(getattr(c, "callback", None), "__name__", "?")
+                         for c in added]
+                info.registered.setdefault("commands", []).extend(names)
             except Exception as exc:
                 self._fail(info, f"failed in register_commands: {_one_line(exc)}")
 

@@ -11,8 +11,12 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-import click
 import typer
+
+try:  # newer Typer releases carry their own copy of Click
+    from typer._click import exceptions as click_errors
+except ImportError:  # older ones use the click package
+    from click import exceptions as click_errors
 
 from minidiff_cli import __version__
 from minidiff_cli.errors import MinidiffError
@@ -57,7 +61,7 @@ def _global_options(
 
 
 # Each module adds its commands to ``app`` when imported.
-COMMAND_MODULES = ("generate", "train", "info", "schedules", "clip", "plugins_cmd")
+COMMAND_MODULES = ("generate", "train", "info", "models", "schedules", "clip", "plugins_cmd")
 
 
 def _register_commands() -> None:
@@ -87,13 +91,18 @@ def main(argv: list[str] | None = None) -> None:
         _add_plugin_commands()
     try:
         app(args=args, prog_name="minidiff", standalone_mode=False)
-    except click.exceptions.Exit as exc:
+    except typer.Exit as exc:
         sys.exit(exc.exit_code)
-    except click.exceptions.Abort:
+    except typer.Abort:
         print("Aborted.", file=sys.stderr)
         sys.exit(130)
-    except click.ClickException as exc:
-        exc.show()
+    except click_errors.UsageError as exc:
+        # One line, like every other error; --help shows the usage.
+        where = f"minidiff {exc.ctx.command_path.split(' ', 1)[1]}" if exc.ctx and " " in exc.ctx.command_path else "minidiff"
+        print(f"Error: {exc.format_message()} (see: {where} --help)", file=sys.stderr)
+        sys.exit(exc.exit_code)
+    except click_errors.ClickException as exc:
+        print(f"Error: {exc.format_message()}", file=sys.stderr)
         sys.exit(exc.exit_code)
     except MinidiffError as exc:
         if debug:

@@ -1,0 +1,44 @@
+"""Shared test helpers: run the real console script, as a user would."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cli_command() -> list[str]:
+    """The installed `minidiff` console script (falls back to python -m)."""
+    exe = shutil.which("minidiff")
+    return [exe] if exe else [sys.executable, "-m", "minidiff_cli"]
+
+
+def run_cli(*args: str, env: dict | None = None, cwd: str | os.PathLike | None = None,
+            timeout: float = 300) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "COLUMNS": "200", **(env or {})}
+    for key, value in list(full_env.items()):
+        if value is None:
+            del full_env[key]
+    return subprocess.run([*cli_command(), *args], capture_output=True, text=True, env=full_env,
+                          cwd=cwd, timeout=timeout)
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
+    """Exit code 2, no traceback, one line on stderr that contains every fragment."""
+    assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+
+
+@pytest.fixture
+def cli():
+    return run_cli
