@@ -1,1 +1,184 @@
-"""(being written)"""
+"""``minidiff generate``: prompt in, PNGs out (with their parameters inside)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from minidiff_cli.cli.app import app
+from minidiff_cli.errors import MinidiffError
+
+# Used when neither a flag nor --from gives a value.
+DEFAULTS = {"negative_prompt": "", "steps": 50, "cfg": 3.0, "sampler": "ddim", "seed": 0, "eta": None}
+
+
+@app.command("generate")
+def generate_command(
+    prompt: Optional[str] = typer.Argument(None, help="What to draw, e.g. \"a red circle\"."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Model name or .safetensors path "
+                                        "[default: the shipped model]."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Sampling steps [default: 50]."),
+    cfg: Optional[float] = typer.Option(None, "--cfg", help="Classifier-free guidance scale: 0 ignores the "
+                                        "prompt, 1 is plain conditioning [default: 3]."),
+    sampler: Optional[str] = typer.Option(None, "--sampler", help="Sampler name (see `minidiff plugins`) "
+                                          "[default: ddim]."),
+    eta: Optional[float] = typer.Option(None, "--eta", help="DDIM noise: 0 deterministic, 1 like DDPM."),
+    negative: Optional[str] = typer.Option(None, "--negative", help="Negative prompt: steer away from it."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the first image; image k uses seed + k "
+                                       "[default: 0]."),
+    num_images: int = typer.Option(1, "--num-images", "-n", help="How many images."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images sampled at once [default: up to 16]."),
+    output: Path = typer.Option(Path("outputs"), "--output", "-o", help="Folder for numbered PNGs, or a FILE.png."),
+    grid: bool = typer.Option(False, "--grid", help="Also save all images as one grid PNG."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or mps."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto, float32, bfloat16 or float16."),
+    from_image: Optional[Path] = typer.Option(None, "--from", help="Repeat the parameters stored in a PNG; "
+                                              "flags given override them."),
+    as_json: bool = typer.Option(False, "--json", help="Print what was written as JSON on stdout."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar and no terminal preview."),
+) -> None:
+    """Draw images from a prompt with a trained model.
+
+    Examples:
+
+      minidiff generate "a red circle" --steps 50 --cfg 3
+
+      minidiff generate "a blue square" -n 8 --grid -o out/
+
+      minidiff generate --from outputs/minidiff-00000.png --seed 5
+    """
+    from minidiff_cli.pipeline import Generation
+
+    given = {"prompt": prompt, "negative_prompt": negative, "steps": steps, "cfg": cfg, "sampler": sampler,
+             "seed": seed, "eta": eta, "model": model}
+    params = _resolve(given, from_image)
+    _check_numbers(params, num_images, batch_size)
+    targets = _output_paths(output, num_images)
+
+    from minidiff_cli.pipeline import Pipeline
+
+    pipe = Pipeline.load(params["model"], device=device, dtype=dtype)
+    _warn_about_prompt(pipe, params)
+    gen = Generation(params["prompt"], params["negative_prompt"] or "", params["steps"], float(params["cfg"]),
+                     params["sampler"], params["seed"], params["eta"])
+    images = _run(pipe, gen, num_images, batch_size, quiet)
+    written = _save(images, targets, output, grid)
+    if as_json:
+        typer.echo(json.dumps({"images": [str(p) for p in written],
+                               "parameters": [img.info["minidiff"] for img in images]}, indent=2))
+    else:
+        for path in written:
+            typer.echo(str(path))
+    if not quiet:
+        from minidiff_cli.cli.display import show_images
+
+        show_images(images)
+
+
+def _resolve(given: dict[str, Any], from_image: Path | None) -> dict[str, Any]:
+    """Flags given > the parameters of --from > defaults."""
+    stored: dict[str, Any] = {}
+    if from_image is not None:
+        from minidiff_cli.imagemeta import read_parameters
+
+        stored = read_parameters(from_image)
+    params = {}
+    for key in ("prompt", "model", *DEFAULTS):
+        if given.get(key) is not None:
+            params[key] = given[key]
+        elif key in stored and key != "model":
+            params[key] = stored[key]
+        else:
+            params[key] = DEFAULTS.get(key)
+    if params["prompt"] is None:
+        raise MinidiffError("no prompt given; pass one, e.g. minidiff generate \"a red circle\", or use --from IMAGE.png")
+    if given.get("model") is None and stored.get("model"):
+        params["model"] = stored["model"]
+    return params
+
+
+def _check_numbers(params: dict[str, Any], num_images: int, batch_size: int | None) -> None:
+    if int(params["steps"]) < 1:
+        raise MinidiffError(f"--steps must be at least 1 (got {params['steps']})")
+    if float(params["cfg"]) < 0:
+        raise MinidiffError(f"--cfg must be 0 or more (got {params['cfg']})")
+    if num_images < 1:
+        raise MinidiffError(f"--num-images must be at least 1 (got {num_images})")
+    if batch_size is not None and batch_size < 1:
+        raise MinidiffError(f"--batch-size must be at least 1 (got {batch_size})")
+    if params["eta"] is not None and not 0 <= float(params["eta"]) <= 1:
+        raise MinidiffError(f"--eta must be between 0 and 1 (got {params['eta']})")
+    if len(params["prompt"]) > 10_000:
+        raise MinidiffError("the prompt is longer than 10,000 characters; shorten it")
+
+
+def _output_paths(output: Path, num_images: int) -> list[Path]:
+    """Where each image goes; checked before any work so that nothing is half-done."""
+    from minidiff_cli.fileio import ensure_writable_dir, next_free_path
+
+    if output.suffix.lower() == ".png":
+        ensure_writable_dir(output.parent if str(output.parent) else Path("."))
+        paths = [output] if num_images == 1 else [output.with_name(f"{output.stem}-{k}.png") for k in range(num_images)]
+        for path in paths:
+            if path.exists():
+                raise MinidiffError(f"'{path}' already exists; minidiff never overwrites images, choose another -o")
+        return paths
+    if output.suffix:
+        raise MinidiffError(f"-o '{output}' must be a folder or a .png file")
+    ensure_writable_dir(output)
+    paths, start = [], 0
+    for _ in range(num_images):
+        path = next_free_path(output, "minidiff", ".png", start)
+        start = int(path.stem.rsplit("-", 1)[1]) + 1
+        paths.append(path)
+    return paths
+
+
+def _warn_about_prompt(pipe, params: dict[str, Any]) -> None:
+    if pipe.model.conditioner.name == "none" and params["prompt"]:
+        print("minidiff: warning: this model is unconditional; the prompt is ignored", file=sys.stderr)
+
+
+def _run(pipe, gen, num_images: int, batch_size: int | None, quiet: bool) -> list:
+    from minidiff_cli.cli.display import step_progress
+
+    size = batch_size or min(num_images, 16)
+    batches = -(-num_images // size)
+    with step_progress(gen.steps * batches, f"sampling {num_images} image(s)", quiet) as advance:
+        images = pipe.generate(gen.prompt, gen.steps, gen.cfg, gen.sampler, gen.seed, num_images,
+                               negative=gen.negative_prompt, eta=gen.eta, batch_size=batch_size,
+                               callback=lambda info: advance())
+    return images
+
+
+def _save(images: list, targets: list[Path], output: Path, grid: bool) -> list[Path]:
+    from minidiff_cli.imagemeta import save_png
+
+    written = [save_png(img, path, img.info["minidiff"]) for img, path in zip(images, targets)]
+    if grid:
+        from minidiff_cli.fileio import next_free_path
+
+        folder = output.parent if output.suffix else output
+        sheet = make_grid(images)
+        params = dict(images[0].info["minidiff"], grid=len(images))
+        written.append(save_png(sheet, next_free_path(folder, "grid", ".png"), params))
+    return written
+
+
+def make_grid(images: list, columns: int | None = None, gap: int = 2):
+    """Images in a near-square grid with a small gap."""
+    import math
+
+    from PIL import Image
+
+    columns = columns or math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / columns)
+    w, h = images[0].size
+    sheet = Image.new("RGB", (columns * (w + gap) - gap, rows * (h + gap) - gap), (255, 255, 255))
+    for i, img in enumerate(images):
+        sheet.paste(img.convert("RGB"), ((i % columns) * (w + gap), (i // columns) * (h + gap)))
+    return sheet

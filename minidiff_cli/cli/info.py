@@ -1,1 +1,92 @@
-"""(being written)"""
+"""``minidiff info``: what is inside a model file or a generated PNG."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from minidiff_cli.cli.app import app
+
+
+@app.command("info")
+def info_command(
+    target: Optional[str] = typer.Argument(None, help="A model (.safetensors path or name) or a PNG made by "
+                                           "minidiff [default: the shipped model]."),
+    as_json: bool = typer.Option(False, "--json", help="Print everything as JSON."),
+) -> None:
+    """Show a model's config, or the parameters stored in a generated image.
+
+    Examples:
+
+      minidiff info
+
+      minidiff info runs/shapes/model.safetensors --json
+
+      minidiff info outputs/minidiff-00000.png
+    """
+    if target is not None and Path(target).suffix.lower() == ".png":
+        _image_info(Path(target), as_json)
+    else:
+        _model_info(target, as_json)
+
+
+def _image_info(path: Path, as_json: bool) -> None:
+    from minidiff_cli.imagemeta import format_parameters, read_parameters
+
+    params = read_parameters(path)
+    typer.echo(json.dumps(params, indent=2, ensure_ascii=False) if as_json else format_parameters(params))
+
+
+def _model_info(target: str | None, as_json: bool) -> None:
+    from minidiff_cli.models_dir import resolve_model
+    from minidiff_cli.weights import file_hash, read_config, read_header
+
+    path = resolve_model(target)
+    config = read_config(path)
+    _, entries = read_header(path)
+    summary = {"file": str(path), "hash": file_hash(path), "bytes": path.stat().st_size,
+               "tensors": len(entries), "parameters": _count(entries), "config": config}
+    if as_json:
+        typer.echo(json.dumps(summary, indent=2))
+        return
+    _print_model(summary)
+
+
+def _count(entries: dict[str, Any]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for name, entry in entries.items():
+        n = 1
+        for dim in entry["shape"]:
+            n *= dim
+        part = name.split(".", 1)[0]
+        counts[part] = counts.get(part, 0) + n
+    return counts
+
+
+def _print_model(summary: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    config = summary["config"]
+    table = Table(show_header=False, title=f"model {summary['file']}")
+    rows = [
+        ("name", config.get("name", "")),
+        ("hash", summary["hash"]),
+        ("size", f"{summary['bytes'] / 1e6:.1f} MB, {summary['tensors']} tensors"),
+        ("parameters", ", ".join(f"{k} {v / 1e6:.2f} M" for k, v in summary["parameters"].items())),
+        ("image", f"{config.get('unet', {}).get('image_size')}px, {config.get('unet', {}).get('in_channels')} channels"),
+        ("prediction", config.get("prediction", "eps")),
+        ("schedule", f"{config.get('schedule', {}).get('name')} over {config.get('schedule', {}).get('num_timesteps')} steps"),
+        ("conditioner", config.get("conditioner", {}).get("name", "")),
+        ("unet", json.dumps(config.get("unet", {}))),
+    ]
+    if config.get("class_names"):
+        rows.append(("classes", ", ".join(config["class_names"])))
+    if config.get("training"):
+        rows.append(("training", json.dumps(config["training"])[:400]))
+    for key, value in rows:
+        table.add_row(key, str(value))
+    Console().print(table)

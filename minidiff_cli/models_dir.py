@@ -1,0 +1,49 @@
+"""Where model files live, and how a ``--model`` value becomes a file.
+
+``--model`` takes a path to a ``.safetensors`` file, or the name of a model in
+the shipped folder (inside the package) or in the user's model folder
+(``$MINIDIFF_MODELS_DIR``, else ``$XDG_DATA_HOME/minidiff/models``, else
+``~/.local/share/minidiff/models``).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from minidiff_cli.errors import UnknownNameError
+
+SHIPPED_DIR = Path(__file__).parent / "models"
+DEFAULT_MODEL = "shapes-clip"
+
+
+def user_dir() -> Path:
+    if os.environ.get("MINIDIFF_MODELS_DIR"):
+        return Path(os.environ["MINIDIFF_MODELS_DIR"])
+    base = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
+    return Path(base) / "minidiff" / "models"
+
+
+def list_models() -> list[tuple[str, Path, str]]:
+    """(name, path, where) for every model file found, shipped first."""
+    found = []
+    for folder, where in ((SHIPPED_DIR, "shipped"), (user_dir(), "user")):
+        if folder.is_dir():
+            found += [(p.stem, p, where) for p in sorted(folder.glob("*.safetensors"))]
+    return found
+
+
+def resolve_model(model: str | os.PathLike | None) -> Path:
+    """The file for a model name or path; ``None`` is the shipped default."""
+    name = DEFAULT_MODEL if model is None else str(model)
+    path = Path(name).expanduser()
+    if path.suffix == ".safetensors" or os.sep in name or path.exists():
+        return path  # a path: weights.py reports a missing or broken file
+    for stem, found, _ in list_models():
+        if stem == name:
+            return found
+    names = ", ".join(stem for stem, _, _ in list_models()) or "none installed"
+    if model is None:
+        raise UnknownNameError(f"the default model '{DEFAULT_MODEL}' is not installed; "
+                               f"pass --model FILE.safetensors (models found: {names})")
+    raise UnknownNameError(f"unknown model '{name}'; pass a .safetensors path or one of: {names}")
