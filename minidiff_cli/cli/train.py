@@ -1,1 +1,155 @@
-"""(being written)"""
+"""``minidiff train``: train a model on shapes or a folder of images; resumable."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from minidiff_cli.cli.app import app
+from minidiff_cli.errors import MinidiffError
+
+LIST_FLAGS = ("channel_mult", "attention_resolutions", "cross_attention_resolutions")
+
+
+@app.command("train")
+def train_command(
+    data: Optional[str] = typer.Option(None, "--data", help="'shapes' (built in) or a folder of images [default: shapes]."),
+    conditioner: Optional[str] = typer.Option(None, "--conditioner", help="none, class or clip [default: class]."),
+    image_size: Optional[int] = typer.Option(None, "--image-size", help="Training resolution [default: 32]."),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Total optimizer steps [default: 2000]."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Global batch size [default: 64]."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate [default: 2e-4]."),
+    warmup: Optional[int] = typer.Option(None, "--warmup", help="Linear warm-up steps [default: 500]."),
+    ema_decay: Optional[float] = typer.Option(None, "--ema-decay", help="EMA decay of the exported weights [default: 0.999]."),
+    cfg_dropout: Optional[float] = typer.Option(None, "--cfg-dropout", help="Fraction of rows trained without a condition [default: 0.1]."),
+    mixed_precision: Optional[str] = typer.Option(None, "--mixed-precision", help="no, bf16 or fp16 [default: no]."),
+    save_every: Optional[int] = typer.Option(None, "--save-every", help="Checkpoint and model file every N steps [default: 500]."),
+    sample_every: Optional[int] = typer.Option(None, "--sample-every", help="Sample grid every N steps [default: 500]."),
+    out: Optional[str] = typer.Option(None, "--out", help="Run folder [default: runs/train]."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of weights, data order and noise [default: 0]."),
+    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda or mps [default: auto]."),
+    config: Optional[Path] = typer.Option(None, "--config", help="TOML file with any of these flags (flags given win)."),
+    quiet: Optional[bool] = typer.Option(None, "--quiet", "-q", help="Log lines instead of a live display."),
+    holdout: Optional[str] = typer.Option(None, "--holdout", help="Colour-shape pairs to leave out, e.g. \"purple triangle,orange square\"."),
+    prediction: Optional[str] = typer.Option(None, "--prediction", help="eps or v [default: eps]."),
+    min_snr_gamma: Optional[float] = typer.Option(None, "--min-snr-gamma", help="Min-SNR loss weighting, 0 is off [default: 0]."),
+    schedule: Optional[str] = typer.Option(None, "--schedule", help="Noise schedule [default: cosine]."),
+    timesteps: Optional[int] = typer.Option(None, "--timesteps", help="Diffusion timesteps T [default: 1000]."),
+    base_channels: Optional[int] = typer.Option(None, "--base-channels", help="U-Net width at full resolution [default: 64]."),
+    channel_mult: Optional[str] = typer.Option(None, "--channel-mult", help="Width multipliers per level [default: 1,2,2]."),
+    num_res_blocks: Optional[int] = typer.Option(None, "--num-res-blocks", help="ResBlocks per level [default: 1]."),
+    attention_resolutions: Optional[str] = typer.Option(None, "--attention-resolutions", help="Self-attention at these sizes [default: 8]."),
+    cross_attention_resolutions: Optional[str] = typer.Option(None, "--cross-attention-resolutions", help="Cross-attention at these sizes [default: 8]."),
+    clip_weights: Optional[str] = typer.Option(None, "--clip-weights", help="Text encoder file (from `minidiff clip train`)."),
+    clip_arch: Optional[str] = typer.Option(None, "--clip-arch", help="open_clip architecture, with --clip-pretrained."),
+    clip_pretrained: Optional[str] = typer.Option(None, "--clip-pretrained", help="open_clip pretrained tag or local weights file."),
+    init_from: Optional[str] = typer.Option(None, "--init-from", help="Start from a model file's weights (fine-tuning)."),
+    name: Optional[str] = typer.Option(None, "--name", help="Model name stored in the file [default: the run folder's name]."),
+) -> None:
+    """Train a diffusion model; files land in --out, and Ctrl-C saves before stopping.
+
+    Examples:
+
+      minidiff train --data shapes --conditioner class --max-steps 2000 --out runs/shapes
+
+      minidiff train --data ./my_images --image-size 64 --out runs/mine
+
+      minidiff train --out runs/shapes --resume --max-steps 4000
+
+      torchrun --nproc-per-node 2 -m minidiff_cli train --data shapes --out runs/ddp
+    """
+    flags = {k: v for k, v in locals().items() if k not in ("config", "resume")}
+    for key in LIST_FLAGS:
+        if flags[key] is not None:
+            flags[key] = _int_list(flags[key], key)
+    from minidiff_cli.trainconfig import merge
+
+    cfg = merge(flags, config)
+    if resume:
+        cfg = _resumed_config(cfg, flags)
+    _train(cfg, resume)
+
+
+def _int_list(text: str, key: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.replace(" ", "").split(",") if v]
+    except ValueError:
+        raise MinidiffError(f"--{key.replace('_', '-')} takes whole numbers separated by commas (got '{text}')") from None
+    return values
+
+
+def _resumed_config(cfg, flags):
+    import json
+
+    from minidiff_cli.trainconfig import TrainConfig
+    from minidiff_cli.training import RUN_CONFIG, check_resume_flags
+
+    stored_path = Path(cfg.out) / RUN_CONFIG
+    if not stored_path.is_file():
+        raise MinidiffError(f"nothing to resume: '{stored_path}' does not exist")
+    try:
+        stored = TrainConfig.from_dict(json.loads(stored_path.read_text()), where=str(stored_path))
+    except json.JSONDecodeError:
+        raise MinidiffError(f"'{stored_path}' is corrupt (not JSON)") from None
+    return check_resume_flags(stored, {k: v for k, v in cfg.to_dict().items() if flags.get(k) is not None})
+
+
+def _train(cfg, resume: bool) -> None:
+    from minidiff_cli.training import Trainer
+
+    trainer = Trainer(cfg, resume=resume, log=lambda msg: print(msg, file=sys.stderr))
+    main = trainer.dist.main
+    if main:
+        world = trainer.dist.world
+        print(f"training on {trainer.device} x{world}, global batch {cfg.batch_size} "
+              f"({cfg.batch_size // world} per process), {trainer.model.unet.num_parameters() / 1e6:.2f} M U-Net "
+              f"parameters, from step {trainer.step} to {cfg.max_steps}; files in {cfg.out}", file=sys.stderr)
+    try:
+        if cfg.quiet or not main:
+            last = trainer.run(progress=_log_lines(cfg.log_every) if main else None)
+        else:
+            last = _run_with_display(trainer)
+    except KeyboardInterrupt:
+        if main:
+            print(f"interrupted at step {trainer.step}; saved. Continue with: minidiff train --out {cfg.out} --resume",
+                  file=sys.stderr)
+        sys.exit(130)
+    if main:
+        loss = last.get("smoothed")
+        print(f"done: step {trainer.step}, loss {loss:.4f}; model: {Path(cfg.out) / 'model.safetensors'}"
+              if loss is not None else f"done; model: {Path(cfg.out) / 'model.safetensors'}")
+
+
+def _log_lines(every: int):
+    def log(info: dict) -> None:
+        if info["step"] % every == 0:
+            print(f"step {info['step']} loss {info['smoothed']:.4f} lr {info['lr']:.2e} {info['it_s']:.2f} it/s",
+                  file=sys.stderr, flush=True)
+    return log
+
+
+def _run_with_display(trainer) -> dict:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from minidiff_cli.cli.display import stderr_console
+
+    columns = [TextColumn("training"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("loss {task.fields[loss]}  lr {task.fields[lr]}  {task.fields[speed]}"),
+               TextColumn("ETA"), TimeRemainingColumn()]
+    with Progress(*columns, console=stderr_console()) as progress:
+        task = progress.add_task("train", total=trainer.cfg.max_steps, completed=trainer.step,
+                                 loss="-", lr="-", speed="")
+
+        def update(info: dict) -> None:
+            progress.update(task, completed=info["step"], loss=f"{info['smoothed']:.4f}", lr=f"{info['lr']:.2e}",
+                            speed=f"{info['it_s']:.2f} it/s")
+            if info.get("samples"):
+                s = info["samples"]
+                extra = "".join(f"  {k} {v:.2f}" for k, v in s.items() if isinstance(v, float))
+                progress.console.print(f"step {info['step']}: samples {s['grid']}{extra}")
+
+        return trainer.run(progress=update)

@@ -1,0 +1,129 @@
+"""The training recipe: every ``minidiff train`` flag, also readable from a TOML file.
+
+Precedence: a flag given on the command line > the TOML file (``--config``) >
+the defaults below. Keys in the TOML file use the flag names with ``_`` or
+``-`` (``max_steps`` or ``max-steps``); an unknown key is an error, so a typo
+never silently trains the wrong model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from minidiff_cli.errors import MinidiffError
+
+# Flags that may change when a run is resumed; anything else must stay as it was.
+RESUMABLE = ("max_steps", "save_every", "sample_every", "log_every", "quiet", "device", "out")
+
+
+@dataclass
+class TrainConfig:
+    # data
+    data: str = "shapes"
+    holdout: str = ""
+    image_size: int = 32
+    # conditioning
+    conditioner: str = "class"
+    clip_weights: Optional[str] = None  # a file from `minidiff clip train`, or open_clip weights (safetensors)
+    clip_arch: Optional[str] = None  # an open_clip architecture name, with clip_pretrained
+    clip_pretrained: Optional[str] = None
+    class_dim: int = 128
+    cfg_dropout: float = 0.1
+    # model
+    base_channels: int = 64
+    channel_mult: list[int] = field(default_factory=lambda: [1, 2, 2])
+    num_res_blocks: int = 1
+    attention_resolutions: list[int] = field(default_factory=lambda: [8])
+    cross_attention_resolutions: list[int] = field(default_factory=lambda: [8])
+    head_dim: int = 32
+    dropout: float = 0.0
+    schedule: str = "cosine"
+    timesteps: int = 1000
+    prediction: str = "eps"  # or "v"
+    min_snr_gamma: float = 0.0  # 0 turns min-SNR weighting off; 5 is the paper's choice
+    init_from: Optional[str] = None  # a model file whose (EMA) weights start training
+    # optimisation
+    max_steps: int = 2000
+    batch_size: int = 64
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    warmup: int = 500
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    mixed_precision: str = "no"  # no, bf16, fp16
+    seed: int = 0
+    device: str = "auto"
+    # output
+    out: str = "runs/train"
+    save_every: int = 500
+    sample_every: int = 500
+    log_every: int = 50
+    sample_prompts: list[str] = field(default_factory=list)
+    name: str = ""
+    quiet: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], where: str = "config") -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        clean = {k.replace("-", "_"): v for k, v in values.items()}
+        unknown = sorted(set(clean) - known)
+        if unknown:
+            raise MinidiffError(f"unknown key(s) in {where}: {', '.join(unknown)}")
+        return cls(**clean).validate()
+
+    def validate(self) -> "TrainConfig":
+        positive = ("image_size", "max_steps", "batch_size", "save_every", "sample_every", "log_every",
+                    "base_channels", "num_res_blocks", "head_dim", "timesteps", "class_dim")
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise MinidiffError(f"--{name.replace('_', '-')} must be a positive whole number (got {value!r})")
+        checks = [
+            (self.lr > 0, f"--lr must be positive (got {self.lr})"),
+            (self.warmup >= 0, f"--warmup must be 0 or more (got {self.warmup})"),
+            (0 <= self.ema_decay < 1, f"--ema-decay must be in [0, 1) (got {self.ema_decay})"),
+            (0 <= self.cfg_dropout < 1, f"--cfg-dropout must be in [0, 1) (got {self.cfg_dropout})"),
+            (self.mixed_precision in ("no", "bf16", "fp16"), "--mixed-precision must be no, bf16 or fp16"),
+            (self.prediction in ("eps", "v"), f"--prediction must be eps or v (got {self.prediction})"),
+            (self.min_snr_gamma >= 0, "--min-snr-gamma must be 0 (off) or positive"),
+            (self.grad_clip >= 0, "--grad-clip must be 0 (off) or positive"),
+            (0 <= self.dropout < 1, "--dropout must be in [0, 1)"),
+            (self.image_size <= 512, f"--image-size {self.image_size} is too large for minidiff (at most 512)"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise MinidiffError(message)
+        return self
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+
+    path = Path(path)
+    if not path.is_file():
+        raise MinidiffError(f"config file '{path}' does not exist")
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise MinidiffError(f"config file '{path}' is not valid TOML: {exc}") from None
+    # A [train] table is allowed, so the file can hold other sections later.
+    return data.get("train", data)
+
+
+def merge(flags: dict[str, Any], config_file: str | Path | None) -> TrainConfig:
+    """Defaults, then the TOML file, then the flags that were actually given."""
+    values: dict[str, Any] = load_toml(config_file) if config_file else {}
+    where = f"config file '{config_file}'" if config_file else "config"
+    values = {k.replace("-", "_"): v for k, v in values.items()}
+    values.update({k: v for k, v in flags.items() if v is not None})
+    return TrainConfig.from_dict(values, where=where)

@@ -1,0 +1,448 @@
+"""The trainer: noise-prediction training with EMA, guidance dropout, checkpoints, DDP.
+
+One step (Ho et al. 2020, Algorithm 1): take clean images x0, draw t and noise,
+make x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise, and regress the network's
+output on the noise (or on v, Salimans & Ho 2022), optionally weighted by
+min-SNR-gamma (Hang et al. 2023). A fraction ``cfg_dropout`` of the rows see the
+null condition, which is what classifier-free guidance needs at sampling time.
+
+Reproducible and resumable by construction: the data order, the timesteps and
+the noise of step s on rank r come from generators seeded by (seed, s, r), so a
+resumed run sees exactly what an uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from minidiff_cli import plugins
+from minidiff_cli.conditioning import Conditioning
+from minidiff_cli.errors import MinidiffError
+from minidiff_cli.fileio import atomic_write, ensure_writable_dir
+from minidiff_cli.model import DiffusionModel
+from minidiff_cli.trainconfig import RESUMABLE, TrainConfig
+
+CHECKPOINT = "checkpoint.safetensors"
+MODEL = "model.safetensors"
+RUN_CONFIG = "train_config.json"
+METRICS = "metrics.jsonl"
+
+
+# -- distributed ------------------------------------------------------------------------
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: torch.device) -> Dist:
+    """Join the process group torchrun set up (NCCL on GPUs, gloo on CPU); a no-op otherwise."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Dist()
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+# -- the network being trained ------------------------------------------------------------
+class TrainNet(torch.nn.Module):
+    """The U-Net plus a trainable conditioner, as one module (what DDP wraps)."""
+
+    def __init__(self, model: DiffusionModel):
+        super().__init__()
+        self.unet = model.unet
+        self.conditioner = model.conditioner if getattr(model.conditioner, "trainable", False) else None
+
+    def forward(self, x, t, context=None, pooled=None, labels=None, keep=None):
+        if labels is not None:  # a trainable class embedding, looked up inside forward for DDP
+            cond = self.conditioner.encode_labels(labels)
+            if keep is not None:
+                cond = cond.where(keep, self.conditioner.null(1))
+            pooled = cond.pooled
+        return self.unet(x, t, context=context, pooled=pooled)
+
+
+def ema_update(ema: torch.nn.Module, net: torch.nn.Module, decay: float) -> None:
+    with torch.no_grad():
+        for e, p in zip(ema.parameters(), net.parameters()):
+            e.lerp_(p.detach(), 1 - decay)
+        for e, b in zip(ema.buffers(), net.buffers()):
+            e.copy_(b)
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up, then cosine decay to 10% of the peak at max_steps."""
+    if cfg.warmup and step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    progress = min(1.0, (step - cfg.warmup) / max(1, cfg.max_steps - cfg.warmup))
+    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+# -- the trainer -------------------------------------------------------------------------
+class Trainer:
+    def __init__(self, cfg: TrainConfig, resume: bool = False, log: Callable[[str], None] = print):
+        self.cfg = cfg
+        self.out = Path(cfg.out)
+        self.log = log
+        from minidiff_cli.pipeline import pick_device
+
+        self.device = pick_device(cfg.device)
+        self.dist = init_distributed(self.device)
+        if self.device.type == "cuda" and self.dist.world > 1:
+            self.device = torch.device("cuda", self.dist.local_rank)
+            torch.cuda.set_device(self.device)
+        self._check_run_dir(resume)
+        self.dataset = self._dataset()
+        self.model = self._model()
+        self.net = TrainNet(self.model).to(self.device)
+        self.ema = self._ema_copy()
+        params = [p for p in self.net.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.step = 0
+        self.losses: list[tuple[int, float]] = []
+        self.caption_cache: dict[str, tuple] = {}
+        if resume:
+            self._resume()
+        self.ddp = self._wrap_ddp()
+        self.scaler = torch.amp.GradScaler("cuda", enabled=cfg.mixed_precision == "fp16" and self.device.type == "cuda")
+
+    # -- set-up --------------------------------------------------------------------------
+    def _check_run_dir(self, resume: bool) -> None:
+        has_run = (self.out / CHECKPOINT).exists() or (self.out / MODEL).exists()
+        if resume and not (self.out / CHECKPOINT).exists():
+            raise MinidiffError(f"nothing to resume: '{self.out / CHECKPOINT}' does not exist")
+        if not resume and has_run:
+            raise MinidiffError(f"'{self.out}' already holds a training run; pass --resume to continue it "
+                                "or choose another --out")
+        if self.dist.main:
+            ensure_writable_dir(self.out)
+
+    def _dataset(self):
+        from minidiff_cli.data import parse_holdout
+
+        cfg = self.cfg
+        name, source = (cfg.data, None) if cfg.data in plugins.registry().names("datasets") else ("imagefolder", cfg.data)
+        if name == "imagefolder" and not Path(cfg.data).exists():
+            available = ", ".join(plugins.registry().names("datasets"))
+            raise MinidiffError(f"--data '{cfg.data}' is neither a folder nor a dataset name ({available})")
+        factory = plugins.get_dataset(name)
+        opts = {"require_classes": True} if (name == "imagefolder" and cfg.conditioner == "class") else {}
+        dataset = factory(source, image_size=cfg.image_size, seed=cfg.seed, holdout=parse_holdout(cfg.holdout), **opts)
+        if len(dataset) == 0:
+            raise MinidiffError(f"the data set '{cfg.data}' is empty")
+        return dataset
+
+    def _conditioner(self):
+        cfg = self.cfg
+        cls = plugins.get_conditioner(cfg.conditioner)
+        if cfg.conditioner == "class":
+            if not self.dataset.class_names:
+                raise MinidiffError("--conditioner class needs a data set with classes (subfolders for a folder)")
+            return cls.from_options(class_names=list(self.dataset.class_names), dim=cfg.class_dim)
+        if cfg.conditioner == "clip":
+            opts = {k: v for k, v in (("weights", cfg.clip_weights), ("arch", cfg.clip_arch),
+                                      ("pretrained", cfg.clip_pretrained)) if v}
+            if not opts:
+                raise MinidiffError("--conditioner clip needs --clip-weights FILE (e.g. from `minidiff clip train`) "
+                                    "or --clip-arch NAME --clip-pretrained TAG_OR_FILE")
+            return cls.from_options(**opts)
+        return cls.from_options()
+
+    def _model(self) -> DiffusionModel:
+        cfg = self.cfg
+        if cfg.init_from:
+            model = DiffusionModel.load(cfg.init_from)
+            if model.image_size != cfg.image_size:
+                raise MinidiffError(f"--init-from model is {model.image_size}px but --image-size is {cfg.image_size}")
+            model.config["init_from"] = {"file": str(cfg.init_from), "hash": model.hash}
+            return model
+        conditioner = self._conditioner()
+        config = {
+            "name": cfg.name or self.out.name,
+            "unet": {"image_size": cfg.image_size, "in_channels": self.dataset.channels,
+                     "out_channels": self.dataset.channels, "base_channels": cfg.base_channels,
+                     "channel_mult": list(cfg.channel_mult), "num_res_blocks": cfg.num_res_blocks,
+                     "attention_resolutions": list(cfg.attention_resolutions),
+                     "cross_attention_resolutions": list(cfg.cross_attention_resolutions),
+                     "context_dim": conditioner.context_dim, "pooled_dim": conditioner.pooled_dim,
+                     "head_dim": cfg.head_dim, "dropout": cfg.dropout},
+            "schedule": {"name": cfg.schedule, "num_timesteps": cfg.timesteps, "options": {}},
+            "conditioner": {"name": conditioner.name, "config": conditioner.config()},
+            "prediction": cfg.prediction,
+            "class_names": list(self.dataset.class_names),
+        }
+        torch.manual_seed(cfg.seed)  # the same initial weights on every rank and every run
+        return DiffusionModel.build(config, conditioner=conditioner)
+
+    def _ema_copy(self) -> TrainNet:
+        import copy
+
+        ema = copy.deepcopy(self.net).eval()
+        for p in ema.parameters():
+            p.requires_grad_(False)
+        return ema
+
+    def _wrap_ddp(self):
+        if self.dist.world == 1:
+            return self.net
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return DistributedDataParallel(self.net, device_ids=ids)
+
+    def _resume(self) -> None:
+        from minidiff_cli.checkpoint import load_checkpoint, restore
+
+        path = self.out / CHECKPOINT
+        meta, tensors = load_checkpoint(path)
+        self.step = restore(meta, tensors, path, modules={"net": self.net, "ema": self.ema},
+                            optimizer=self.optimizer)
+        self.losses = [tuple(x) for x in meta.get("losses", [])]
+        if self.step >= self.cfg.max_steps:
+            raise MinidiffError(f"the run in '{self.out}' already reached step {self.step}; "
+                                f"raise --max-steps above it to train further")
+
+    # -- data ----------------------------------------------------------------------------
+    def batch_indices(self, step: int) -> list[int]:
+        """This rank's share of the global batch of ``step``: epoch-wise shuffles, stateless."""
+        n, size = len(self.dataset), self.cfg.batch_size
+        out = []
+        for i in range(self.dist.rank, size, self.dist.world):
+            position = step * size + i
+            epoch, offset = divmod(position, n)
+            out.append(int(self._permutation(epoch)[offset]))
+        return out
+
+    def _permutation(self, epoch: int) -> torch.Tensor:
+        cache = getattr(self, "_perm_cache", None)
+        if cache is None or cache[0] != epoch:
+            g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch)
+            cache = (epoch, torch.randperm(len(self.dataset), generator=g))
+            self._perm_cache = cache
+        return cache[1]
+
+    def load_batch(self, step: int) -> tuple[torch.Tensor, list[str], torch.Tensor]:
+        items = [self.dataset[i] for i in self.batch_indices(step)]
+        images = torch.stack([it["image"] for it in items]).to(self.device)
+        labels = torch.tensor([it["label"] for it in items], device=self.device)
+        return images, [it["caption"] for it in items], labels
+
+    def encode_captions(self, captions: list[str]) -> Conditioning:
+        """A frozen conditioner's output, each distinct caption encoded once per run."""
+        missing = sorted({c for c in captions if c not in self.caption_cache})
+        if missing:
+            with torch.no_grad():
+                enc = self.model.conditioner.encode(missing)
+            for k, caption in enumerate(missing):
+                self.caption_cache[caption] = enc[k]
+        return Conditioning.cat(*[self.caption_cache[c] for c in captions]).to(self.device)
+
+    # -- one step ------------------------------------------------------------------------
+    def loss(self, step: int) -> torch.Tensor:
+        cfg = self.cfg
+        x0, captions, labels = self.load_batch(step)
+        g = torch.Generator().manual_seed((cfg.seed * 1_000_003 + step) * 1_009 + self.dist.rank)
+        b = x0.shape[0]
+        schedule = self.model.schedule
+        t = torch.randint(0, schedule.num_timesteps, (b,), generator=g).to(self.device)
+        noise = torch.randn(x0.shape, generator=g).to(self.device)
+        keep = (torch.rand(b, generator=g) >= cfg.cfg_dropout).to(self.device)
+        x_t = schedule.add_noise(x0, noise, t)
+        kwargs = self._condition_inputs(captions, labels, keep)
+        autocast = self._autocast()
+        with autocast:
+            out = self.ddp(x_t, t, **kwargs)
+        target = schedule.v_target(x0, noise, t) if cfg.prediction == "v" else noise
+        per_row = F.mse_loss(out.float(), target, reduction="none").mean(dim=(1, 2, 3))
+        return (per_row * self._weights(t)).mean()
+
+    def _condition_inputs(self, captions, labels, keep) -> dict[str, Any]:
+        name = self.model.conditioner.name
+        if name == "none":
+            return {}
+        if self.net.conditioner is not None and hasattr(self.net.conditioner, "encode_labels"):
+            return {"labels": labels, "keep": keep}
+        cond = self.encode_captions(captions)
+        cond = cond.where(keep, self.null_condition())
+        return {"context": cond.context, "pooled": cond.pooled}
+
+    def null_condition(self) -> Conditioning:
+        if not hasattr(self, "_null"):
+            with torch.no_grad():
+                self._null = self.model.conditioner.null(1).to(self.device)
+        return self._null
+
+    def _weights(self, t: torch.Tensor) -> torch.Tensor:
+        gamma = self.cfg.min_snr_gamma
+        if not gamma:
+            return torch.ones_like(t, dtype=torch.float32)
+        snr = self.model.schedule.snr(t).float().to(t.device)
+        clipped = snr.clamp(max=gamma)
+        return clipped / (snr + 1) if self.cfg.prediction == "v" else clipped / snr
+
+    def _autocast(self):
+        mp = self.cfg.mixed_precision
+        if mp == "no":
+            return nullcontext()
+        dtype = torch.bfloat16 if mp == "bf16" else torch.float16
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
+
+    def train_step(self) -> float:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr_at(self.step, self.cfg)
+        loss = self.loss(self.step)
+        if not torch.isfinite(loss):
+            raise MinidiffError(f"the loss became {loss.item()} at step {self.step}; lower --lr or use "
+                                "--mixed-precision no")
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if self.cfg.grad_clip:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.cfg.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        # Early in training a full decay would keep the EMA near random weights for too long.
+        decay = min(self.cfg.ema_decay, (1 + self.step) / (10 + self.step))
+        ema_update(self.ema, self.net, decay)
+        self.step += 1
+        return loss.item()
+
+    # -- files ---------------------------------------------------------------------------
+    def save(self) -> None:
+        """Checkpoint, then the EMA model file; both atomic, rank 0 only."""
+        if not self.dist.main:
+            return
+        from minidiff_cli.checkpoint import save_checkpoint
+
+        save_checkpoint(self.out / CHECKPOINT, modules={"net": self.net, "ema": self.ema},
+                        optimizer=self.optimizer, step=self.step, train_config=self.cfg.to_dict(),
+                        extra={"losses": self.losses[-5000:]})
+        self.export_model().save(self.out / MODEL, overwrite=True)
+        atomic_write(self.out / RUN_CONFIG, lambda p: p.write_text(json.dumps(self.cfg.to_dict(), indent=2)))
+        self._plot_losses()
+
+    def export_model(self) -> DiffusionModel:
+        """The EMA weights as a normal model file, with a "training" section in its config."""
+        ema_unet = self.ema.unet
+        conditioner = self.ema.conditioner if self.ema.conditioner is not None else self.model.conditioner
+        config = dict(self.model.config)
+        config["training"] = {"step": self.step, "data": self.cfg.data, "holdout": self.cfg.holdout,
+                              "world_size": self.dist.world, "global_batch": self.cfg.batch_size,
+                              "flags": self.cfg.to_dict(),
+                              "final_loss": self.smoothed_loss()}
+        return DiffusionModel(ema_unet, conditioner, self.model.schedule, config)
+
+    def smoothed_loss(self) -> float | None:
+        recent = [loss for _, loss in self.losses[-100:]]
+        return sum(recent) / len(recent) if recent else None
+
+    def _plot_losses(self) -> None:
+        if len(self.losses) < 2:
+            return
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        steps, values = zip(*self.losses)
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        ax.plot(steps, values, lw=0.6, alpha=0.4, label="loss")
+        window = max(1, len(values) // 50)
+        smooth = [sum(values[max(0, i - window):i + 1]) / len(values[max(0, i - window):i + 1])
+                  for i in range(len(values))]
+        ax.plot(steps, smooth, lw=1.5, label=f"mean of {window}")
+        ax.set_xlabel("step")
+        ax.set_ylabel("training loss")
+        ax.set_yscale("log")
+        ax.legend()
+        fig.tight_layout()
+        atomic_write(self.out / "loss.png", lambda p: fig.savefig(p, format="png", dpi=100))
+        plt.close(fig)
+
+    def sample_grid(self) -> dict[str, Any] | None:
+        """Samples for fixed prompts with the EMA weights; a grid PNG and, on shapes, adherence."""
+        if not self.dist.main:
+            return None
+        from minidiff_cli.evaluation import default_prompts, sample_and_score
+
+        prompts = self.cfg.sample_prompts or default_prompts(self.dataset, self.cfg.holdout)
+        model = self.export_model()
+        model.unet.eval()
+        path = ensure_writable_dir(self.out / "samples") / f"step-{self.step:07d}.png"
+        return sample_and_score(model, prompts, path, shapes=self.cfg.data == "shapes")
+
+    # -- the loop ------------------------------------------------------------------------
+    def run(self, progress: Callable[[dict], None] | None = None) -> dict[str, Any]:
+        cfg = self.cfg
+        start_step, start_time = self.step, time.time()
+        interrupted = _install_sigterm()
+        self.net.train()
+        last: dict[str, Any] = {}
+        try:
+            while self.step < cfg.max_steps:
+                loss = self.train_step()
+                self.losses.append((self.step, loss))
+                last = {"step": self.step, "loss": loss, "smoothed": self.smoothed_loss(),
+                        "lr": self.optimizer.param_groups[0]["lr"],
+                        "it_s": (self.step - start_step) / max(1e-9, time.time() - start_time)}
+                if self.step % cfg.sample_every == 0 or self.step == cfg.max_steps:
+                    last["samples"] = self.sample_grid()
+                    self.net.train()
+                if self.step % cfg.save_every == 0 or self.step == cfg.max_steps:
+                    self.save()
+                if progress is not None and self.dist.main:
+                    progress(last)
+                if self.dist.main and (self.step % cfg.log_every == 0 or "samples" in last):
+                    self._append_metrics(last)
+                if interrupted():
+                    raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            self.save()  # nothing lost: the interrupted step count is resumable
+            raise
+        return last
+
+    def _append_metrics(self, record: dict[str, Any]) -> None:
+        with open(self.out / METRICS, "a") as fh:
+            fh.write(json.dumps({k: v for k, v in record.items() if v is not None}) + "\n")
+
+
+def _install_sigterm() -> Callable[[], bool]:
+    """SIGTERM (e.g. from a job scheduler) is treated like Ctrl-C: save, then stop."""
+    flag = {"set": False}
+    try:
+        signal.signal(signal.SIGTERM, lambda *_: flag.__setitem__("set", True))
+    except ValueError:  # not in the main thread
+        pass
+    return lambda: flag["set"]
+
+
+def check_resume_flags(stored: TrainConfig, given: dict[str, Any]) -> TrainConfig:
+    """On --resume the stored recipe stands; only RESUMABLE flags may change."""
+    values = stored.to_dict()
+    for key, value in given.items():
+        if value is None or values.get(key) == value:
+            continue
+        if key not in RESUMABLE:
+            raise MinidiffError(f"--{key.replace('_', '-')} cannot change when resuming "
+                                f"(the run used {values.get(key)!r})")
+        values[key] = value
+    return TrainConfig.from_dict(values)
