@@ -156,6 +156,10 @@ class Pipeline:
                                 callback=report, **opts)
         return x0.float().clamp(-1, 1).cpu()
 
+    def check_prompt(self, prompt: str, negative: str = "") -> None:
+        """Raise the conditioner's one-line error for a prompt it cannot take, before any sampling."""
+        self._conditionings([prompt], negative)
+
     def _conditionings(self, prompts: list[str], negative: str):
         conditioner, n = self.model.conditioner, len(prompts)
         with torch.inference_mode():

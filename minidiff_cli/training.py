@@ -134,7 +134,7 @@ class Trainer:
             raise MinidiffError(f"'{self.out}' already holds a training run; pass --resume to continue it "
                                 "or choose another --out")
         if self.dist.main:
-            ensure_writable_dir(self.out)
+            _check_creatable(self.out)
 
     def _dataset(self):
         from minidiff_cli.data import parse_holdout
@@ -333,6 +333,7 @@ class Trainer:
             return
         from minidiff_cli.checkpoint import save_checkpoint
 
+        ensure_writable_dir(self.out)
         save_checkpoint(self.out / CHECKPOINT, modules={"net": self.net, "ema": self.ema},
                         optimizer=self.optimizer, step=self.step, train_config=self.cfg.to_dict(),
                         extra={"losses": self.losses[-5000:]})
@@ -421,8 +422,19 @@ class Trainer:
         return last
 
     def _append_metrics(self, record: dict[str, Any]) -> None:
-        with open(self.out / METRICS, "a") as fh:
+        with open(ensure_writable_dir(self.out) / METRICS, "a") as fh:
             fh.write(json.dumps({k: v for k, v in record.items() if v is not None}) + "\n")
+
+
+def _check_creatable(folder: Path) -> None:
+    """Fail before training, not at the first save, if the run folder cannot be made."""
+    existing = folder
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise MinidiffError(f"'{existing}' is a file, not a folder; choose another --out")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise MinidiffError(f"'{existing}' is not writable; choose another --out")
 
 
 def _install_sigterm() -> Callable[[], bool]:

@@ -65,6 +65,7 @@ def generate_command(
     _warn_about_prompt(pipe, params)
     gen = Generation(params["prompt"], params["negative_prompt"] or "", params["steps"], float(params["cfg"]),
                      params["sampler"], params["seed"], params["eta"])
+    pipe.check_prompt(gen.prompt, gen.negative_prompt)
     images = _run(pipe, gen, num_images, batch_size, quiet)
     written = _save(images, targets, output, grid)
     if as_json:

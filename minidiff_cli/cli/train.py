@@ -34,6 +34,7 @@ def train_command(
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda or mps [default: auto]."),
     config: Optional[Path] = typer.Option(None, "--config", help="TOML file with any of these flags (flags given win)."),
     quiet: Optional[bool] = typer.Option(None, "--quiet", "-q", help="Log lines instead of a live display."),
+    log_every: Optional[int] = typer.Option(None, "--log-every", help="Log line / metrics record every N steps [default: 50]."),
     holdout: Optional[str] = typer.Option(None, "--holdout", help="Colour-shape pairs to leave out, e.g. \"purple triangle,orange square\"."),
     prediction: Optional[str] = typer.Option(None, "--prediction", help="eps or v [default: eps]."),
     min_snr_gamma: Optional[float] = typer.Option(None, "--min-snr-gamma", help="Min-SNR loss weighting, 0 is off [default: 0]."),
