@@ -255,9 +255,9 @@ def reset() -> None:
 
 def get_schedule(name: str, num_timesteps: int = 1000, **opts: Any):
     """The NoiseSchedule built by schedule ``name`` over ``num_timesteps`` steps."""
+    fn = registry().get("schedules", name)  # an unknown name fails before torch is imported
     from minidiff_cli.schedule import NoiseSchedule
 
-    fn = registry().get("schedules", name)
     return NoiseSchedule.from_betas(fn(num_timesteps, **opts), name=name)
 
 

@@ -1,1 +1,185 @@
-"""(being written)"""
+"""``minidiff schedules``: list, show and plot the noise schedules.
+
+torch, rich and matplotlib are imported inside the commands, so that
+``minidiff --help`` does not pay for them.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from minidiff_cli.cli.app import app
+from minidiff_cli.errors import MinidiffError
+
+schedules_app = typer.Typer(
+    help="Inspect the noise schedules: how much signal is left at each timestep.\n\n"
+         "Example:\n\n"
+         "  minidiff schedules plot cosine linear -o schedules.png",
+    no_args_is_help=True,
+    rich_markup_mode=None,
+)
+app.add_typer(schedules_app, name="schedules")
+
+TIMESTEPS = typer.Option(1000, "--timesteps", "-T", help="Number of diffusion timesteps T.")
+
+
+@schedules_app.command("list")
+def list_command(timesteps: int = TIMESTEPS) -> None:
+    """List the schedules, the plugin that registered each, alpha_bar at T/2 and the final SNR.
+
+    Example:
+
+      minidiff schedules list --timesteps 1000
+    """
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    from minidiff_cli import plugins
+
+    if timesteps < 2:
+        raise MinidiffError(f"timesteps must be at least 2 (got {timesteps})")
+    reg = plugins.registry()
+    table = Table(title=f"noise schedules (T = {timesteps})")
+    for column in ("name", "plugin", "alpha_bar(T/2)", "SNR(T-1)"):
+        table.add_column(column, justify="left" if column in ("name", "plugin") else "right")
+    for name in reg.names("schedules"):
+        try:
+            schedule = plugins.get_schedule(name, timesteps)
+        except Exception as exc:  # one broken plugin schedule must not hide the others
+            table.add_row(name, reg.owner("schedules", name), "[red]error[/red]", escape(str(exc).splitlines()[0]))
+            continue
+        half = schedule.alphas_cumprod[timesteps // 2].item()
+        final = schedule.snr(timesteps - 1).item()
+        table.add_row(name, reg.owner("schedules", name), f"{half:.4f}", f"{final:.3e}")
+    Console().print(table)
+
+
+@schedules_app.command("show")
+def show_command(
+    name: str = typer.Argument(..., help="Schedule name, e.g. cosine."),
+    timesteps: int = TIMESTEPS,
+    as_json: bool = typer.Option(False, "--json", help="Print every beta and alpha_bar as JSON."),
+) -> None:
+    """Show one schedule: beta, alpha_bar and the SNR at a few timesteps, or all of it as JSON.
+
+    Example:
+
+      minidiff schedules show cosine --timesteps 10 --json
+    """
+    from minidiff_cli import plugins
+
+    plugins.registry().get("schedules", name)  # an unknown name fails before torch is imported
+    schedule = plugins.get_schedule(name, timesteps)
+    if as_json:
+        typer.echo(json.dumps({"name": name, "timesteps": timesteps, "betas": schedule.betas.tolist(),
+                               "alphas_cumprod": schedule.alphas_cumprod.tolist()}))
+        return
+
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{name} (T = {timesteps})")
+    for column in ("t", "beta", "alpha_bar", "sqrt(1-alpha_bar)", "log SNR"):
+        table.add_column(column, justify="right")
+    log_snr = schedule.log_snr()
+    for t in _sample_points(timesteps, 9):
+        abar = schedule.alphas_cumprod[t].item()
+        table.add_row(str(t), f"{schedule.betas[t].item():.3e}", f"{abar:.5f}", f"{(1 - abar) ** 0.5:.5f}",
+                      f"{log_snr[t].item():+.3f}")
+    Console().print(table)
+
+
+@schedules_app.command("plot")
+def plot_command(
+    names: Optional[List[str]] = typer.Argument(None, help="Schedules to draw (default: all)."),
+    output: Path = typer.Option(Path("schedules.png"), "--output", "-o", help="PNG file to write."),
+    timesteps: int = TIMESTEPS,
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the output file if it exists."),
+) -> None:
+    """Plot alpha_bar(t), sqrt(1 - alpha_bar(t)) and log-SNR(t) to a PNG, and alpha_bar in the terminal.
+
+    Example:
+
+      minidiff schedules plot cosine linear -o schedules.png
+    """
+    from rich.console import Console
+
+    from minidiff_cli import plugins
+    from minidiff_cli.fileio import atomic_write
+
+    reg = plugins.registry()
+    names = list(dict.fromkeys(names)) if names else reg.names("schedules")
+    for name in names:
+        reg.get("schedules", name)  # unknown names fail here, before torch is imported
+    if output.exists() and not overwrite:  # fail before the slow part; atomic_write checks again
+        raise MinidiffError(f"'{output}' already exists; pass --overwrite or choose another file with -o")
+    schedules = [plugins.get_schedule(name, timesteps) for name in names]
+    atomic_write(output, lambda tmp: _save_plot(schedules, tmp), overwrite=overwrite)
+    console = Console()
+    _terminal_chart(console, schedules)
+    console.print(f"Wrote {output}")
+
+
+def _sample_points(timesteps: int, count: int) -> list[int]:
+    """About ``count`` timesteps from 0 to T - 1, evenly spaced, both ends included."""
+    return sorted({round(i * (timesteps - 1) / (count - 1)) for i in range(count)})
+
+
+def _save_plot(schedules, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed, and none is assumed
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), constrained_layout=True)
+    panels = [
+        ("alpha_bar(t): signal variance kept", lambda s: s.alphas_cumprod, r"$\bar\alpha_t$"),
+        ("sqrt(1 - alpha_bar(t)): noise std", lambda s: (1 - s.alphas_cumprod).sqrt(), r"$\sqrt{1-\bar\alpha_t}$"),
+        ("log-SNR(t)", lambda s: s.log_snr(), r"$\log(\bar\alpha_t / (1-\bar\alpha_t))$"),
+    ]
+    for ax, (title, values, ylabel) in zip(axes, panels):
+        for schedule in schedules:
+            ax.plot(range(schedule.num_timesteps), values(schedule).numpy(), label=schedule.name)
+        ax.set(title=title, xlabel="timestep t", ylabel=ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(f"noise schedules, T = {schedules[0].num_timesteps}")
+    fig.savefig(path, format="png", dpi=100)
+    plt.close(fig)
+
+
+COLOURS = ("cyan", "magenta", "yellow", "green", "red", "blue", "bright_white")
+MARKERS = "•+x*o#%"  # distinct without colour too (pipes, NO_COLOR)
+
+
+def _terminal_chart(console, schedules, width: int = 60, height: int = 12) -> None:
+    """alpha_bar(t) of each schedule as coloured marks on a character grid, with a legend."""
+    from rich.text import Text
+
+    grid: list[list[tuple[str, str] | None]] = [[None] * width for _ in range(height)]
+    for k, schedule in enumerate(schedules):
+        abar = schedule.alphas_cumprod
+        T = schedule.num_timesteps
+        for col in range(width):
+            value = abar[round(col * (T - 1) / (width - 1))].item()
+            row = round((1 - value) * (height - 1))  # row 0 is alpha_bar = 1
+            grid[row][col] = (MARKERS[k % len(MARKERS)], COLOURS[k % len(COLOURS)])
+    text = Text("alpha_bar(t)\n")
+    for r, cells in enumerate(grid):
+        label = "1.0 ┤" if r == 0 else "0.0 ┤" if r == height - 1 else "    │"
+        text.append(label)
+        for cell in cells:
+            text.append(" ") if cell is None else text.append(*cell)
+        text.append("\n")
+    T = schedules[0].num_timesteps
+    text.append("    └" + "─" * width + "\n")
+    text.append(f"     0{' ' * (width - len(str(T - 1)) - 1)}{T - 1}  t\n")
+    for k, schedule in enumerate(schedules):
+        text.append(f"     {MARKERS[k % len(MARKERS)]} ", style=COLOURS[k % len(COLOURS)])
+        text.append(f"{schedule.name}\n")
+    console.print(text, end="")
