@@ -1,0 +1,177 @@
+"""The dataset contract, and the helpers that datasets share.
+
+A dataset plugin registers a *factory*::
+
+    factory(source, *, image_size, seed=0, holdout=(), **opts) -> dataset
+
+- ``source``: what to read (a folder for ``imagefolder``; ignored by procedural
+  data such as ``shapes``, which may receive ``None``).
+- ``image_size``: the side of the square images the items must have.
+- ``seed``: makes procedural data reproducible; a dataset read from files may
+  ignore it.
+- ``holdout``: ``(colour, shape)`` pairs to leave out of training, to test
+  whether a model composes what it never saw (see ``parse_holdout``). Held-out
+  classes are never drawn but stay in ``class_names``, so a label means the same
+  with or without a holdout. A dataset that cannot hold anything out raises
+  ``MinidiffError`` when given some.
+- ``**opts``: dataset-specific options; an unknown option is a ``MinidiffError``.
+
+The returned *dataset* is a ``torch.utils.data.Dataset`` whose items are dicts::
+
+    {"image": float32 tensor [C, H, W] in [-1, 1],   # H == W == image_size
+     "caption": str,                                 # "" when there is none
+     "label": int}                                   # index into class_names; -1 without classes
+
+with these attributes:
+
+- ``class_names: list[str]``: may be empty (then every label is -1);
+- ``channels: int`` and ``image_size: int``;
+- when the set of captions is finite, ``all_captions() -> list[str]`` and/or
+  ``captions_of_class(label) -> list[str]``: the trainer embeds each caption
+  once and caches it. ``caption_set(dataset)`` asks whichever is there.
+
+Items must not depend on the order they are asked for, so that any worker or
+rank can produce any index. ``check_dataset`` checks all this on one item, for
+plugin authors and for the trainer's first step.
+
+torch is imported inside the functions, so importing this module is cheap.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Iterable
+
+from minidiff_cli.errors import MinidiffError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
+
+
+# -- images <-> tensors ------------------------------------------------------------
+def to_rgb(image):
+    """``image`` as an RGB PIL image; transparent parts become white, EXIF rotation is applied."""
+    from PIL import Image, ImageOps
+
+    image = ImageOps.exif_transpose(image)
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA"):
+        background = Image.new("RGB", image.size, (255, 255, 255))
+        background.paste(image.convert("RGBA"), mask=image.convert("RGBA").getchannel("A"))
+        return background
+    return image.convert("RGB")
+
+
+def resize_center_crop(image, size: int):
+    """Scale so that the shorter side is ``size``, then cut the centred ``size`` x ``size`` square."""
+    from PIL import Image
+
+    width, height = image.size
+    scale = size / min(width, height)
+    new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
+    if (new_w, new_h) != (width, height):
+        # LANCZOS for shrinking (no aliasing); BICUBIC for enlarging (no ringing halos).
+        method = Image.LANCZOS if scale < 1 else Image.BICUBIC
+        image = image.resize((new_w, new_h), method)
+    left, top = (new_w - size) // 2, (new_h - size) // 2
+    return image.crop((left, top, left + size, top + size))
+
+
+def pil_to_tensor(image):
+    """A PIL image as a float32 tensor [C, H, W] in [-1, 1] (C = 1 for "L", else 3)."""
+    import numpy as np
+    import torch
+
+    if image.mode not in ("L", "RGB"):
+        image = image.convert("RGB")
+    array = np.asarray(image, dtype=np.float32)
+    if array.ndim == 2:
+        array = array[:, :, None]
+    tensor = torch.from_numpy(array.copy()).permute(2, 0, 1)
+    return tensor / 127.5 - 1.0
+
+
+def tensor_to_pil(tensor):
+    """The inverse of ``pil_to_tensor``: [C, H, W] in [-1, 1] (C = 1 or 3) to a PIL image."""
+    from PIL import Image
+
+    if tensor.dim() != 3 or tensor.shape[0] not in (1, 3):
+        raise ValueError(f"expected an image tensor [C, H, W] with C = 1 or 3, got {tuple(tensor.shape)}")
+    array = ((tensor.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().byte()
+    array = array.permute(1, 2, 0).numpy()
+    if array.shape[2] == 1:
+        return Image.fromarray(array[:, :, 0], mode="L")
+    return Image.fromarray(array, mode="RGB")
+
+
+# -- holdout -----------------------------------------------------------------------
+def parse_holdout(text: str | Iterable | None) -> list[tuple[str, str]]:
+    """``"purple triangle, red square"`` -> ``[("purple", "triangle"), ("red", "square")]``.
+
+    Items are separated by commas or semicolons; colour and shape by a space,
+    ``-``, ``_``, ``:`` or ``/``. Already-parsed pairs pass through. Only the
+    form is checked here; the dataset checks the names against its palette.
+    """
+    if text is None:
+        return []
+    if not isinstance(text, str):
+        items = [item if isinstance(item, str) else " ".join(item) for item in text]
+    else:
+        items = re.split(r"[,;]", text)
+    pairs = []
+    for item in items:
+        words = [w for w in re.split(r"[\s\-_:/]+", item.strip().lower()) if w]
+        if not words:
+            continue
+        if len(words) != 2:
+            raise MinidiffError(f"cannot read holdout item '{item.strip()}'; write 'colour shape' pairs "
+                                "separated by commas, e.g. 'purple triangle, red square'")
+        pairs.append((words[0], words[1]))
+    return list(dict.fromkeys(pairs))  # drop repeats, keep order
+
+
+# -- checking the contract ---------------------------------------------------------
+def caption_set(dataset) -> list[str] | None:
+    """Every caption ``dataset`` can produce (sorted, unique), or None when that set is not finite."""
+    if hasattr(dataset, "all_captions"):
+        return sorted(set(dataset.all_captions()))
+    if hasattr(dataset, "captions_of_class") and getattr(dataset, "class_names", None):
+        captions: set[str] = set()
+        for label in range(len(dataset.class_names)):
+            captions.update(dataset.captions_of_class(label))
+        return sorted(captions)
+    return None
+
+
+def check_dataset(dataset, name: str = "dataset") -> dict[str, Any]:
+    """Check that ``dataset`` keeps the contract above (on its first item); return that item.
+
+    Raises ``MinidiffError`` saying what is wrong, in one line.
+    """
+    import torch
+
+    def fail(problem: str):
+        raise MinidiffError(f"{name} breaks the dataset contract: {problem}")
+
+    for attr, kind in (("class_names", list), ("channels", int), ("image_size", int)):
+        if not isinstance(getattr(dataset, attr, None), kind):
+            fail(f"attribute '{attr}' must be a {kind.__name__}")
+    if len(dataset) == 0:
+        fail("it has no items")
+    item = dataset[0]
+    if not isinstance(item, dict) or not {"image", "caption", "label"} <= set(item):
+        fail("items must be dicts with keys 'image', 'caption' and 'label'")
+    image, size, channels = item["image"], dataset.image_size, dataset.channels
+    if not isinstance(image, torch.Tensor) or image.dtype != torch.float32:
+        fail("'image' must be a float32 tensor")
+    if tuple(image.shape) != (channels, size, size):
+        fail(f"'image' has shape {tuple(image.shape)}, expected {(channels, size, size)}")
+    if image.min() < -1.0001 or image.max() > 1.0001:
+        fail("'image' values must lie in [-1, 1]")
+    if not isinstance(item["caption"], str):
+        fail("'caption' must be a str")
+    label = item["label"]
+    if not isinstance(label, int) or not -1 <= label < max(len(dataset.class_names), 0) or \
+            (label == -1) != (not dataset.class_names):
+        fail(f"'label' {label!r} must be an int index into class_names (-1 only when there are no classes)")
+    return item
