@@ -30,6 +30,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None], *, over
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
     os.close(fd)
     tmp = Path(tmp_name)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get the usual permissions
     try:
         write(tmp)
         with open(tmp, "rb") as fh:
@@ -72,6 +73,12 @@ def next_free_path(folder: str | os.PathLike, stem: str, suffix: str, start: int
         if not candidate.exists():
             return candidate
         index += 1
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -1,0 +1,443 @@
+"""The ``clip`` conditioner: a frozen open_clip text encoder.
+
+For a prompt the encoder gives (Radford et al. 2021, Sec. 2.4):
+
+- ``context`` [B, L, width]: every token's hidden state after the final
+  LayerNorm, for the U-Net's cross-attention (as in Rombach et al. 2022);
+- ``pooled`` [B, embed_dim]: the end-of-text token's state through the text
+  projection, the vector CLIP compares with images.
+
+The null conditioning is the encoding of the empty prompt "".
+
+The module is built by open_clip's own text-tower builder and keeps open_clip's
+parameter names (``token_embedding``, ``positional_embedding``, ``transformer.*``,
+``ln_final``, ``text_projection``: the text parts of ``open_clip.CLIP``), so
+open_clip checkpoints load as they are. Its config is ``{"embed_dim",
+"text_cfg", "quick_gelu"}``, the matching parts of an open_clip model config.
+
+Weights come from safetensors files only. A pickle (``torch.save``'s ``.pt`` or
+``.bin``) can run code when loaded, so minidiff refuses it rather than unpickling.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from minidiff_cli.conditioning import Conditioning, module_device
+from minidiff_cli.errors import MinidiffError, ModelFileError
+
+# The file `minidiff clip train` writes: an open_clip CLIP state dict in safetensors.
+FORMAT = "minidiff-clip"
+FORMAT_VERSION = 1
+
+TEXT_KEYS = ("token_embedding.", "positional_embedding", "transformer.", "ln_final.", "text_projection")
+PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle")
+TOKENIZER_VOCAB = 49408  # open_clip's SimpleTokenizer: BPE merges + bytes + 2 special tokens
+DEFAULT_CACHE_SIZE = 256
+
+
+# -- reading weight files ----------------------------------------------------------
+def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """(metadata, tensors) of a safetensors file; a pickle is refused, never loaded."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from minidiff_cli.weights import read_header
+
+    path = Path(path)
+    if not path.is_file():
+        raise MinidiffError(f"weights file '{path}' does not exist" if not path.exists()
+                            else f"'{path}' is not a file")
+    try:
+        metadata, _ = read_header(path)  # reads the JSON header only: safe on any file
+    except ModelFileError:
+        with open(path, "rb") as fh:
+            head = fh.read(2)
+        # torch.save writes a zip archive ("PK"); the legacy format starts with pickle's PROTO opcode.
+        if head == b"PK" or (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")):
+            raise ModelFileError(f"'{path}' is a PyTorch pickle file, not safetensors; minidiff never unpickles "
+                                 "files (loading a pickle can run code): convert it to .safetensors first") from None
+        if path.suffix.lower() in PICKLE_SUFFIXES:
+            raise ModelFileError(f"'{path}' is not a safetensors file; {path.suffix} files are usually pickles, "
+                                 "which minidiff never loads: convert it to .safetensors first") from None
+        raise
+    try:
+        tensors = load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ModelFileError(f"'{path}' could not be read: {exc}") from None
+    return metadata, tensors
+
+
+def text_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The text-encoder tensors of an open_clip checkpoint, under the names this module uses.
+
+    Accepts a whole CLIP (text parts at the top, ``visual.*`` ignored), a
+    ``CustomTextCLIP`` (text parts under ``text.``) and DDP's ``module.`` prefix.
+    """
+    out = {}
+    for key, value in tensors.items():
+        key = key.removeprefix("module.")
+        key = key.removeprefix("text.")
+        if key.startswith(TEXT_KEYS):
+            out[key] = value
+    return out
+
+
+def read_clip_config(metadata: dict[str, str], path: Path) -> Optional[dict[str, Any]]:
+    """The text-encoder config stored in a file's metadata, or None if it has none."""
+    fmt = metadata.get("format")
+    try:
+        if fmt == FORMAT:
+            if int(metadata.get("format_version", "0")) > FORMAT_VERSION:
+                raise ModelFileError(f"'{path}' is a newer minidiff-clip file than this minidiff reads; "
+                                     "upgrade minidiff")
+            config = json.loads(metadata["config"])
+            return {k: config[k] for k in ("embed_dim", "text_cfg", "quick_gelu") if k in config}
+        if fmt == "minidiff":  # a diffusion model file: reuse its clip conditioner
+            conditioner = json.loads(metadata["config"]).get("conditioner", {})
+            if conditioner.get("name") == "clip":
+                return conditioner["config"]
+    except (KeyError, TypeError, ValueError):
+        raise ModelFileError(f"'{path}' has a missing or unreadable config in its metadata") from None
+    return None
+
+
+# -- open_clip configs and pretrained weights --------------------------------------
+HF_HUB_PREFIX = "hf-hub:"
+
+
+def arch_config(arch: str, pretrained_tag: Optional[str] = None) -> dict[str, Any]:
+    """The text-encoder config of open_clip architecture ``arch`` (e.g. ``ViT-B-32``).
+
+    ``hf-hub:ORG/NAME`` reads ``open_clip_config.json`` from the Hugging Face cache.
+    """
+    import open_clip
+
+    if arch.startswith(HF_HUB_PREFIX):
+        path = _hf_cached(arch[len(HF_HUB_PREFIX):], ["open_clip_config.json"])
+        if path is None:
+            raise not_cached(arch)
+        try:
+            model_cfg = json.loads(path.read_text()).get("model_cfg")
+        except (OSError, ValueError, AttributeError):
+            model_cfg = None
+        if not isinstance(model_cfg, dict):
+            raise MinidiffError(f"the cached open_clip_config.json of '{arch}' has no model_cfg")
+    else:
+        model_cfg = open_clip.get_model_config(arch)
+    if model_cfg is None:
+        raise MinidiffError(f"open_clip has no architecture '{arch}'; e.g. ViT-B-32, RN50, ViT-B-16 "
+                            "(see open_clip.list_models())")
+    quick_gelu = bool(model_cfg.get("quick_gelu", False))
+    if pretrained_tag:  # e.g. OpenAI's weights were trained with QuickGELU
+        quick_gelu = quick_gelu or bool(open_clip.get_pretrained_cfg(arch, pretrained_tag).get("quick_gelu"))
+    return {"embed_dim": model_cfg["embed_dim"], "text_cfg": dict(model_cfg["text_cfg"]), "quick_gelu": quick_gelu}
+
+
+def cached_pretrained_file(arch: str, tag: str) -> Path:
+    """The local file of open_clip's pretrained ``tag`` for ``arch``, if it is in the HF cache.
+
+    Never downloads: offline, open_clip's own download retries for most of a
+    minute before failing, so look in the cache and fail at once instead.
+    """
+    import open_clip
+    from open_clip.constants import HF_WEIGHTS_NAME
+
+    cfg = open_clip.get_pretrained_cfg(arch, tag)
+    if not cfg:
+        tags = open_clip.list_pretrained_tags_by_model(arch)
+        more = f" and {len(tags) - 6} more" if len(tags) > 6 else ""
+        known = f"its tags: {', '.join(tags[:6])}{more}" if tags else "it has no pretrained tags"
+        raise MinidiffError(f"open_clip has no pretrained weights '{tag}' for '{arch}'; {known} "
+                            "(or pass a local .safetensors file)")
+    if cfg.get("file"):
+        return Path(cfg["file"])
+    hub = cfg.get("hf_hub", "")
+    if hub:
+        repo_id, filename = os.path.split(hub)
+        found = _hf_cached(repo_id, _weight_names(filename or HF_WEIGHTS_NAME))
+        if found is not None:
+            return found
+    raise not_cached(arch, tag)
+
+
+def hub_weights_file(arch: str) -> Path:
+    """The cached weights of an ``hf-hub:ORG/NAME`` architecture (its repo holds config and weights)."""
+    from open_clip.constants import HF_WEIGHTS_NAME
+
+    found = _hf_cached(arch[len(HF_HUB_PREFIX):], _weight_names(HF_WEIGHTS_NAME))
+    if found is None:
+        raise not_cached(arch)
+    return found
+
+
+def not_cached(arch: str, tag: Optional[str] = None) -> MinidiffError:
+    what = f"pretrained weights '{tag}' for '{arch}' are" if tag else f"'{arch}' is"
+    return MinidiffError(f"{what} not cached and cannot be downloaded here; "
+                         "pass a local weights file with --clip-weights")
+
+
+def _weight_names(filename: str) -> list[str]:
+    """The safetensors twin of a checkpoint name first (open_clip's hub repos often hold both)."""
+    from open_clip.constants import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
+
+    stem = os.path.splitext(filename)[0]
+    twin = HF_SAFE_WEIGHTS_NAME if filename == HF_WEIGHTS_NAME else stem + ".safetensors"
+    return list(dict.fromkeys([twin, filename]))
+
+
+def _hf_cached(repo_id: str, names: list[str]) -> Optional[Path]:
+    """The first of ``names`` in the local Hugging Face cache of ``repo_id``; never touches the network."""
+    from huggingface_hub import try_to_load_from_cache
+
+    for name in names:
+        try:
+            found = try_to_load_from_cache(repo_id, name)
+        except ValueError:  # not a valid repo id or file name
+            return None
+        if isinstance(found, str):
+            return Path(found)
+    return None
+
+
+@functools.lru_cache(maxsize=8)
+def _tokenizer(context_length: int, options: tuple = ()):
+    from open_clip.tokenizer import SimpleTokenizer
+
+    return SimpleTokenizer(context_length=context_length, **dict(options))
+
+
+def tokenizer_for(text_cfg: dict[str, Any]):
+    """open_clip's BPE tokenizer (its vocabulary ships with the package), padded to the context length."""
+    options = tuple(sorted((text_cfg.get("tokenizer_kwargs") or {}).items()))
+    return _tokenizer(int(text_cfg.get("context_length", 77)), options)
+
+
+def _check_text_cfg(text_cfg: dict[str, Any]) -> None:
+    if text_cfg.get("hf_model_name") or text_cfg.get("hf_tokenizer_name"):
+        raise MinidiffError("this CLIP uses a Hugging Face text model or tokenizer; the clip conditioner "
+                            "supports open_clip's own text transformer and tokenizer only")
+    if text_cfg.get("embed_cls"):
+        raise MinidiffError("text towers with a class token (CoCa) are not supported by the clip conditioner")
+    if int(text_cfg.get("vocab_size", TOKENIZER_VOCAB)) < TOKENIZER_VOCAB:
+        raise MinidiffError(f"text vocab_size {text_cfg['vocab_size']} is smaller than the tokenizer's "
+                            f"({TOKENIZER_VOCAB})")
+
+
+# -- the conditioner ---------------------------------------------------------------
+class ClipTextConditioner(nn.Module):
+    """A frozen open_clip text transformer: ``context`` [B, L, width], ``pooled`` [B, embed_dim]."""
+
+    name = "clip"
+    trainable = False
+    storage_dtype = "float16"  # the token embedding alone is 49408 x width
+
+    def __init__(self, config: dict[str, Any], cache_size: int = DEFAULT_CACHE_SIZE):
+        super().__init__()
+        from open_clip.model import _build_text_tower
+
+        try:
+            embed_dim = int(config["embed_dim"])
+            text_cfg = dict(config["text_cfg"])
+            quick_gelu = bool(config.get("quick_gelu", False))
+        except (KeyError, TypeError, ValueError):
+            raise MinidiffError("a clip config needs 'embed_dim' and 'text_cfg'") from None
+        _check_text_cfg(text_cfg)
+        try:
+            tower = _build_text_tower(embed_dim, text_cfg, quick_gelu=quick_gelu)
+        except TypeError as exc:
+            raise MinidiffError(f"invalid clip text_cfg: {exc}") from None
+        self._config = {"embed_dim": embed_dim, "text_cfg": text_cfg, "quick_gelu": quick_gelu}
+
+        # The text parts of open_clip.CLIP, under the same names, so its checkpoints load as they are.
+        self.token_embedding = tower.token_embedding
+        self.positional_embedding = tower.positional_embedding
+        self.transformer = tower.transformer
+        self.ln_final = tower.ln_final
+        self.text_projection = tower.text_projection
+        self.register_buffer("attn_mask", tower.attn_mask, persistent=False)
+        self.pool_type, self.eos_id = tower.pool_type, tower.eos_id
+
+        self.context_length = tower.context_length
+        self.context_dim = tower.width
+        self.pooled_dim = tower.output_dim if tower.text_projection is not None else tower.width
+        self.cache_size = int(cache_size)
+        self._cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        self.register_load_state_dict_post_hook(lambda module, keys: module._cache.clear())
+        self.requires_grad_(False)
+        self.eval()
+
+    # -- frozen ---------------------------------------------------------------
+    def train(self, mode: bool = True) -> "ClipTextConditioner":
+        """Always in eval mode: the encoder is frozen, even while the U-Net trains."""
+        return super().train(False)
+
+    def _apply(self, *args: Any, **kwargs: Any):
+        self._cache.clear()  # .to(), .half() etc.: cached rows would be on the old device/dtype
+        return super()._apply(*args, **kwargs)
+
+    # -- encoding -------------------------------------------------------------
+    @property
+    def tokenizer(self):
+        return tokenizer_for(self._config["text_cfg"])
+
+    def tokenize(self, prompts: list[str]) -> torch.Tensor:
+        """Token ids [B, context_length]: start, BPE tokens, end, zero padding (long prompts are cut)."""
+        return self.tokenizer(list(prompts))
+
+    def encode_tokens(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(hidden states after ln_final [B, L, width], projected end-of-text state [B, embed_dim])."""
+        x = self.token_embedding(tokens) + self.positional_embedding[: tokens.shape[1]]
+        x = self.transformer(x, attn_mask=self.attn_mask)
+        x = self.ln_final(x)
+        pooled = _pool(x, tokens, self.pool_type, self.eos_id)
+        if isinstance(self.text_projection, nn.Linear):
+            pooled = self.text_projection(pooled)
+        elif self.text_projection is not None:
+            pooled = pooled @ self.text_projection
+        return x, pooled
+
+    def encode(self, prompts: list[str]) -> Conditioning:
+        prompts = [str(p) for p in prompts]
+        device = module_device(self)
+        # Outside inference mode, so that cached rows can be used later by training code too.
+        with torch.inference_mode(False), torch.no_grad():
+            rows = self._rows(prompts, device)
+            if not rows:
+                dtype = self.positional_embedding.dtype
+                return Conditioning(torch.zeros(0, self.context_length, self.context_dim, device=device, dtype=dtype),
+                                    torch.zeros(0, self.pooled_dim, device=device, dtype=dtype))
+            return Conditioning(torch.stack([c for c, _ in rows]), torch.stack([p for _, p in rows]))
+
+    def _rows(self, prompts: list[str], device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        if self.cache_size <= 0:
+            context, pooled = self.encode_tokens(self.tokenize(prompts).to(device))
+            return list(zip(context, pooled))
+        new = [p for p in dict.fromkeys(prompts) if p not in self._cache]
+        fresh = {}
+        if new:
+            context, pooled = self.encode_tokens(self.tokenize(new).to(device))
+            fresh = {p: (c, v) for p, c, v in zip(new, context, pooled)}
+        rows = [fresh[p] if p in fresh else self._cache[p] for p in prompts]
+        for p in dict.fromkeys(prompts):  # most recently used last
+            self._cache[p] = fresh.get(p) or self._cache[p]
+            self._cache.move_to_end(p)
+        while len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+        return rows
+
+    def null(self, batch: int) -> Conditioning:
+        """The encoding of the empty prompt, ``batch`` times."""
+        return self.encode([""]).repeat_interleave(batch)
+
+    # -- building -------------------------------------------------------------
+    def config(self) -> dict[str, Any]:
+        return json.loads(json.dumps(self._config))  # a deep, JSON-safe copy
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> "ClipTextConditioner":
+        return cls(config)
+
+    @classmethod
+    def from_options(cls, weights: Optional[str] = None, arch: Optional[str] = None,
+                     pretrained: Optional[str] = None, config: Optional[dict | str] = None,
+                     cache_size: int = DEFAULT_CACHE_SIZE, **unknown: Any) -> "ClipTextConditioner":
+        """A text encoder with trained weights, from one of:
+
+        - ``weights=FILE``: a safetensors file holding a CLIP text tower (open_clip
+          key names). Its shape comes from, in order: ``config`` (a dict, a JSON
+          string or a JSON file), ``arch`` (an open_clip architecture name), or the
+          file's own metadata (files from ``minidiff clip train``, and minidiff
+          model files with a clip conditioner, carry it).
+        - ``arch=NAME, pretrained=TAG_OR_FILE``: an open_clip architecture with one
+          of its pretrained tags (must already be in the Hugging Face cache; there
+          is no download) or a local safetensors file.
+
+        ``cache_size``: how many encoded prompts to keep (0 turns the cache off).
+        """
+        if unknown:
+            raise MinidiffError(f"the 'clip' conditioner has no option '{sorted(unknown)[0]}'; its options: "
+                                "weights, arch, pretrained, config, cache_size")
+        if weights and pretrained:
+            raise MinidiffError("give the clip weights once: --clip-weights FILE, or --clip-arch NAME "
+                                "--clip-pretrained TAG|FILE")
+        if weights:
+            path = Path(weights)
+            metadata, tensors = read_safetensors(path)
+            cfg = (_config_option(config) if config is not None else arch_config(arch) if arch
+                   else read_clip_config(metadata, path))
+            if cfg is None:
+                raise MinidiffError(f"'{path}' does not say which text model it holds (no minidiff-clip config "
+                                    "in its metadata); also pass its open_clip architecture with --clip-arch")
+            if metadata.get("format") == "minidiff":
+                tensors = {k[len("conditioner."):]: v for k, v in tensors.items() if k.startswith("conditioner.")}
+        elif arch and arch.startswith(HF_HUB_PREFIX) and not pretrained:
+            cfg = arch_config(arch)
+            path = hub_weights_file(arch)
+            _, tensors = read_safetensors(path)
+        elif arch:
+            if not pretrained:
+                raise MinidiffError(f"--clip-arch {arch} needs --clip-pretrained TAG or a local weights FILE; "
+                                    "an untrained text encoder would condition on noise")
+            path = Path(pretrained)
+            local = path.exists() or path.suffix.lower() in (".safetensors",) + PICKLE_SUFFIXES \
+                or os.sep in pretrained
+            cfg = arch_config(arch, None if local else pretrained)
+            if not local:
+                path = cached_pretrained_file(arch, pretrained)
+            _, tensors = read_safetensors(path)
+        else:
+            raise MinidiffError("the clip conditioner needs weights: --clip-weights FILE (e.g. from "
+                                "`minidiff clip train`), or --clip-arch NAME --clip-pretrained TAG|FILE")
+        encoder = cls(cfg, cache_size=cache_size)
+        encoder.load_text_weights(tensors, source=str(path))
+        return encoder
+
+    def load_text_weights(self, tensors: dict[str, torch.Tensor], source: str = "weights") -> None:
+        """Load an open_clip checkpoint's text tower (other parts are ignored); strict on names and shapes."""
+        found = text_tensors(tensors)
+        expected = self.state_dict()
+        missing = sorted(set(expected) - set(found))
+        extra = sorted(set(found) - set(expected))
+        if missing or extra:
+            what = f"missing '{missing[0]}'" if missing else f"unexpected '{extra[0]}'"
+            raise ModelFileError(f"'{source}' does not fit this CLIP text model: {what} "
+                                 f"({len(missing)} missing, {len(extra)} unexpected tensors)")
+        for key, value in found.items():
+            if tuple(value.shape) != tuple(expected[key].shape):
+                raise ModelFileError(f"'{source}' does not fit this CLIP text model: '{key}' has shape "
+                                     f"{tuple(value.shape)}, expected {tuple(expected[key].shape)}")
+        self.load_state_dict(found, strict=True)
+
+
+def _pool(x: torch.Tensor, tokens: torch.Tensor, pool_type: str, eos_id: Optional[int]) -> torch.Tensor:
+    from open_clip.transformer import text_global_pool
+
+    return text_global_pool(x, tokens, pool_type=pool_type, eos_token_id=eos_id)
+
+
+def _config_option(config: dict | str) -> dict[str, Any]:
+    """``config`` given as a dict, a JSON string, or the path of a JSON file."""
+    if isinstance(config, dict):
+        return config
+    text = str(config)
+    if not text.lstrip().startswith("{"):
+        try:
+            text = Path(text).read_text()
+        except OSError as exc:
+            raise MinidiffError(f"cannot read clip config '{config}': {exc.strerror}") from None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        raise MinidiffError(f"clip config '{config}' is not valid JSON") from None
+    if not isinstance(value, dict):
+        raise MinidiffError("a clip config must be a JSON object with 'embed_dim' and 'text_cfg'")
+    return value

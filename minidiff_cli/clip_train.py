@@ -1,0 +1,304 @@
+"""Train a small CLIP on captioned images, so the ``clip`` conditioner has a text encoder.
+
+No pretrained weights can be downloaded here, so minidiff trains its own CLIP
+(Radford et al. 2021) with open_clip: ``open_clip.CLIP`` with a small ViT image
+tower and a small text transformer, open_clip's tokenizer and its symmetric
+contrastive ``ClipLoss`` (Sec. 2.3: cross-entropy over the image-text cosine
+similarities, scaled by a learned temperature, in both directions).
+
+Pairs held out of the data set (``holdout``) are never seen in training; the
+zero-shot evaluation reports them apart, to show whether the text encoder
+composes a colour and a shape it never saw together.
+
+The output file is an open_clip CLIP state dict in safetensors (float16):
+the text tower under open_clip's names, the image tower under ``visual.``, and
+metadata ``format = minidiff-clip``, ``config`` (embed_dim, text_cfg,
+vision_cfg) and ``eval`` (the accuracies). ``minidiff train --conditioner clip
+--clip-weights FILE`` reads it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+
+from minidiff_cli.clip_text import FORMAT, FORMAT_VERSION, read_safetensors, tokenizer_for
+from minidiff_cli.errors import MinidiffError, ModelFileError
+from minidiff_cli.fileio import atomic_write
+
+LOGIT_SCALE_MAX = math.log(100.0)  # CLIP clips the temperature so logits stay <= 100 (Sec. 2.5)
+
+
+@dataclass
+class ClipRecipe:
+    """Everything ``minidiff clip train`` can set."""
+
+    data: str = "shapes"
+    image_size: int = 32
+    holdout: str = "purple triangle,orange square"
+    steps: int = 1200
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    warmup: int = 50
+    # text tower: the token embedding (49408 x width) is most of the file
+    width: int = 64
+    heads: int = 4
+    layers: int = 2
+    context_length: int = 16
+    embed_dim: int = 64
+    # image tower: "vit" (a small ViT) or "resnet" (open_clip's ModifiedResNet)
+    # (on shapes a ResNet learns shape in far fewer steps than a ViT of the same cost)
+    vision: str = "resnet"
+    vision_width: int = 16
+    vision_layers: int = 1  # ViT blocks, or ResNet blocks per stage
+    patch_size: int = 8  # ViT only
+    seed: int = 0
+    device: str = "auto"  # auto: cuda if there is one, else cpu
+    threads: int = 0  # torch CPU threads; 0 keeps torch's default
+    eval_images_per_class: int = 32
+
+    def check(self) -> "ClipRecipe":
+        for name in ("steps", "batch_size", "width", "heads", "layers", "context_length", "embed_dim",
+                     "vision_width", "vision_layers", "patch_size", "image_size", "eval_images_per_class"):
+            if getattr(self, name) < 1:
+                raise MinidiffError(f"{name.replace('_', '-')} must be at least 1 (got {getattr(self, name)})")
+        if self.batch_size < 2:
+            raise MinidiffError("batch-size must be at least 2: a contrastive loss needs negatives")
+        if self.width % self.heads:
+            raise MinidiffError(f"width {self.width} must be a multiple of heads {self.heads}")
+        if self.context_length < 4:
+            raise MinidiffError("context-length must be at least 4 (start and end tokens take two)")
+        if self.vision not in ("vit", "resnet"):
+            raise MinidiffError(f"unknown image tower '{self.vision}'; use vit or resnet")
+        if self.vision == "resnet" and self.image_size % 32:
+            raise MinidiffError(f"the resnet image tower needs an image size that is a multiple of 32 "
+                                f"(got {self.image_size})")
+        if self.vision == "vit" and self.image_size % self.patch_size:
+            raise MinidiffError(f"image size {self.image_size} must be a multiple of patch size {self.patch_size}")
+        if self.threads < 0:
+            raise MinidiffError(f"threads must be 0 (torch's default) or more (got {self.threads})")
+        if self.lr <= 0:
+            raise MinidiffError(f"lr must be positive (got {self.lr})")
+        return self
+
+    def model_config(self) -> dict[str, Any]:
+        """open_clip's CLIP config: embed_dim, text_cfg, vision_cfg."""
+        return {
+            "embed_dim": self.embed_dim,
+            "text_cfg": {"context_length": self.context_length, "vocab_size": 49408, "width": self.width,
+                         "heads": self.heads, "layers": self.layers},
+            "vision_cfg": self._vision_cfg(),
+            "quick_gelu": False,
+        }
+
+
+    def _vision_cfg(self) -> dict[str, Any]:
+        if self.vision == "resnet":  # 4 stages, total stride 32; attention pooling on top
+            return {"image_size": self.image_size, "width": self.vision_width,
+                    "layers": [self.vision_layers] * 4, "head_width": 64}
+        return {"image_size": self.image_size, "patch_size": self.patch_size, "width": self.vision_width,
+                "layers": self.vision_layers, "head_width": max(16, self.vision_width // 4)}
+
+
+def build_clip(config: dict[str, Any]):
+    """An untrained ``open_clip.CLIP`` for ``config`` (see ``ClipRecipe.model_config``)."""
+    import open_clip
+
+    return open_clip.CLIP(config["embed_dim"], vision_cfg=config["vision_cfg"], text_cfg=config["text_cfg"],
+                          quick_gelu=config.get("quick_gelu", False))
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise MinidiffError(f"unknown device '{name}'; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise MinidiffError("--device cuda was asked for, but this machine has no usable CUDA GPU")
+    return device
+
+
+# -- data ----------------------------------------------------------------------------
+def make_dataset(name: str, image_size: int, seed: int, holdout):
+    from minidiff_cli import plugins
+    from minidiff_cli.data import parse_holdout
+
+    return plugins.get_dataset(name)(None, image_size=image_size, seed=seed, holdout=parse_holdout(holdout))
+
+
+def batches(dataset, batch_size: int, generator: torch.Generator):
+    """Endless random batches (images [B, 3, H, W], captions) drawn from the whole data set."""
+    while True:
+        indices = torch.randint(len(dataset), (batch_size,), generator=generator).tolist()
+        items = [dataset[i] for i in indices]
+        yield torch.stack([it["image"] for it in items]), [it["caption"] for it in items]
+
+
+# -- training ------------------------------------------------------------------------
+def _param_groups(model, weight_decay: float) -> list[dict]:
+    """Decay the matrices only: not gains, biases, embeddings or the temperature (CLIP's practice)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.ndim < 2 or "embedding" in name or "logit_scale" in name:
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lr_at(step: int, recipe: ClipRecipe) -> float:
+    """Linear warm-up, then cosine decay to a tenth of the peak."""
+    if step < recipe.warmup:
+        return recipe.lr * (step + 1) / recipe.warmup
+    progress = (step - recipe.warmup) / max(1, recipe.steps - recipe.warmup)
+    return recipe.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def train_clip(recipe: ClipRecipe, callback: Optional[Callable[[dict], None]] = None):
+    """Train a CLIP per ``recipe``; returns (model, summary). ``callback({"step", "loss", "lr"})`` each step."""
+    import open_clip
+
+    recipe.check()
+    if recipe.threads > 0:
+        torch.set_num_threads(recipe.threads)
+    torch.manual_seed(recipe.seed)
+    device = resolve_device(recipe.device)
+    config = recipe.model_config()
+    model = build_clip(config).to(device).train()
+    tokenizer = tokenizer_for(config["text_cfg"])
+    dataset = make_dataset(recipe.data, recipe.image_size, recipe.seed, recipe.holdout)
+    loss_fn = open_clip.ClipLoss()
+    optimizer = torch.optim.AdamW(_param_groups(model, recipe.weight_decay), lr=recipe.lr, betas=(0.9, 0.98), eps=1e-6)
+    data = batches(dataset, recipe.batch_size, torch.Generator().manual_seed(recipe.seed))
+    losses, start = [], time.perf_counter()
+    for step in range(recipe.steps):
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, recipe)
+        images, captions = next(data)
+        image_features, text_features, logit_scale = model(images.to(device), tokenizer(captions).to(device))
+        loss = loss_fn(image_features, text_features, logit_scale)
+        if not torch.isfinite(loss):
+            raise MinidiffError(f"the loss became {loss.item()} at step {step + 1}; lower --lr")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, LOGIT_SCALE_MAX)
+        losses.append(loss.item())
+        if callback is not None:
+            callback({"step": step + 1, "loss": losses[-1], "lr": optimizer.param_groups[0]["lr"]})
+    model.eval()
+    tail = losses[-min(50, len(losses)):]
+    summary = {"steps": recipe.steps, "wall_s": round(time.perf_counter() - start, 1),
+               "first_loss": round(losses[0], 4), "final_loss": round(sum(tail) / len(tail), 4),
+               "recipe": dataclasses.asdict(recipe)}
+    return model, summary
+
+
+# -- evaluation ----------------------------------------------------------------------
+def _article(word: str) -> str:
+    return "an" if word[:1] in "aeiou" else "a"
+
+
+def class_prompt(class_name: str) -> str:
+    """``"orange square"`` -> ``"an orange square"``: the caption each class is ranked by."""
+    return f"{_article(class_name)} {class_name}"
+
+
+def class_images(dataset, per_class: int, max_draws: int = 200_000) -> dict[int, torch.Tensor]:
+    """``per_class`` images of every class that ``dataset`` draws, found by reading items in order."""
+    found: dict[int, list[torch.Tensor]] = {}
+    wanted = len(getattr(dataset, "allowed", dataset.class_names))
+    for index in range(min(len(dataset), max_draws)):
+        item = dataset[index]
+        bucket = found.setdefault(item["label"], [])
+        if len(bucket) < per_class:
+            bucket.append(item["image"])
+        if len(found) == wanted and all(len(b) == per_class for b in found.values()):
+            break
+    return {label: torch.stack(images) for label, images in sorted(found.items())}
+
+
+@torch.no_grad()
+def zero_shot_accuracy(model, class_names: list[str], images: dict[int, torch.Tensor],
+                       heldout: set[str] = frozenset(), tokenizer=None) -> dict[str, Any]:
+    """Rank the captions "a {colour} {shape}" of every class for each image, by cosine similarity.
+
+    Returns top-1 accuracy over the seen classes and over the held-out ones, and
+    how often the top caption has the right colour (first word) or the right
+    shape (the rest), over all images.
+    """
+    device = next(model.parameters()).device
+    tokenizer = tokenizer or tokenizer_for({"context_length": model.context_length})
+    was_training = model.training
+    model.eval()
+    text = model.encode_text(tokenizer([class_prompt(n) for n in class_names]).to(device), normalize=True)
+    colour = [n.split(" ", 1)[0] for n in class_names]
+    shape = [n.split(" ", 1)[-1] for n in class_names]
+    hits = {"seen": [], "heldout": [], "colour": [], "shape": []}
+    for label, batch in images.items():
+        features = model.encode_image(batch.to(device), normalize=True)
+        predicted = (features @ text.T).argmax(dim=1).tolist()
+        hits["heldout" if class_names[label] in heldout else "seen"] += [p == label for p in predicted]
+        hits["colour"] += [colour[p] == colour[label] for p in predicted]
+        hits["shape"] += [shape[p] == shape[label] for p in predicted]
+    model.train(was_training)
+    result: dict[str, Any] = {k: (round(sum(v) / len(v), 4) if v else None) for k, v in hits.items()}
+    result["images_per_class"] = max((len(b) for b in images.values()), default=0)
+    result["heldout_classes"] = sorted(heldout)
+    return result
+
+
+def evaluate(model, recipe: ClipRecipe) -> dict[str, Any]:
+    """Zero-shot accuracy on fresh images (another seed) of every class, held-out ones included."""
+    from minidiff_cli.data import parse_holdout
+
+    dataset = make_dataset(recipe.data, recipe.image_size, recipe.seed + 1_000_003, holdout=None)
+    images = class_images(dataset, recipe.eval_images_per_class)
+    heldout = {f"{c} {s}" for c, s in parse_holdout(recipe.holdout)}
+    return zero_shot_accuracy(model, list(dataset.class_names), images, heldout)
+
+
+# -- the file ------------------------------------------------------------------------
+def save_clip(path: str | os.PathLike, model, config: dict[str, Any], evaluation: dict[str, Any],
+              training: dict[str, Any], *, include_vision: bool = True, overwrite: bool = False) -> Path:
+    """Write the CLIP's tensors (float16, open_clip names) and metadata; never overwrites unless asked."""
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for key, value in model.state_dict().items():
+        if key.startswith("visual.") and not include_vision:
+            continue
+        value = value.detach().cpu()
+        tensors[key] = (value.half() if value.is_floating_point() else value).contiguous()
+    metadata = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "config": json.dumps(config),
+                "eval": json.dumps(evaluation), "training": json.dumps(training),
+                "contents": "text+vision" if include_vision else "text"}
+    return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata), overwrite=overwrite)
+
+
+def load_clip(path: str | os.PathLike):
+    """(open_clip.CLIP in float32, metadata) from a ``minidiff clip train`` file with its image tower."""
+    path = Path(path)
+    metadata, tensors = read_safetensors(path)
+    if metadata.get("format") != FORMAT:
+        raise ModelFileError(f"'{path}' is not a minidiff-clip file (made by `minidiff clip train`)")
+    config = json.loads(metadata["config"])
+    model = build_clip(config)
+    try:
+        model.load_state_dict(tensors, strict=True)
+    except RuntimeError:
+        raise ModelFileError(f"'{path}' does not match its config, or holds no image tower "
+                             "(it was saved with --no-vision)") from None
+    return model.float().eval(), metadata
