@@ -1,0 +1,121 @@
+"""The four samplers as minidiff sees them: option checks, the sigma grid, the callback.
+
+Each ``sample`` follows ``minidiff_cli.sampling.Sampler``: it takes minidiff's x (N(0, I)
+noise at the first timestep), a ``denoiser(x_t, t) -> eps`` and the model's schedule, runs
+one of the solver loops in the sigma view, and returns x_0. Options:
+
+- ``karras`` (bool, default False): Karras et al.'s rho = 7 sigmas between the schedule's
+  sigma_min and sigma_max instead of the schedule's own levels;
+- ``spacing``: which of the schedule's timesteps make the grid when karras is off
+  ("trailing", the default, "linspace" or "leading"; see ``minidiff_cli.sampling.timesteps``);
+- ``eta`` (euler-ancestral only, in [0, 1], default 1): the share of fresh noise per step.
+
+After each step the callback gets ``{"i", "steps", "t", "x", "x0", "sigma"}``: x is minidiff's
+x_t after the step, t the timestep the model was asked about, x0 the model's prediction.
+"""
+
+from __future__ import annotations
+
+import math
+
+from minidiff_cli.errors import MinidiffError
+
+from minidiff_solvers import dpm_solver, karras as karras_solvers
+from minidiff_solvers.sigmas import SigmaDenoiser, check_karras, check_options, sigma_grid, to_sigma_view, to_vp
+
+GRID_OPTIONS = ("karras", "spacing")
+LOWER_ORDER_FINAL_BELOW = 15  # steps; Lu et al. 2022 sec. 5 and their code's lower_order_final, diffusers' 15
+
+
+def prepare(name, denoiser, x, schedule, steps, karras, spacing, callback):
+    """(model, x, sigmas, report) for a solver loop: the sigma-view denoiser, minidiff's x moved
+    to the sigma view, the grid of noise levels, and a callback in minidiff's terms.
+
+    The loop's x is float32 (float64 if x is): at sigma_max = 20291 (cosine) it is x_t times
+    20291, which overflows float16 and keeps two digits in bfloat16. The network still runs
+    in x's dtype, and what the sampler returns or reports is in x's dtype too.
+    """
+    import torch
+
+    karras, spacing = check_karras(name, karras, spacing)
+    sigmas = sigma_grid(schedule, steps, karras, spacing)
+    model = SigmaDenoiser(denoiser, schedule, x.dtype)
+    report = None
+    if callback is not None:
+        def report(info):
+            callback({"i": info["i"], "steps": steps, "t": model.timestep(info["sigma"]),
+                      "x": to_vp(info["x"], info["sigma_next"]).to(x.dtype), "x0": info["denoised"].to(x.dtype),
+                      "sigma": info["sigma"]})
+    work = torch.float64 if x.dtype == torch.float64 else torch.float32
+    # The grid ends at sigma = 0, where the sigma view's x is x_0 itself: the loops return x_0.
+    return model, to_sigma_view(x.to(work), sigmas[0]), sigmas, report
+
+
+class DPMSolverPP2M:
+    """DPM-Solver++(2M) (Lu et al. 2022): second-order multistep in log-SNR, one model call per step."""
+
+    name = "dpmpp-2m"
+    default_steps = 20
+
+    def sample(self, denoiser, x, schedule, steps, *, generator=None, callback=None,
+               karras=False, spacing=None, **unknown):
+        check_options(self.name, unknown, GRID_OPTIONS)
+        model, x_sigma, sigmas, report = prepare(self.name, denoiser, x, schedule, steps, karras, spacing, callback)
+        # Lu et al.'s final step lands on their smallest time, t = 0 here; with few steps they take
+        # it first order. Grids that end there (karras, linspace, leading) get that; the trailing
+        # grid stops short of t = 0, and its final step, the jump to sigma = 0, is first order anyway.
+        ends_at_t0 = len(sigmas) > 2 and math.isclose(sigmas[-2], schedule.sigmas[0].item(), rel_tol=1e-9)
+        lower_order_final = steps < LOWER_ORDER_FINAL_BELOW and ends_at_t0
+        return dpm_solver.sample_dpmpp_2m(model, x_sigma, sigmas, lower_order_final, callback=report).to(x.dtype)
+
+
+class Euler:
+    """Euler's method on the probability-flow ODE (Karras et al. 2022), one model call per step."""
+
+    name = "euler"
+    default_steps = 50
+
+    def sample(self, denoiser, x, schedule, steps, *, generator=None, callback=None,
+               karras=False, spacing=None, **unknown):
+        check_options(self.name, unknown, GRID_OPTIONS)
+        model, x_sigma, sigmas, report = prepare(self.name, denoiser, x, schedule, steps, karras, spacing, callback)
+        return karras_solvers.sample_euler(model, x_sigma, sigmas, callback=report).to(x.dtype)
+
+
+class Heun:
+    """Heun's method (Karras et al. 2022, Algorithm 2): 2 * steps - 2 model calls."""
+
+    name = "heun"
+    default_steps = 25
+
+    def sample(self, denoiser, x, schedule, steps, *, generator=None, callback=None,
+               karras=False, spacing=None, **unknown):
+        check_options(self.name, unknown, GRID_OPTIONS)
+        model, x_sigma, sigmas, report = prepare(self.name, denoiser, x, schedule, steps, karras, spacing, callback)
+        return karras_solvers.sample_heun(model, x_sigma, sigmas, callback=report).to(x.dtype)
+
+
+class EulerAncestral:
+    """Euler steps with fresh noise (ancestral sampling in the sigma view); eta = 0 is Euler."""
+
+    name = "euler-ancestral"
+    default_steps = 50
+
+    def sample(self, denoiser, x, schedule, steps, *, generator=None, callback=None,
+               karras=False, spacing=None, eta=1.0, **unknown):
+        from minidiff_cli.sampling import noise_like
+
+        check_options(self.name, unknown, GRID_OPTIONS + ("eta",))
+        try:
+            eta = float(eta)
+        except (TypeError, ValueError):
+            raise MinidiffError(f"sampler '{self.name}': eta must be a number (got {eta!r})") from None
+        if not 0 <= eta <= 1:
+            raise MinidiffError(f"sampler '{self.name}': eta must be between 0 and 1 (got {eta:g})")
+        model, x_sigma, sigmas, report = prepare(self.name, denoiser, x, schedule, steps, karras, spacing, callback)
+        # noise_like draws float32 for any x below float64, so x's dtype does not change the noise.
+        noise = lambda like: noise_like(like, generator)  # noqa: E731
+        return karras_solvers.sample_euler_ancestral(model, x_sigma, sigmas, noise, eta, callback=report).to(x.dtype)
+
+
+SAMPLERS = (DPMSolverPP2M, Euler, Heun, EulerAncestral)
