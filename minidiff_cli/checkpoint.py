@@ -38,21 +38,34 @@ def save_checkpoint(path: str | os.PathLike, *, modules: dict[str, torch.nn.Modu
     return save_model_file(path, tensors, meta, overwrite=True, format=CHECKPOINT_FORMAT)
 
 
+def read_checkpoint_meta(path: str | os.PathLike) -> dict[str, Any]:
+    """A checkpoint's metadata (step, training config, ...), without loading its tensors."""
+    path = Path(path)
+    metadata, _ = read_header(path)
+    if metadata.get("format") != CHECKPOINT_FORMAT:
+        raise ModelFileError(f"'{path}' is not a minidiff training checkpoint")
+    try:
+        version = int(metadata.get("format_version", "0") or 0)
+        meta = json.loads(metadata["config"])
+    except (KeyError, TypeError, ValueError) as exc:  # JSONDecodeError is a ValueError
+        raise ModelFileError(f"'{path}' is corrupt: {exc}") from None
+    if version > FORMAT_VERSION:
+        raise ModelFileError(f"'{path}' comes from a newer minidiff; upgrade minidiff to resume it")
+    if not isinstance(meta, dict) or not isinstance(meta.get("train"), dict) or "step" not in meta:
+        raise ModelFileError(f"'{path}' is corrupt: its metadata lacks the step or the training config")
+    return meta
+
+
 def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """(metadata, tensors) of a checkpoint, after checking its framing and format."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     path = Path(path)
-    metadata, _ = read_header(path)
-    if metadata.get("format") != CHECKPOINT_FORMAT:
-        raise ModelFileError(f"'{path}' is not a minidiff training checkpoint")
-    if int(metadata.get("format_version", "0") or 0) > FORMAT_VERSION:
-        raise ModelFileError(f"'{path}' comes from a newer minidiff; upgrade minidiff to resume it")
+    meta = read_checkpoint_meta(path)
     try:
-        meta = json.loads(metadata["config"])
         tensors = load_file(str(path), device="cpu")
-    except (KeyError, json.JSONDecodeError, SafetensorError, OSError) as exc:
+    except (SafetensorError, OSError) as exc:
         raise ModelFileError(f"'{path}' is corrupt: {exc}") from None
     return meta, tensors
 

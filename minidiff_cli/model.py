@@ -19,7 +19,7 @@ from minidiff_cli.conditioning import Conditioning
 from minidiff_cli.errors import MinidiffError, ModelFileError
 from minidiff_cli.schedule import NoiseSchedule
 from minidiff_cli.unet import UNet, UNetConfig
-from minidiff_cli.weights import ModelFile, load_model_file, save_model_file
+from minidiff_cli.weights import ModelFile, load_model_file, read_model_header, save_model_file
 
 PREDICTIONS = ("eps", "v")
 
@@ -36,39 +36,29 @@ class DiffusionModel:
     @classmethod
     def build(cls, config: dict[str, Any], conditioner: Any | None = None) -> "DiffusionModel":
         """Fresh weights for ``config``; pass ``conditioner`` to reuse one already built."""
-        unet_config = UNetConfig.from_dict(config["unet"])
-        unet_config.validate()
-        sched = config["schedule"]
-        schedule = plugins.get_schedule(sched["name"], sched["num_timesteps"], **sched.get("options", {}))
-        if conditioner is None:
-            cond = config["conditioner"]
-            conditioner = plugins.get_conditioner(cond["name"]).from_config(cond.get("config", {}))
-        if config.get("prediction", "eps") not in PREDICTIONS:
-            raise MinidiffError(f"unknown prediction type '{config.get('prediction')}'; use eps or v")
-        _check_dims(unet_config, conditioner)
-        return cls(UNet(unet_config), conditioner, schedule, config)
+        schedule = _schedule(config)
+        unet, conditioner = _modules(config, conditioner)
+        return cls(unet, conditioner, schedule, config)
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> "DiffusionModel":
         """Load and check a model file; a mismatch names the file and the problem."""
+        config, schedule, (unet, conditioner) = _checked(path, build=True)
         mf = load_model_file(path)
-        try:
-            model = cls.build(mf.config)
-        except ModelFileError:
-            raise
-        except (MinidiffError, KeyError, TypeError, ValueError) as exc:
-            raise ModelFileError(f"'{mf.path}' has an invalid config: {_describe(exc)}") from None
+        model = cls(unet, conditioner, schedule, config)
+        _check_finite(mf)
         model._load_tensors(mf)
         model.hash = mf.hash
         return model.to(device).eval()
 
+    @staticmethod
+    def check_file(path: str | os.PathLike) -> dict[str, Any]:
+        """The config of a model file whose tensors fit it, checked without reading the weights."""
+        return _checked(path, build=False)[0]
+
     def _load_tensors(self, mf: ModelFile) -> None:
-        known = ("unet.", "conditioner.")
-        extra = [k for k in mf.tensors if not k.startswith(known)]
-        if extra:
-            raise ModelFileError(f"'{mf.path}' has unexpected tensors: {', '.join(sorted(extra)[:3])}")
         for prefix, module in (("unet", self.unet), ("conditioner", self.conditioner)):
-            _load_strict(mf.path, prefix, module, mf.section(prefix))
+            module.load_state_dict(mf.section(prefix), strict=True)
 
     # -- using ----------------------------------------------------------------
     @property
@@ -106,17 +96,45 @@ class DiffusionModel:
 
     # -- saving ---------------------------------------------------------------
     def tensors(self) -> dict[str, torch.Tensor]:
-        out = {f"unet.{k}": v for k, v in self.unet.state_dict().items()}
-        storage = getattr(torch, getattr(self.conditioner, "storage_dtype", None) or "float32")
-        for k, v in self.conditioner.state_dict().items():
-            out[f"conditioner.{k}"] = v.to(storage) if v.is_floating_point() else v
-        return out
+        return _tensors(self.unet, self.conditioner)
 
     def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
         config = dict(self.config)
         config["conditioner"] = {"name": self.conditioner.name, "config": self.conditioner.config()}
         config["unet"] = self.unet.config.to_dict()
         return save_model_file(path, self.tensors(), config, overwrite=overwrite)
+
+
+MAX_TIMESTEPS = 100_000  # far beyond any real schedule; a bigger T in a file is garbage
+
+
+def _schedule(config: dict[str, Any]) -> NoiseSchedule:
+    sched = config["schedule"]
+    T = sched["num_timesteps"]
+    if isinstance(T, int) and T > MAX_TIMESTEPS:
+        raise MinidiffError(f"{T} timesteps is more than the {MAX_TIMESTEPS} minidiff allows")
+    return plugins.get_schedule(sched["name"], T, **sched.get("options", {}))
+
+
+def _modules(config: dict[str, Any], conditioner: Any | None = None) -> tuple[UNet, Any]:
+    """The U-Net and the conditioner ``config`` describes, with fresh weights."""
+    unet_config = UNetConfig.from_dict(config["unet"])  # validated: an absurd size fails here
+    if conditioner is None:
+        cond = config["conditioner"]
+        conditioner = plugins.get_conditioner(cond["name"]).from_config(cond.get("config", {}))
+    if config.get("prediction", "eps") not in PREDICTIONS:
+        raise MinidiffError(f"unknown prediction type '{config.get('prediction')}'; use eps or v")
+    _check_dims(unet_config, conditioner)
+    return UNet(unet_config), conditioner
+
+
+def _tensors(unet: UNet, conditioner: Any) -> dict[str, torch.Tensor]:
+    """Every tensor of the model file, named and typed as it is stored."""
+    out = {f"unet.{k}": v for k, v in unet.state_dict().items()}
+    storage = getattr(torch, getattr(conditioner, "storage_dtype", None) or "float32")
+    for k, v in conditioner.state_dict().items():
+        out[f"conditioner.{k}"] = v.to(storage) if v.is_floating_point() else v
+    return out
 
 
 def _check_dims(unet_config: UNetConfig, conditioner: Any) -> None:
@@ -127,24 +145,61 @@ def _check_dims(unet_config: UNetConfig, conditioner: Any) -> None:
                                 f"'{conditioner.name}' conditioner's ({have})")
 
 
-def _load_strict(path: Path, prefix: str, module: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-    expected = module.state_dict()
-    missing = sorted(set(expected) - set(tensors))
-    extra = sorted(set(tensors) - set(expected))
+def _checked(path: str | os.PathLike, build: bool) -> tuple[dict[str, Any], NoiseSchedule, Any]:
+    """(config, schedule, the modules if ``build``) of a model file whose tensors fit its config.
+
+    The tensors the config implies are worked out on the meta device and compared with the
+    file's header, so a config that does not fit its tensors (an absurd one included) is refused
+    before any memory is allocated for it or any weight is read.
+    """
+    config, entries = read_model_header(path)
+    where = f"'{Path(path)}'"
+    try:
+        schedule = _schedule(config)
+        try:
+            with torch.device("meta"):
+                expected = _tensors(*_modules(config))
+        except (NotImplementedError, RuntimeError):  # a plugin conditioner that cannot live on meta
+            expected = None
+        if expected is not None:
+            _check_entries(where, expected, entries)
+        modules = _modules(config) if build or expected is None else None
+    except ModelFileError:
+        raise
+    except (MinidiffError, KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise ModelFileError(f"{where} has an invalid config: {_describe(exc)}") from None
+    if expected is None:
+        _check_entries(where, _tensors(*modules), entries)
+    return config, schedule, modules
+
+
+DTYPE_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+               torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+               torch.uint8: "U8", torch.bool: "BOOL"}  # safetensors' names
+
+
+def _check_entries(where: str, expected: dict[str, torch.Tensor], entries: dict[str, dict]) -> None:
+    """The file's header lists exactly the tensors the config implies, with their shapes and dtypes."""
+    missing = sorted(set(expected) - set(entries))
+    extra = sorted(set(entries) - set(expected))
     if missing or extra:
-        what = f"missing {prefix}.{missing[0]}" if missing else f"unexpected {prefix}.{extra[0]}"
-        raise ModelFileError(f"'{path}' does not match its config: {what} "
+        what = f"missing {missing[0]}" if missing else f"unexpected {extra[0]}"
+        raise ModelFileError(f"{where} does not match its config: {what} "
                              f"({len(missing)} missing, {len(extra)} unexpected tensors)")
-    for key, value in tensors.items():
-        ref = expected[key]
-        if tuple(value.shape) != tuple(ref.shape):
-            raise ModelFileError(f"'{path}' does not match its config: {prefix}.{key} has shape "
-                                 f"{tuple(value.shape)}, expected {tuple(ref.shape)}")
-        if value.is_floating_point() != ref.is_floating_point():
-            raise ModelFileError(f"'{path}' does not match its config: {prefix}.{key} has dtype {value.dtype}")
+    for key, ref in expected.items():
+        shape, dtype = tuple(entries[key]["shape"]), entries[key]["dtype"]
+        if shape != tuple(ref.shape):
+            raise ModelFileError(f"{where} does not match its config: {key} has shape {shape}, "
+                                 f"expected {tuple(ref.shape)}")
+        want = DTYPE_NAMES.get(ref.dtype, str(ref.dtype))
+        if dtype != want:
+            raise ModelFileError(f"{where} does not match its config: {key} is stored as {dtype}, expected {want}")
+
+
+def _check_finite(mf: ModelFile) -> None:
+    for key, value in mf.tensors.items():
         if value.is_floating_point() and not torch.isfinite(value).all():
-            raise ModelFileError(f"'{path}' is corrupt: {prefix}.{key} holds NaN or infinite values")
-    module.load_state_dict(tensors, strict=True)
+            raise ModelFileError(f"'{mf.path}' is corrupt: {key} holds NaN or infinite values")
 
 
 def _describe(exc: BaseException) -> str:

@@ -16,7 +16,7 @@ from typing import Any, Optional
 from minidiff_cli.errors import MinidiffError
 
 # Flags that may change when a run is resumed; anything else must stay as it was.
-RESUMABLE = ("max_steps", "save_every", "sample_every", "log_every", "quiet", "device", "out")
+RESUMABLE = ("max_steps", "save_every", "sample_every", "log_every", "quiet", "device", "threads", "out")
 
 
 @dataclass
@@ -51,11 +51,16 @@ class TrainConfig:
     lr: float = 2e-4
     weight_decay: float = 0.0
     warmup: int = 500
+    # Steps of the cosine decay; 0 means the first run's max_steps. It is fixed when a run starts, so a
+    # run resumed with a higher --max-steps goes on at the final rate, and a run stopped early and
+    # resumed follows the same schedule as one that never stopped.
+    lr_decay_steps: int = 0
     grad_clip: float = 1.0
     ema_decay: float = 0.999
     mixed_precision: str = "no"  # no, bf16, fp16
     seed: int = 0
     device: str = "auto"
+    threads: int = 0  # torch CPU threads; 0 keeps torch's default (1 can be faster on a busy CPU)
     # output
     out: str = "runs/train"
     save_every: int = 500
@@ -87,6 +92,7 @@ class TrainConfig:
         checks = [
             (self.lr > 0, f"--lr must be positive (got {self.lr})"),
             (self.warmup >= 0, f"--warmup must be 0 or more (got {self.warmup})"),
+            (self.lr_decay_steps >= 0, f"--lr-decay-steps must be 0 or more (got {self.lr_decay_steps})"),
             (0 <= self.ema_decay < 1, f"--ema-decay must be in [0, 1) (got {self.ema_decay})"),
             (0 <= self.cfg_dropout < 1, f"--cfg-dropout must be in [0, 1) (got {self.cfg_dropout})"),
             (self.mixed_precision in ("no", "bf16", "fp16"), "--mixed-precision must be no, bf16 or fp16"),

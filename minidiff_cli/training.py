@@ -13,12 +13,13 @@ resumed run sees exactly what an uninterrupted run would have seen.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 import signal
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -90,26 +91,34 @@ def ema_update(ema: torch.nn.Module, net: torch.nn.Module, decay: float) -> None
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warm-up, then cosine decay to 10% of the peak at max_steps."""
+    """Linear warm-up, then cosine decay to 10% of the peak at lr_decay_steps (else max_steps), then flat."""
     if cfg.warmup and step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
-    progress = min(1.0, (step - cfg.warmup) / max(1, cfg.max_steps - cfg.warmup))
+    horizon = cfg.lr_decay_steps or cfg.max_steps
+    progress = min(1.0, (step - cfg.warmup) / max(1, horizon - cfg.warmup))
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 # -- the trainer -------------------------------------------------------------------------
 class Trainer:
     def __init__(self, cfg: TrainConfig, resume: bool = False, log: Callable[[str], None] = print):
+        if not cfg.lr_decay_steps:  # fixed now, so that resuming with more steps keeps the schedule
+            cfg = dataclasses.replace(cfg, lr_decay_steps=cfg.max_steps)
         self.cfg = cfg
         self.out = Path(cfg.out)
         self.log = log
         from minidiff_cli.pipeline import pick_device
 
         self.device = pick_device(cfg.device)
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
         self.dist = init_distributed(self.device)
         if self.device.type == "cuda" and self.dist.world > 1:
             self.device = torch.device("cuda", self.dist.local_rank)
             torch.cuda.set_device(self.device)
+        if cfg.batch_size < self.dist.world:
+            raise MinidiffError(f"--batch-size {cfg.batch_size} is smaller than the {self.dist.world} processes; "
+                                "each needs at least one image per step")
         self._check_run_dir(resume)
         self.dataset = self._dataset()
         self.model = self._model()
@@ -145,11 +154,19 @@ class Trainer:
             available = ", ".join(plugins.registry().names("datasets"))
             raise MinidiffError(f"--data '{cfg.data}' is neither a folder nor a dataset name ({available})")
         factory = plugins.get_dataset(name)
-        opts = {"require_classes": True} if (name == "imagefolder" and cfg.conditioner == "class") else {}
+        opts = {"require_classes": True} if (name == "imagefolder" and self._conditioner_name() == "class") else {}
         dataset = factory(source, image_size=cfg.image_size, seed=cfg.seed, holdout=parse_holdout(cfg.holdout), **opts)
         if len(dataset) == 0:
             raise MinidiffError(f"the data set '{cfg.data}' is empty")
         return dataset
+
+    def _conditioner_name(self) -> str:
+        """--conditioner, or the conditioner of the --init-from model, which brings its own."""
+        if self.cfg.init_from:
+            from minidiff_cli.weights import read_config
+
+            return str(read_config(self.cfg.init_from).get("conditioner", {}).get("name"))
+        return self.cfg.conditioner
 
     def _conditioner(self):
         cfg = self.cfg
@@ -173,8 +190,16 @@ class Trainer:
             model = DiffusionModel.load(cfg.init_from)
             if model.image_size != cfg.image_size:
                 raise MinidiffError(f"--init-from model is {model.image_size}px but --image-size is {cfg.image_size}")
+            if model.channels != self.dataset.channels:
+                raise MinidiffError(f"--init-from model has {model.channels} channels but the data has "
+                                    f"{self.dataset.channels}")
+            names = getattr(model.conditioner, "class_names", None)
+            if names is not None and list(names) != list(self.dataset.class_names):
+                raise MinidiffError("the --init-from model was trained on other classes than the data has; "
+                                    "its class labels would mean other things")
             model.config["init_from"] = {"file": str(cfg.init_from), "hash": model.hash}
             return model
+        torch.manual_seed(cfg.seed)  # the same initial weights (class embeddings too) on every rank and every run
         conditioner = self._conditioner()
         config = {
             "name": cfg.name or self.out.name,
@@ -190,7 +215,6 @@ class Trainer:
             "prediction": cfg.prediction,
             "class_names": list(self.dataset.class_names),
         }
-        torch.manual_seed(cfg.seed)  # the same initial weights on every rank and every run
         return DiffusionModel.build(config, conditioner=conditioner)
 
     def _ema_copy(self) -> TrainNet:
@@ -220,6 +244,7 @@ class Trainer:
         if self.step >= self.cfg.max_steps:
             raise MinidiffError(f"the run in '{self.out}' already reached step {self.step}; "
                                 f"raise --max-steps above it to train further")
+        self._forget_metrics_after(self.step)
 
     # -- data ----------------------------------------------------------------------------
     def batch_indices(self, step: int) -> list[int]:
@@ -271,7 +296,7 @@ class Trainer:
         autocast = self._autocast()
         with autocast:
             out = self.ddp(x_t, t, **kwargs)
-        target = schedule.v_target(x0, noise, t) if cfg.prediction == "v" else noise
+        target = schedule.v_target(x0, noise, t) if self.model.prediction == "v" else noise
         per_row = F.mse_loss(out.float(), target, reduction="none").mean(dim=(1, 2, 3))
         return (per_row * self._weights(t)).mean()
 
@@ -297,7 +322,7 @@ class Trainer:
             return torch.ones_like(t, dtype=torch.float32)
         snr = self.model.schedule.snr(t).float().to(t.device)
         clipped = snr.clamp(max=gamma)
-        return clipped / (snr + 1) if self.cfg.prediction == "v" else clipped / snr
+        return clipped / (snr + 1) if self.model.prediction == "v" else clipped / snr
 
     def _autocast(self):
         mp = self.cfg.mixed_precision
@@ -395,35 +420,93 @@ class Trainer:
     def run(self, progress: Callable[[dict], None] | None = None) -> dict[str, Any]:
         cfg = self.cfg
         start_step, start_time = self.step, time.time()
-        interrupted = _install_sigterm()
         self.net.train()
         last: dict[str, Any] = {}
-        try:
-            while self.step < cfg.max_steps:
-                loss = self.train_step()
-                self.losses.append((self.step, loss))
-                last = {"step": self.step, "loss": loss, "smoothed": self.smoothed_loss(),
-                        "lr": self.optimizer.param_groups[0]["lr"],
-                        "it_s": (self.step - start_step) / max(1e-9, time.time() - start_time)}
-                if self.step % cfg.sample_every == 0 or self.step == cfg.max_steps:
-                    last["samples"] = self.sample_grid()
-                    self.net.train()
-                if self.step % cfg.save_every == 0 or self.step == cfg.max_steps:
-                    self.save()
-                if progress is not None and self.dist.main:
-                    progress(last)
-                if self.dist.main and (self.step % cfg.log_every == 0 or "samples" in last):
-                    self._append_metrics(last)
-                if interrupted():
-                    raise KeyboardInterrupt
-        except KeyboardInterrupt:
-            self.save()  # nothing lost: the interrupted step count is resumable
-            raise
+        with _stop_signals(self.log if self.dist.main else None) as stop_asked:
+            try:
+                while self.step < cfg.max_steps:
+                    loss = self.train_step()
+                    self.losses.append((self.step, loss))
+                    last = {"step": self.step, "loss": loss, "smoothed": self.smoothed_loss(),
+                            "lr": self.optimizer.param_groups[0]["lr"],
+                            "it_s": (self.step - start_step) / max(1e-9, time.time() - start_time)}
+                    if self.step % cfg.sample_every == 0 or self.step == cfg.max_steps:
+                        last["samples"] = self.sample_grid()
+                        self.net.train()
+                    if self.dist.main and (self.step % cfg.log_every == 0 or "samples" in last):
+                        self._append_metrics(last)  # before the save: a checkpoint's own step is logged
+                    if self.step % cfg.save_every == 0 or self.step == cfg.max_steps:
+                        self.save()
+                    if progress is not None and self.dist.main:
+                        progress(last)
+                    if self.step < cfg.max_steps and self._any_rank(stop_asked()):
+                        raise KeyboardInterrupt
+            except KeyboardInterrupt:
+                self.save()  # nothing lost: the interrupted step count is resumable
+                raise
+        self.check_replicas()
         return last
+
+    def _any_rank(self, flag: bool) -> bool:
+        """True on every rank if it is True on one: ranks must stop at the same step, or the
+        others would wait forever in the next gradient all-reduce."""
+        if self.dist.world == 1:
+            return flag
+        import torch.distributed as dist
+
+        value = torch.tensor([int(flag)], device=self.device)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return bool(value.item())
+
+    def check_replicas(self) -> None:
+        """DDP keeps every rank's weights identical; check it, so that a silent divergence cannot
+        pass unnoticed (each rank hashes its weights and the hashes are compared)."""
+        if self.dist.world == 1:
+            return
+        import torch.distributed as dist
+
+        mine = torch.tensor([weights_fingerprint(self.net, self.ema)], device=self.device)
+        every = [torch.zeros_like(mine) for _ in range(self.dist.world)]
+        dist.all_gather(every, mine)
+        differ = [rank for rank, value in enumerate(every) if value.item() != every[0].item()]
+        if differ:
+            raise MinidiffError(f"rank(s) {', '.join(map(str, differ))} ended with weights that differ from "
+                                "rank 0's; the processes went out of sync")
+        if self.dist.main:
+            self.log(f"checked: all {self.dist.world} processes hold identical weights")
+
+    def _forget_metrics_after(self, step: int) -> None:
+        """A run killed after its last checkpoint logged steps that it will now redo: drop them."""
+        path = self.out / METRICS
+        if not self.dist.main or not path.is_file():
+            return
+        lines = path.read_text().splitlines(keepends=True)
+        keep = [line for line in lines if _record_step(line) <= step]
+        if len(keep) != len(lines):
+            atomic_write(path, lambda p: p.write_text("".join(keep)))
 
     def _append_metrics(self, record: dict[str, Any]) -> None:
         with open(ensure_writable_dir(self.out) / METRICS, "a") as fh:
             fh.write(json.dumps({k: v for k, v in record.items() if v is not None}) + "\n")
+
+
+def _record_step(line: str) -> float:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return math.inf  # a line cut short by the kill
+
+
+def weights_fingerprint(*modules: torch.nn.Module) -> int:
+    """A 63-bit hash of the exact bytes of every tensor in ``modules``' state dicts."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for module in modules:
+        for key, value in module.state_dict().items():
+            digest.update(key.encode())
+            digest.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return int.from_bytes(digest.digest()[:8], "little") >> 1
 
 
 def _check_creatable(folder: Path) -> None:
@@ -437,14 +520,34 @@ def _check_creatable(folder: Path) -> None:
         raise MinidiffError(f"'{existing}' is not writable; choose another --out")
 
 
-def _install_sigterm() -> Callable[[], bool]:
-    """SIGTERM (e.g. from a job scheduler) is treated like Ctrl-C: save, then stop."""
-    flag = {"set": False}
+@contextmanager
+def _stop_signals(log: Callable[[str], None] | None):
+    """SIGTERM (e.g. from a job scheduler) or Ctrl-C: finish the current step, save, stop.
+
+    Stopping between steps keeps the checkpoint exactly resumable; a second Ctrl-C stops at
+    once (the trainer still saves). Yields ``stop_asked() -> bool``; the previous handlers
+    are restored on the way out.
+    """
+    asked = {"stop": False}
+
+    def handler(signum, frame):
+        if asked["stop"] and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        asked["stop"] = True
+        if log is not None:
+            log("stopping after this step, then saving (Ctrl-C again to stop now)")
+
+    previous = {}
     try:
-        signal.signal(signal.SIGTERM, lambda *_: flag.__setitem__("set", True))
-    except ValueError:  # not in the main thread
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            previous[sig] = signal.signal(sig, handler)
+    except ValueError:  # not in the main thread: signals stay as they are
         pass
-    return lambda: flag["set"]
+    try:
+        yield lambda: asked["stop"]
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 def check_resume_flags(stored: TrainConfig, given: dict[str, Any]) -> TrainConfig:

@@ -97,25 +97,31 @@ def _check_extents(path: Path, entries: dict[str, Any], data_size: int) -> None:
 
 def read_config(path: str | os.PathLike) -> dict[str, Any]:
     """The JSON config of a minidiff model file, after checking format and version."""
+    return read_model_header(path)[0]
+
+
+def read_model_header(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, dict]]:
+    """(config, tensor entries) of a minidiff model file, after checking format and version;
+    no tensor data is read."""
     path = Path(path)
-    metadata, _ = read_header(path)
+    metadata, entries = read_header(path)
     if metadata.get("format") != FORMAT:
         raise ModelFileError(f"'{path}' is a safetensors file but not a minidiff model "
                              "(no 'format: minidiff' in its metadata)")
     try:
         version = int(metadata.get("format_version", ""))
-    except ValueError:
+    except (TypeError, ValueError):
         raise ModelFileError(f"'{path}' has an unreadable format version") from None
     if version > FORMAT_VERSION:
         raise ModelFileError(f"'{path}' has format version {version}, newer than this minidiff "
                              f"understands ({FORMAT_VERSION}); upgrade minidiff")
     try:
         config = json.loads(metadata["config"])
-    except (KeyError, json.JSONDecodeError):
+    except (KeyError, TypeError, json.JSONDecodeError):
         raise ModelFileError(f"'{path}' is corrupt: its config is missing or not JSON") from None
     if not isinstance(config, dict):
         raise ModelFileError(f"'{path}' is corrupt: its config is not a JSON object")
-    return config
+    return config, entries
 
 
 def load_model_file(path: str | os.PathLike) -> ModelFile:

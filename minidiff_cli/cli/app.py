@@ -61,7 +61,8 @@ def _global_options(
 
 
 # Each module adds its commands to ``app`` when imported.
-COMMAND_MODULES = ("generate", "train", "info", "models", "schedules", "clip", "plugins_cmd")
+COMMAND_MODULES = ("generate", "train", "eval", "info", "models", "schedules", "clip", "plugins_cmd",
+                   "noise", "explain")
 
 
 def _register_commands() -> None:

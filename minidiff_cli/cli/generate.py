@@ -59,9 +59,7 @@ def generate_command(
     _check_numbers(params, num_images, batch_size)
     targets = _output_paths(output, num_images)
 
-    from minidiff_cli.pipeline import Pipeline
-
-    pipe = Pipeline.load(params["model"], device=device, dtype=dtype)
+    pipe = _load(params["model"], device, dtype, from_image if model is None else None)
     _warn_about_prompt(pipe, params)
     gen = Generation(params["prompt"], params["negative_prompt"] or "", params["steps"], float(params["cfg"]),
                      params["sampler"], params["seed"], params["eta"])
@@ -74,7 +72,7 @@ def generate_command(
     else:
         for path in written:
             typer.echo(str(path))
-    if not quiet:
+    if not quiet and not as_json:  # a picture would garble the JSON on stdout
         from minidiff_cli.cli.display import show_images
 
         show_images(images)
@@ -86,7 +84,7 @@ def _resolve(given: dict[str, Any], from_image: Path | None) -> dict[str, Any]:
     if from_image is not None:
         from minidiff_cli.imagemeta import read_parameters
 
-        stored = read_parameters(from_image)
+        stored = _checked_types(read_parameters(from_image), from_image)
     params = {}
     for key in ("prompt", "model", *DEFAULTS):
         if given.get(key) is not None:
@@ -100,6 +98,19 @@ def _resolve(given: dict[str, Any], from_image: Path | None) -> dict[str, Any]:
     if given.get("model") is None and stored.get("model"):
         params["model"] = stored["model"]
     return params
+
+
+# What each stored parameter must be; a PNG from a stranger may hold anything.
+TYPES = {"prompt": (str,), "negative_prompt": (str,), "model": (str,), "sampler": (str,), "steps": (int,),
+         "seed": (int,), "cfg": (int, float), "eta": (int, float, type(None))}
+
+
+def _checked_types(stored: dict[str, Any], path: Path) -> dict[str, Any]:
+    for key, types in TYPES.items():
+        value = stored.get(key)
+        if key in stored and (not isinstance(value, types) or isinstance(value, bool)):
+            raise MinidiffError(f"'{path}' has an invalid '{key}' parameter: {value!r:.40}")
+    return stored
 
 
 def _check_numbers(params: dict[str, Any], num_images: int, batch_size: int | None) -> None:
@@ -137,6 +148,19 @@ def _output_paths(output: Path, num_images: int) -> list[Path]:
         start = int(path.stem.rsplit("-", 1)[1]) + 1
         paths.append(path)
     return paths
+
+
+def _load(model: str | None, device: str, dtype: str, from_image: Path | None):
+    from minidiff_cli.errors import UnknownNameError
+    from minidiff_cli.pipeline import Pipeline
+
+    try:
+        return Pipeline.load(model, device=device, dtype=dtype)
+    except UnknownNameError:
+        if from_image is None or model is None:
+            raise
+        raise MinidiffError(f"'{from_image}' was made with the model '{model}', which is not installed; "
+                            "pass its file with --model FILE.safetensors") from None
 
 
 def _warn_about_prompt(pipe, params: dict[str, Any]) -> None:

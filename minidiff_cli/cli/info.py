@@ -41,11 +41,12 @@ def _image_info(path: Path, as_json: bool) -> None:
 
 
 def _model_info(target: str | None, as_json: bool) -> None:
+    from minidiff_cli.model import DiffusionModel
     from minidiff_cli.models_dir import resolve_model
-    from minidiff_cli.weights import file_hash, read_config, read_header
+    from minidiff_cli.weights import file_hash, read_header
 
     path = resolve_model(target)
-    config = read_config(path)
+    config = DiffusionModel.check_file(path)  # the same checks as loading, without reading the weights
     _, entries = read_header(path)
     summary = {"file": str(path), "hash": file_hash(path), "bytes": path.stat().st_size,
                "tensors": len(entries), "parameters": _count(entries), "config": config}

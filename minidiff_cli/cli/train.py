@@ -23,6 +23,9 @@ def train_command(
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Global batch size [default: 64]."),
     lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate [default: 2e-4]."),
     warmup: Optional[int] = typer.Option(None, "--warmup", help="Linear warm-up steps [default: 500]."),
+    lr_decay_steps: Optional[int] = typer.Option(None, "--lr-decay-steps", help="Length of the cosine decay to 10% of "
+                                                 "--lr; fixed for the run, even if resumed with more steps "
+                                                 "[default: --max-steps]."),
     ema_decay: Optional[float] = typer.Option(None, "--ema-decay", help="EMA decay of the exported weights [default: 0.999]."),
     cfg_dropout: Optional[float] = typer.Option(None, "--cfg-dropout", help="Fraction of rows trained without a condition [default: 0.1]."),
     mixed_precision: Optional[str] = typer.Option(None, "--mixed-precision", help="no, bf16 or fp16 [default: no]."),
@@ -32,6 +35,8 @@ def train_command(
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed of weights, data order and noise [default: 0]."),
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda or mps [default: auto]."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads; 0 is torch's default, 1 is often "
+                                          "fastest on a busy CPU [default: 0]."),
     config: Optional[Path] = typer.Option(None, "--config", help="TOML file with any of these flags (flags given win)."),
     quiet: Optional[bool] = typer.Option(None, "--quiet", "-q", help="Log lines instead of a live display."),
     log_every: Optional[int] = typer.Option(None, "--log-every", help="Log line / metrics record every N steps [default: 50]."),
@@ -67,11 +72,13 @@ def train_command(
     for key in LIST_FLAGS:
         if flags[key] is not None:
             flags[key] = _int_list(flags[key], key)
-    from minidiff_cli.trainconfig import merge
+    from minidiff_cli.trainconfig import load_toml, merge
 
     cfg = merge(flags, config)
     if resume:
-        cfg = _resumed_config(cfg, flags)
+        given = {k for k, v in flags.items() if v is not None}
+        given |= {k.replace("-", "_") for k in (load_toml(config) if config else {})}
+        cfg = _resumed_config(cfg, given)
     _train(cfg, resume)
 
 
@@ -83,20 +90,19 @@ def _int_list(text: str, key: str) -> list[int]:
     return values
 
 
-def _resumed_config(cfg, flags):
-    import json
-
+def _resumed_config(cfg, given: set[str]):
+    """The recipe stored in the run's checkpoint, with the values given now (if they may change)."""
+    from minidiff_cli.checkpoint import read_checkpoint_meta
     from minidiff_cli.trainconfig import TrainConfig
-    from minidiff_cli.training import RUN_CONFIG, check_resume_flags
+    from minidiff_cli.training import CHECKPOINT, check_resume_flags
 
-    stored_path = Path(cfg.out) / RUN_CONFIG
-    if not stored_path.is_file():
-        raise MinidiffError(f"nothing to resume: '{stored_path}' does not exist")
-    try:
-        stored = TrainConfig.from_dict(json.loads(stored_path.read_text()), where=str(stored_path))
-    except json.JSONDecodeError:
-        raise MinidiffError(f"'{stored_path}' is corrupt (not JSON)") from None
-    return check_resume_flags(stored, {k: v for k, v in cfg.to_dict().items() if flags.get(k) is not None})
+    # The checkpoint, not train_config.json, is the truth: a run killed between the two writes
+    # must still resume from its last complete checkpoint.
+    path = Path(cfg.out) / CHECKPOINT
+    if not path.is_file():
+        raise MinidiffError(f"nothing to resume: '{path}' does not exist")
+    stored = TrainConfig.from_dict(read_checkpoint_meta(path)["train"], where=str(path))
+    return check_resume_flags(stored, {k: v for k, v in cfg.to_dict().items() if k in given})
 
 
 def _train(cfg, resume: bool) -> None:
