@@ -304,3 +304,44 @@ def test_png_parameters_keep_any_unicode_prompt(tmp_path):
     assert png_text(path)["parameters"] == (
         "un café ☕, ein Würfel\nNegative prompt: ぼやけた\n"
         "Steps: 3, Sampler: ddim, CFG scale: 1.5, Seed: 2, Size: 8x8, Model: m, Model hash: 0123456789, Eta: 0.5")
+
+
+def test_save_trajectory_writes_a_strip_and_a_gif_per_image(trained_run, tmp_path):
+    result = run_cli("generate", "red circle", "--model", str(trained_run / "model.safetensors"), "--steps", "5",
+                     "-n", "2", "-o", str(tmp_path), "--save-trajectory", "-q")
+    assert result.returncode == 0, result.stderr
+    for k in range(2):
+        with Image.open(tmp_path / f"minidiff-0000{k}-trajectory.png") as strip:
+            # 5 steps -> 5 columns of 2x-scaled 16px frames with 2px gaps; x_t and x0 rows plus a label line
+            assert strip.size == (5 * 32 + 4 * 2, 2 * 32 + 2 + 12)
+        with Image.open(tmp_path / f"minidiff-0000{k}-trajectory.gif") as gif:
+            assert gif.n_frames == 5
+            gif.seek(gif.n_frames - 1)
+            last = np.asarray(gif.convert("RGB"))
+    # the GIF's last x_t frame is the final image (up to GIF palette rounding)
+    final = pixels(tmp_path / "minidiff-00001.png").astype(int)
+    shown = last[:, :64][::4, ::4].astype(int)
+    assert np.abs(shown - final).mean() < 12
+
+
+def test_save_trajectory_refuses_to_overwrite_before_sampling(trained_run, tmp_path):
+    (tmp_path / "minidiff-00000-trajectory.gif").write_bytes(b"mine")
+    result = run_cli("generate", "red circle", "--model", str(trained_run / "model.safetensors"), "--steps", "2",
+                     "-o", str(tmp_path), "--save-trajectory", "-q")
+    assert_one_line_error(result, "minidiff-00000-trajectory.gif", "already exists")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["minidiff-00000-trajectory.gif"]
+
+
+def test_sampler_options_reach_the_sampler_and_are_recorded(trained_run, tmp_path):
+    model = str(trained_run / "model.safetensors")
+    args = ("generate", "red circle", "--model", model, "--steps", "3", "-q", "--json")
+    leading = run_cli(*args, "-O", "spacing=leading", "-o", str(tmp_path / "a.png"))
+    trailing = run_cli(*args, "-o", str(tmp_path / "b.png"))
+    assert leading.returncode == 0 and trailing.returncode == 0, leading.stderr + trailing.stderr
+    assert json.loads(leading.stdout)["parameters"][0]["sampler_options"] == {"spacing": "leading"}
+    assert not np.array_equal(pixels(tmp_path / "a.png"), pixels(tmp_path / "b.png"))
+    again = run_cli("generate", "--from", str(tmp_path / "a.png"), "--model", model, "-o", str(tmp_path / "c.png"), "-q")
+    assert again.returncode == 0, again.stderr
+    assert np.array_equal(pixels(tmp_path / "a.png"), pixels(tmp_path / "c.png"))
+    bad = run_cli(*args, "-O", "nonsense", "-o", str(tmp_path / "d.png"))
+    assert_one_line_error(bad, "KEY=VALUE")

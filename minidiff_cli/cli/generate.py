@@ -13,7 +13,8 @@ from minidiff_cli.cli.app import app
 from minidiff_cli.errors import MinidiffError
 
 # Used when neither a flag nor --from gives a value.
-DEFAULTS = {"negative_prompt": "", "steps": 50, "cfg": 3.0, "sampler": "ddim", "seed": 0, "eta": None}
+DEFAULTS = {"negative_prompt": "", "steps": 50, "cfg": 3.0, "sampler": "ddim", "seed": 0, "eta": None,
+            "sampler_options": None}
 
 
 @app.command("generate")
@@ -40,6 +41,10 @@ def generate_command(
                                               "flags given override them."),
     as_json: bool = typer.Option(False, "--json", help="Print what was written as JSON on stdout."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar and no terminal preview."),
+    save_trajectory: bool = typer.Option(False, "--save-trajectory", help="Also save, next to each image, a strip "
+                                         "and a GIF of x_t and the predicted x0 along the steps."),
+    sampler_option: Optional[list[str]] = typer.Option(None, "--sampler-option", "-O", help="A sampler option "
+                                                       "KEY=VALUE, repeatable, e.g. -O spacing=leading -O karras=true."),
 ) -> None:
     """Draw images from a prompt with a trained model.
 
@@ -50,22 +55,34 @@ def generate_command(
       minidiff generate "a blue square" -n 8 --grid -o out/
 
       minidiff generate --from outputs/minidiff-00000.png --seed 5
+
+      minidiff generate "a green triangle" --save-trajectory
     """
     from minidiff_cli.pipeline import Generation
 
     given = {"prompt": prompt, "negative_prompt": negative, "steps": steps, "cfg": cfg, "sampler": sampler,
-             "seed": seed, "eta": eta, "model": model}
+             "seed": seed, "eta": eta, "model": model,
+             "sampler_options": _sampler_options(sampler_option) if sampler_option else None}
     params = _resolve(given, from_image)
     _check_numbers(params, num_images, batch_size)
     targets = _output_paths(output, num_images)
+    if save_trajectory:
+        _check_free([p for target in targets for p in _trajectory_paths(target)])
 
     pipe = _load(params["model"], device, dtype, from_image if model is None else None)
     _warn_about_prompt(pipe, params)
     gen = Generation(params["prompt"], params["negative_prompt"] or "", params["steps"], float(params["cfg"]),
-                     params["sampler"], params["seed"], params["eta"])
+                     params["sampler"], params["seed"], params["eta"], params["sampler_options"] or {})
     pipe.check_prompt(gen.prompt, gen.negative_prompt)
-    images = _run(pipe, gen, num_images, batch_size, quiet)
+    recorder = None
+    if save_trajectory:
+        from minidiff_cli.trajectory import TrajectoryRecorder
+
+        recorder = TrajectoryRecorder()
+    images = _run(pipe, gen, num_images, batch_size, quiet, recorder)
     written = _save(images, targets, output, grid)
+    if recorder is not None:
+        written += _save_trajectories(recorder, targets)
     if as_json:
         typer.echo(json.dumps({"images": [str(p) for p in written],
                                "parameters": [img.info["minidiff"] for img in images]}, indent=2))
@@ -102,7 +119,7 @@ def _resolve(given: dict[str, Any], from_image: Path | None) -> dict[str, Any]:
 
 # What each stored parameter must be; a PNG from a stranger may hold anything.
 TYPES = {"prompt": (str,), "negative_prompt": (str,), "model": (str,), "sampler": (str,), "steps": (int,),
-         "seed": (int,), "cfg": (int, float), "eta": (int, float, type(None))}
+         "seed": (int,), "cfg": (int, float), "eta": (int, float, type(None)), "sampler_options": (dict, type(None))}
 
 
 def _checked_types(stored: dict[str, Any], path: Path) -> dict[str, Any]:
@@ -168,16 +185,56 @@ def _warn_about_prompt(pipe, params: dict[str, Any]) -> None:
         print("minidiff: warning: this model is unconditional; the prompt is ignored", file=sys.stderr)
 
 
-def _run(pipe, gen, num_images: int, batch_size: int | None, quiet: bool) -> list:
+def _run(pipe, gen, num_images: int, batch_size: int | None, quiet: bool, recorder=None) -> list:
     from minidiff_cli.cli.display import step_progress
 
     size = batch_size or min(num_images, 16)
     batches = -(-num_images // size)
     with step_progress(gen.steps * batches, f"sampling {num_images} image(s)", quiet) as advance:
+        def callback(info: dict) -> None:
+            advance()
+            if recorder is not None:
+                recorder(info)
+
         images = pipe.generate(gen.prompt, gen.steps, gen.cfg, gen.sampler, gen.seed, num_images,
                                negative=gen.negative_prompt, eta=gen.eta, batch_size=batch_size,
-                               callback=lambda info: advance())
+                               callback=callback, **gen.sampler_options)
     return images
+
+
+def _sampler_options(pairs: list[str]) -> dict[str, Any]:
+    """KEY=VALUE strings; values are read as JSON when they can be (numbers, true/false)."""
+    options: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise MinidiffError(f"--sampler-option takes KEY=VALUE (got '{pair}')")
+        try:
+            options[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key.strip()] = value
+    return options
+
+
+def _trajectory_paths(target: Path) -> tuple[Path, Path]:
+    return target.with_name(f"{target.stem}-trajectory.png"), target.with_name(f"{target.stem}-trajectory.gif")
+
+
+def _check_free(paths: list[Path]) -> None:
+    for path in paths:
+        if path.exists():
+            raise MinidiffError(f"'{path}' already exists; minidiff never overwrites files, choose another -o")
+
+
+def _save_trajectories(recorder, targets: list[Path]) -> list[Path]:
+    from minidiff_cli import trajectory
+
+    written = []
+    for k, target in enumerate(targets):
+        png, gif = _trajectory_paths(target)
+        trajectory.save(recorder.frames(k), png, gif)
+        written += [png, gif]
+    return written
 
 
 def _save(images: list, targets: list[Path], output: Path, grid: bool) -> list[Path]:
