@@ -168,7 +168,10 @@ def test_channels_last_gives_the_same_output_as_contiguous():
         ref = model(x, t, context)
         cl = model.to(memory_format=torch.channels_last)
         out = cl(x.contiguous(memory_format=torch.channels_last), t, context)
+        out_from_plain_input = cl(x, t, context)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(out_from_plain_input, ref, atol=1e-5, rtol=1e-4)
+    assert out_from_plain_input.is_contiguous(memory_format=torch.channels_last)
 
 
 def test_wrong_conditioning_is_a_clear_error():
