@@ -18,8 +18,13 @@ import torch
 from minidiff_cli.pipeline import Generation, Pipeline
 
 
+def prompt_for(name: str) -> str:
+    """ "orange square" -> "an orange square": the article the training captions use."""
+    return f"{'an' if name[:1] in 'aeiou' else 'a'} {name}"
+
+
 def class_prompts(colours, shapes) -> list[tuple[str, str, str]]:
-    return [(f"a {c} {s}", c, s) for c in colours for s in shapes]
+    return [(prompt_for(f"{c} {s}"), c, s) for c in colours for s in shapes]
 
 
 def default_prompts(dataset, holdout: str = "") -> list[str]:
@@ -30,7 +35,7 @@ def default_prompts(dataset, holdout: str = "") -> list[str]:
     held = {f"{c} {s}" for c, s in getattr(dataset, "holdout", [])}
     seen = [n for n in names if n not in held]
     step = max(1, len(seen) // 6)
-    return [f"a {n}" for n in seen[::step][:6]] + [f"a {n}" for n in sorted(held)]
+    return [prompt_for(n) for n in seen[::step][:6]] + [prompt_for(n) for n in sorted(held)]
 
 
 def score(images: torch.Tensor, colour: str, shape: str) -> dict[str, float]:
