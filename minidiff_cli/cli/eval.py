@@ -23,6 +23,8 @@ def eval_command(
     batch_size: int = typer.Option(64, "--batch-size", help="Images sampled at once."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or mps."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Also write the full report as JSON here."),
+    grid: Optional[Path] = typer.Option(None, "--grid", help="Also save the first run's images as a grid PNG "
+                                        "(a row per colour, shapes side by side)."),
     as_json: bool = typer.Option(False, "--json", help="Print the full report as JSON."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
@@ -41,6 +43,9 @@ def eval_command(
     from minidiff_cli.shapes import COLOURS, DEFAULT_SHAPES
 
     pairs = _parse_runs(runs)
+    for path in (output, grid):
+        if path is not None and path.exists():
+            raise MinidiffError(f"'{path}' already exists; choose another file name")
     if n < 1:
         raise MinidiffError(f"-n must be at least 1 (got {n})")
     pipe = Pipeline.load(model, device=device)
@@ -54,7 +59,7 @@ def eval_command(
 
     with step_progress(total, "evaluating", quiet) as advance:
         report = evaluate(pipe, colours=colours, shapes=shapes, holdout=held, n=n, runs=pairs, cfg=cfg,
-                          seed=seed, batch_size=batch_size, progress=lambda info: advance())
+                          seed=seed, batch_size=batch_size, progress=lambda info: advance(), grid_path=grid)
     report["model"] = {"name": pipe.name, "hash": pipe.model.hash}
     if output is not None:
         from minidiff_cli.fileio import atomic_write
