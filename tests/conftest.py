@@ -16,6 +16,10 @@ ROOT = Path(__file__).resolve().parents[1]
 # threads per process spin against each other and a 0.02 s forward pass takes 0.3 s.
 # Set before torch is imported, so it holds here and in every command the tests run.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# If something imported torch before this file ran, the variable came too late: set it
+# directly too, so in-process runs compute exactly like the subprocesses they are compared with.
+if "torch" in sys.modules:
+    sys.modules["torch"].set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 def cli_command() -> list[str]:
@@ -63,3 +67,11 @@ def trained_run(tmp_path_factory) -> Path:
                      "--out", str(out))
     assert result.returncode == 0, result.stderr
     return out
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Undo any thread count a test (or an in-process Trainer with --threads) left behind."""
+    yield
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
