@@ -7,11 +7,14 @@ and unconditional halves run as one batch of 2B, which is cheaper than two calls
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Callable
 
 import torch
 
 from minidiff_cli.conditioning import Conditioning
+from minidiff_cli.errors import MinidiffError
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -24,6 +27,10 @@ def combine(eps_cond: torch.Tensor, eps_uncond: torch.Tensor, cfg: float) -> tor
 def guided_denoiser(model, cond: Conditioning, uncond: Conditioning | None, cfg: float,
                     clip_x0: float | None = 1.0) -> Denoiser:
     """A denoiser for the sampler; ``uncond=None`` means the model has no condition."""
+    if not (isinstance(cfg, numbers.Real) and math.isfinite(float(cfg))):
+        raise MinidiffError(f"the guidance scale must be a finite number (got {cfg!r:.40})")
+    if clip_x0 is not None and not (isinstance(clip_x0, numbers.Real) and 0 < float(clip_x0) < math.inf):
+        raise MinidiffError(f"clip_x0 must be a positive finite number or None (got {clip_x0!r:.40})")
     if uncond is None:
         def raw(x, t):
             return model.predict_eps(x, t, cond)

@@ -12,6 +12,8 @@ gives, on any device and at any batch size.
 
 from __future__ import annotations
 
+import math
+import numbers
 import os
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -19,26 +21,36 @@ from typing import Any, Callable
 import torch
 
 from minidiff_cli import plugins
-from minidiff_cli.errors import MinidiffError
+from minidiff_cli.errors import MinidiffError, PluginError
 from minidiff_cli.guidance import guided_denoiser
 from minidiff_cli.model import DiffusionModel
 from minidiff_cli.models_dir import resolve_model
 from minidiff_cli.sampling import noise_like
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+MAX_CFG = 1000.0  # far beyond any useful guidance; larger scales overflow float32 into NaN
+MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed's range
+MAX_PROMPT_CHARS = 10_000
+MAX_IMAGES = 10_000
+# Arguments the pipeline passes to every sampler itself; an option cannot take their place.
+RESERVED_OPTIONS = ("denoiser", "x", "schedule", "steps", "generator", "callback")
 
 
-def pick_device(device: str = "auto") -> torch.device:
+def pick_device(device: str | torch.device = "auto") -> torch.device:
+    device = str(device)
     if device == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
         if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    if device not in ("cpu", "cuda", "mps") and not device.startswith("cuda:"):
-        raise MinidiffError(f"unknown device '{device}'; use auto, cpu, cuda or mps")
+    if device not in ("cpu", "cuda", "mps") and not (device.startswith("cuda:") and device[5:].isdigit()):
+        raise MinidiffError(f"unknown device '{device}'; use auto, cpu, cuda, cuda:N or mps")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise MinidiffError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
+    if device.startswith("cuda:") and int(device[5:]) >= torch.cuda.device_count():
+        raise MinidiffError(f"--device {device}: there are only {torch.cuda.device_count()} CUDA GPU(s), "
+                            "numbered from 0")
     if device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         raise MinidiffError("--device mps was asked for but MPS is not available; use --device cpu")
     return torch.device(device)
@@ -106,6 +118,11 @@ class Pipeline:
                  **sampler_options: Any) -> list:
         """Images for ``prompt`` as PIL images; each carries its parameters in ``.info``."""
         gen = Generation(prompt, negative or "", steps, float(cfg), sampler, seed, eta, sampler_options)
+        return self.images(gen, num_images, batch_size=batch_size, callback=callback)
+
+    def images(self, gen: Generation, num_images: int = 1, *, batch_size: int | None = None,
+               callback: Callable[[dict], None] | None = None) -> list:
+        """``generate`` for a Generation: PIL images, each with its parameters in ``.info``."""
         x = self.sample(gen, num_images, batch_size=batch_size, callback=callback)
         return [self._to_image(img, gen.params(self.name, self.model.hash, self.model.image_size, k))
                 for k, img in enumerate(x)]
@@ -114,6 +131,8 @@ class Pipeline:
                callback: Callable[[dict], None] | None = None) -> torch.Tensor:
         """Samples of ``gen.prompt`` in [-1, 1], a [N, C, H, W] float32 CPU tensor; image k uses seed + k."""
         self._check(gen, num_images)
+        if num_images > MAX_IMAGES:
+            raise MinidiffError(f"at most {MAX_IMAGES:,} images at once (got {num_images:,}); run several times")
         seeds = [gen.seed + k for k in range(num_images)]
         return self.sample_many(gen, [gen.prompt] * num_images, seeds, batch_size=batch_size, callback=callback)
 
@@ -122,9 +141,18 @@ class Pipeline:
         """One image per (prompt, seed) pair, batched; ``gen`` gives everything else."""
         sampler = plugins.get_sampler(gen.sampler)
         self._check(gen, len(prompts))
+        for prompt in prompts:
+            check_text("prompt", prompt)
+        for seed in seeds:
+            if not _is_int(seed) or not 0 <= seed <= MAX_SEED:
+                raise MinidiffError(f"seed must be a whole number from 0 to {MAX_SEED} (got {seed!r:.40})")
         opts = dict(gen.sampler_options)
         if gen.eta is not None:
             opts["eta"] = gen.eta
+        if batch_size is not None and (not _is_int(batch_size) or batch_size < 1):
+            raise MinidiffError(f"batch size must be at least 1 (got {batch_size!r:.40})")
+        if len(prompts) != len(seeds):
+            raise MinidiffError(f"need one seed per prompt: got {len(seeds)} for {len(prompts)} prompts")
         batch_size = batch_size or min(len(prompts), 16)
         out = []
         for start in range(0, len(prompts), batch_size):
@@ -133,13 +161,26 @@ class Pipeline:
         return torch.cat(out)
 
     def _check(self, gen: Generation, num_images: int) -> None:
+        """Every value of ``gen`` in range, before any work: a bad one is a one-line MinidiffError."""
         T = self.model.schedule.num_timesteps
-        if not 1 <= gen.steps <= T:
-            raise MinidiffError(f"steps must be between 1 and {T} for this model (got {gen.steps})")
-        if gen.cfg < 0:
-            raise MinidiffError(f"cfg must be 0 or more (got {gen.cfg})")
-        if num_images < 1:
-            raise MinidiffError(f"the number of images must be at least 1 (got {num_images})")
+        if not _is_int(gen.steps) or not 1 <= gen.steps <= T:
+            raise MinidiffError(f"steps must be between 1 and {T} for this model (got {gen.steps!r:.40})")
+        if not _is_number(gen.cfg) or not 0 <= gen.cfg <= MAX_CFG:
+            raise MinidiffError(f"cfg must be 0 or more, at most {MAX_CFG:g} (got {gen.cfg!r:.40})")
+        if gen.eta is not None and (not _is_number(gen.eta) or not 0 <= gen.eta <= 1):
+            raise MinidiffError(f"eta must be between 0 and 1 (got {gen.eta!r:.40})")
+        if not _is_int(num_images) or num_images < 1:
+            raise MinidiffError(f"the number of images must be at least 1 (got {num_images!r:.40})")
+        if not _is_int(gen.seed) or not 0 <= gen.seed or gen.seed + num_images - 1 > MAX_SEED:
+            raise MinidiffError(f"seed must be a whole number from 0 to {MAX_SEED - num_images + 1} "
+                                f"(got {gen.seed!r:.40})")
+        for what, text in (("prompt", gen.prompt), ("negative prompt", gen.negative_prompt)):
+            check_text(what, text)
+        if not isinstance(gen.sampler_options, dict):
+            raise MinidiffError("sampler options must be a dict of option names and values")
+        clash = sorted(set(gen.sampler_options) & set(RESERVED_OPTIONS))
+        if clash:
+            raise MinidiffError(f"'{clash[0]}' is not a sampler option: the pipeline passes it itself")
 
     def _sample_batch(self, gen, sampler, prompts, seeds, opts, callback, start, total) -> torch.Tensor:
         model, n = self.model, len(seeds)
@@ -154,8 +195,7 @@ class Pipeline:
                 callback({**info, "batch_start": start, "batch_size": n, "num_images": total})
 
         with torch.inference_mode():
-            x0 = sampler.sample(denoiser, x, model.schedule, gen.steps, generator=generators,
-                                callback=report, **opts)
+            x0 = _run_sampler(sampler, gen.sampler, denoiser, x, model.schedule, gen.steps, generators, report, opts)
         return x0.float().clamp(-1, 1).cpu()
 
     def check_prompt(self, prompt: str, negative: str = "") -> None:
@@ -179,3 +219,71 @@ class Pipeline:
         image = Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array)
         image.info["minidiff"] = params
         return image
+
+
+def check_text(what: str, text) -> None:
+    """A prompt must be a string of at most MAX_PROMPT_CHARS that can be stored (UTF-8) in a PNG."""
+    if not isinstance(text, str):
+        raise MinidiffError(f"the {what} must be text (got {type(text).__name__})")
+    if len(text) > MAX_PROMPT_CHARS:
+        raise MinidiffError(f"the {what} is longer than {MAX_PROMPT_CHARS:,} characters; shorten it")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise MinidiffError(f"the {what} holds characters that are not valid text (undecodable bytes?)") from None
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    """A finite real number (numpy scalars too), not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(float(value))
+
+
+def _run_sampler(sampler, name: str, denoiser, x: torch.Tensor, schedule, steps: int, generators, callback,
+                 opts: dict) -> torch.Tensor:
+    """Call a sampler and check what it returns: a plugin's mistake is a one-line error naming the plugin.
+
+    A sampler must return x_0 shaped like x and finite. An exception that is not a MinidiffError
+    (a bug, or garbage from the plugin) becomes a PluginError; its traceback stays in ``__cause__``
+    for ``--debug``.
+    """
+    who = f"sampler '{name}' (plugin '{_owner(name)}')"
+    in_model = []
+
+    def watched(x_t, t):
+        try:
+            return denoiser(x_t, t)
+        except Exception:
+            in_model.append(True)
+            raise
+
+    try:
+        x0 = sampler.sample(watched, x, schedule, steps, generator=generators, callback=callback, **opts)
+    except MinidiffError:
+        raise
+    except Exception as exc:
+        where = " in the model it called" if in_model else ""
+        raise PluginError(f"{who} failed{where}: {type(exc).__name__}: {_first_line(exc)}") from exc
+    if not torch.is_tensor(x0):
+        raise PluginError(f"{who} returned {type(x0).__name__}, not a tensor of shape {tuple(x.shape)}")
+    if tuple(x0.shape) != tuple(x.shape):
+        raise PluginError(f"{who} returned a tensor of shape {tuple(x0.shape)}, expected {tuple(x.shape)}")
+    if not (x0.is_floating_point() and torch.isfinite(x0).all()):
+        bad = "NaN or infinite values" if x0.is_floating_point() else f"a {x0.dtype} tensor, not floats"
+        raise PluginError(f"{who} returned {bad}")
+    return x0
+
+
+def _owner(name: str) -> str:
+    try:
+        return plugins.registry().owner("samplers", name)
+    except KeyError:
+        return "unknown"
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:300] if text else ""

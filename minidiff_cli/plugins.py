@@ -25,7 +25,7 @@ from typing import Any, Callable
 import pluggy
 
 from minidiff_cli import hookspecs
-from minidiff_cli.errors import PluginError, UnknownNameError
+from minidiff_cli.errors import MinidiffError, PluginError, UnknownNameError
 
 ENTRY_POINT_GROUP = "minidiff"
 CORE_DISTRIBUTION = "minidiff"
@@ -74,8 +74,36 @@ def _env_flag(name: str) -> bool:
 
 
 def _one_line(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {_first_line(exc)}".rstrip(": ")
+
+
+def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
+    return text[0][:300] if text else ""
+
+
+def _is_name(value: Any) -> bool:
+    """What users can type after --sampler or --schedule: a non-empty printable string, no outer spaces."""
+    return isinstance(value, str) and 0 < len(value) <= 100 and value.isprintable() and value == value.strip()
+
+
+def _registration_problem(kind: str, args: tuple) -> str | None:
+    """Why a register(...) call breaks the contract of ``kind``, or None if it keeps it."""
+    if kind == "samplers":
+        sampler = args[0] if len(args) == 1 else None
+        if sampler is None or not _is_name(getattr(sampler, "name", None)) \
+                or not callable(getattr(sampler, "sample", None)):
+            return "register(sampler) needs one object with a 'name' and a 'sample' method"
+        steps = getattr(sampler, "default_steps", None)
+        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+            return f"sampler '{sampler.name}' needs a 'default_steps' of at least 1 (got {steps!r:.40})"
+        return None
+    if len(args) != 2 or not _is_name(args[0]):
+        return (f"register(name, value) for {kind} needs a name (a short printable string) and a value "
+                f"(got {len(args)} argument(s))")
+    if not callable(args[1]):
+        return f"{SINGULAR[kind]} '{args[0]}' was registered with {type(args[1]).__name__}, which cannot be called"
+    return None
 
 
 class Registry:
@@ -139,10 +167,13 @@ class Registry:
         return hasattr(self.pm.hook, attr) and self.pm.parse_hookimpl_opts(module, attr) is not None
 
     def _fail(self, info: PluginInfo, message: str) -> None:
+        message = " ".join(message.split())  # one line, whatever the plugin's message held
         info.errors.append(message)
         text = f"plugin '{info.name}' {message}"
         if self.strict:
-            raise PluginError(text + " (MINIDIFF_STRICT_PLUGINS is set)")
+            error = PluginError(text + " (MINIDIFF_STRICT_PLUGINS is set)")
+            error.reported = True
+            raise error
         self._warn(text)
 
     # -- collection --------------------------------------------------------------
@@ -154,15 +185,19 @@ class Registry:
             try:
                 impl.function(register=self._registrar(kind, info))
             except PluginError as exc:
-                if self.strict:
+                if getattr(exc, "reported", False):  # strict mode: _fail raised it, naming the plugin
                     raise
-                self._fail(info, str(exc))
+                self._fail(info, f"failed in register_{kind}: {_first_line(exc)}")
             except Exception as exc:
                 self._fail(info, f"failed in register_{kind}: {_one_line(exc)}")
 
     def _registrar(self, kind: str, info: PluginInfo) -> Callable[..., None]:
         def register(*args: Any) -> None:
-            name, value = self._name_and_value(kind, args)
+            problem = _registration_problem(kind, args)
+            if problem is not None:  # recorded; the rest of this plugin still loads
+                self._fail(info, f"{problem} (in register_{kind})")
+                return
+            name, value = (args[0].name, args[0]) if kind == "samplers" else (args[0], args[1])
             taken = self.entries[kind].get(name)
             if taken is not None:  # the first one keeps the name; the rest of this plugin still loads
                 self._fail(info, f"{SINGULAR[kind]} name '{name}' clashes: registered by both plugin "
@@ -172,17 +207,6 @@ class Registry:
             info.registered.setdefault(kind, []).append(name)
 
         return register
-
-    @staticmethod
-    def _name_and_value(kind: str, args: tuple) -> tuple[str, Any]:
-        if kind == "samplers":
-            if len(args) != 1 or not isinstance(getattr(args[0], "name", None), str) \
-                    or not callable(getattr(args[0], "sample", None)):
-                raise PluginError("register(sampler) needs one object with a 'name' and a 'sample' method")
-            return args[0].name, args[0]
-        if len(args) != 2 or not isinstance(args[0], str) or not args[0] or args[1] is None:
-            raise PluginError(f"register(name, value) for {kind} needs a non-empty name and a value")
-        return args[0], args[1]
 
     def add_commands(self, cli: Any) -> None:
         """Let plugins add Typer commands (once per registry)."""
@@ -253,12 +277,39 @@ def reset() -> None:
     _registry = None
 
 
+MAX_TIMESTEPS = 100_000  # far beyond any real schedule
+
+
 def get_schedule(name: str, num_timesteps: int = 1000, **opts: Any):
-    """The NoiseSchedule built by schedule ``name`` over ``num_timesteps`` steps."""
-    fn = registry().get("schedules", name)  # an unknown name fails before torch is imported
+    """The NoiseSchedule built by schedule ``name`` over ``num_timesteps`` steps.
+
+    What the plugin's function returns is checked (T finite betas in (0, 0.999]); a
+    function that fails or returns anything else is a PluginError naming the plugin.
+    """
+    reg = registry()
+    fn = reg.get("schedules", name)  # an unknown name fails before torch is imported
+    T = num_timesteps
+    if not isinstance(T, int) or isinstance(T, bool) or T < 2:
+        raise MinidiffError(f"timesteps must be at least 2, a whole number (got {T!r:.40})")
+    if T > MAX_TIMESTEPS:
+        raise MinidiffError(f"{T} timesteps is more than the {MAX_TIMESTEPS} minidiff allows")
     from minidiff_cli.schedule import NoiseSchedule
 
-    return NoiseSchedule.from_betas(fn(num_timesteps, **opts), name=name)
+    who = f"schedule '{name}' (plugin '{reg.owner('schedules', name)}')"
+    try:
+        betas = fn(T, **opts)
+    except MinidiffError:  # the plugin's own words, e.g. an unknown option
+        raise
+    except Exception as exc:
+        raise PluginError(f"{who} failed: {_one_line(exc)}") from exc
+    try:
+        schedule = NoiseSchedule.from_betas(betas)
+    except MinidiffError as exc:
+        raise PluginError(f"{who} returned unusable betas: {exc}") from None
+    if schedule.num_timesteps != T:
+        raise PluginError(f"{who} returned {schedule.num_timesteps} betas for {T} timesteps")
+    schedule.name = name
+    return schedule
 
 
 def get_sampler(name: str):

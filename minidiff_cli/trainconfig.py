@@ -9,6 +9,7 @@ never silently trains the wrong model.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -83,14 +84,21 @@ class TrainConfig:
         return cls(**clean).validate()
 
     def validate(self) -> "TrainConfig":
+        """Raise MinidiffError (one line) unless every value has its type and lies in its range.
+
+        Values may come from a TOML file or a checkpoint, so types are checked too, and
+        floats must be finite: NaN fails every comparison, so ``nan < 0`` alone lets it through.
+        """
+        self._check_types()
         positive = ("image_size", "max_steps", "batch_size", "save_every", "sample_every", "log_every",
                     "base_channels", "num_res_blocks", "head_dim", "timesteps", "class_dim")
         for name in positive:
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            if value < 1:
                 raise MinidiffError(f"--{name.replace('_', '-')} must be a positive whole number (got {value!r})")
         checks = [
             (self.lr > 0, f"--lr must be positive (got {self.lr})"),
+            (self.weight_decay >= 0, f"weight_decay must be 0 or more (got {self.weight_decay})"),
             (self.warmup >= 0, f"--warmup must be 0 or more (got {self.warmup})"),
             (self.lr_decay_steps >= 0, f"--lr-decay-steps must be 0 or more (got {self.lr_decay_steps})"),
             (0 <= self.ema_decay < 1, f"--ema-decay must be in [0, 1) (got {self.ema_decay})"),
@@ -101,11 +109,59 @@ class TrainConfig:
             (self.grad_clip >= 0, "--grad-clip must be 0 (off) or positive"),
             (0 <= self.dropout < 1, "--dropout must be in [0, 1)"),
             (self.image_size <= 512, f"--image-size {self.image_size} is too large for minidiff (at most 512)"),
+            (self.batch_size <= MAX_BATCH,
+             f"--batch-size {self.batch_size} is more than minidiff allows ({MAX_BATCH})"),
+            (self.class_dim <= 65536, f"class_dim {self.class_dim} is more than minidiff allows (65536)"),
+            (0 <= self.seed <= MAX_SEED, f"--seed must be a whole number from 0 to {MAX_SEED} (got {self.seed})"),
+            (0 <= self.threads <= 1024, f"--threads must be from 0 (torch's default) to 1024 (got {self.threads})"),
         ]
         for ok, message in checks:
             if not ok:
                 raise MinidiffError(message)
         return self
+
+    def _check_types(self) -> None:
+        """Each field holds what its annotation says; ints are accepted (and kept) for floats."""
+        for f in dataclasses.fields(self):
+            value, kind, flag = getattr(self, f.name), str(f.type), f"--{f.name.replace('_', '-')}"
+            if kind == "int":
+                ok, what = _is_int(value), "a whole number"
+            elif kind == "float":
+                ok, what = _is_real(value) and math.isfinite(value), "a finite number"
+            elif kind == "bool":
+                ok, what = isinstance(value, bool), "true or false"
+            elif kind == "str":
+                ok, what = isinstance(value, str), "text"
+            elif kind == "Optional[str]":
+                ok, what = value is None or isinstance(value, str), "text"
+            elif kind == "list[int]":
+                ok, what = isinstance(value, list) and all(_is_int(v) and v > 0 for v in value), \
+                    "a list of positive whole numbers"
+            elif kind == "list[str]":
+                ok, what = isinstance(value, list) and all(isinstance(v, str) for v in value), "a list of texts"
+            else:  # a field added without a check here
+                ok, what = True, ""
+            if not ok:
+                shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+                raise MinidiffError(f"{flag} must be {what} (got {shown})")
+
+
+MAX_BATCH = 65536
+MAX_SEED = 2**32 - 1  # the trainer derives per-step seeds from it; they must fit torch's 64-bit seeds
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        float(value)
+    except OverflowError:  # an int beyond float's range
+        return False
+    return True
 
 
 def load_toml(path: str | Path) -> dict[str, Any]:
@@ -123,7 +179,10 @@ def load_toml(path: str | Path) -> dict[str, Any]:
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise MinidiffError(f"config file '{path}' is not valid TOML: {exc}") from None
     # A [train] table is allowed, so the file can hold other sections later.
-    return data.get("train", data)
+    table = data.get("train", data)
+    if not isinstance(table, dict):
+        raise MinidiffError(f"config file '{path}': 'train' must be a table of settings")
+    return table
 
 
 def merge(flags: dict[str, Any], config_file: str | Path | None) -> TrainConfig:

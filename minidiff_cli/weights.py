@@ -69,7 +69,7 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, str], dict[str, dict
         raw = fh.read(header_len)
     try:
         header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (ValueError, RecursionError):  # not UTF-8 or not JSON, nested too deep, a 4300-digit number
         raise ModelFileError(f"'{path}' is corrupt: its safetensors header is not JSON") from None
     if not isinstance(header, dict):
         raise ModelFileError(f"'{path}' is corrupt: its safetensors header is not a JSON object")
@@ -87,12 +87,19 @@ def _check_extents(path: Path, entries: dict[str, Any], data_size: int) -> None:
             dtype, shape, (start, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
             count = 1
             for dim in shape:
-                count *= int(dim)
-            ok = 0 <= start <= end <= data_size and (end - start) == count * DTYPE_BYTES[dtype]
+                if not _is_count(dim):
+                    raise ValueError(dim)
+                count *= dim
+            ok = (_is_count(start) and _is_count(end) and start <= end <= data_size
+                  and (end - start) == count * DTYPE_BYTES[dtype])
         except (KeyError, TypeError, ValueError):
             ok = False
         if not ok:
             raise ModelFileError(f"'{path}' is truncated or corrupt: tensor '{name}' does not fit the file")
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def read_config(path: str | os.PathLike) -> dict[str, Any]:
@@ -110,14 +117,16 @@ def read_model_header(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str
                              "(no 'format: minidiff' in its metadata)")
     try:
         version = int(metadata.get("format_version", ""))
-    except (TypeError, ValueError):
+    except (TypeError, ValueError):  # ValueError: not a number, or one of 4300+ digits
         raise ModelFileError(f"'{path}' has an unreadable format version") from None
+    if version < 1:
+        raise ModelFileError(f"'{path}' has an unreadable format version ({version})")
     if version > FORMAT_VERSION:
         raise ModelFileError(f"'{path}' has format version {version}, newer than this minidiff "
                              f"understands ({FORMAT_VERSION}); upgrade minidiff")
     try:
         config = json.loads(metadata["config"])
-    except (KeyError, TypeError, json.JSONDecodeError):
+    except (KeyError, TypeError, ValueError, RecursionError):
         raise ModelFileError(f"'{path}' is corrupt: its config is missing or not JSON") from None
     if not isinstance(config, dict):
         raise ModelFileError(f"'{path}' is corrupt: its config is not a JSON object")

@@ -56,8 +56,9 @@ def _global_options(
         if not plugins_dir.is_dir():
             raise MinidiffError(f"plugins folder '{plugins_dir}' does not exist; "
                                 "pass an existing folder to --plugins-dir")
-        os.environ["MINIDIFF_PLUGINS_DIR"] = str(plugins_dir)
-        plugins.reset()
+        if os.environ.get("MINIDIFF_PLUGINS_DIR") != str(plugins_dir):  # from the flag, not the variable
+            os.environ["MINIDIFF_PLUGINS_DIR"] = str(plugins_dir)
+            plugins.reset()  # else the registry would load (and warn about) the same plugins twice
 
 
 # Each module adds its commands to ``app`` when imported.
@@ -76,42 +77,69 @@ def _add_plugin_commands() -> None:
     """Plugins may add commands; a broken one is reported, never fatal."""
     from minidiff_cli import plugins
 
-    try:
-        plugins.registry().add_commands(app)
-    except MinidiffError as exc:
-        print(f"Error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    plugins.registry().add_commands(app)  # a MinidiffError (strict mode) is one line in main()
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Run the CLI: success, or one line on stderr and exit code 2 (130 for Ctrl-C).
+
+    ``--debug`` lets errors through with their tracebacks. Anything else that escapes
+    is a bug in minidiff or a plugin, and shows its traceback.
+    """
     args = sys.argv[1:] if argv is None else list(argv)
     debug = "--debug" in args
-    _register_commands()
-    # Plugin commands need the registry; skip it for bare help and --version so they stay instant.
-    if args and args[0] not in ("--help", "-h", "--version"):
-        _add_plugin_commands()
     try:
-        app(args=args, prog_name="minidiff", standalone_mode=False)
+        _register_commands()
+        # Plugin commands need the registry; skip it for bare help and --version so they stay instant.
+        if args and args[0] not in ("--help", "-h", "--version"):
+            _add_plugin_commands()
+        result = app(args=args, prog_name="minidiff", standalone_mode=False)
+        # Typer (not in standalone mode) returns the code of a typer.Exit, and turns Ctrl-C into Exit(130).
+        code = result if isinstance(result, int) and not isinstance(result, bool) else 0
+        if code == 130:
+            _error("Interrupted; nothing half-written was left behind.", code=130, prefix="")
+        if code:
+            sys.exit(code)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
-    except typer.Abort:
-        print("Aborted.", file=sys.stderr)
-        sys.exit(130)
+    except (typer.Abort, KeyboardInterrupt):  # Click turns Ctrl-C into Abort
+        if debug:
+            raise
+        _error("Interrupted; nothing half-written was left behind.", code=130, prefix="")
     except click_errors.UsageError as exc:
         # One line, like every other error; --help shows the usage.
         where = f"minidiff {exc.ctx.command_path.split(' ', 1)[1]}" if exc.ctx and " " in exc.ctx.command_path else "minidiff"
-        print(f"Error: {exc.format_message()} (see: {where} --help)", file=sys.stderr)
-        sys.exit(exc.exit_code)
+        _error(f"{exc.format_message()} (see: {where} --help)", code=exc.exit_code)
     except click_errors.ClickException as exc:
-        print(f"Error: {exc.format_message()}", file=sys.stderr)
-        sys.exit(exc.exit_code)
+        _error(exc.format_message(), code=exc.exit_code)
     except MinidiffError as exc:
         if debug:
             raise
-        print(f"Error: {exc}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
+        _error(str(exc))
+    except BrokenPipeError:  # stdout closed early, as by `| head`: not an error worth a message
+        _quiet_stdout()
+        sys.exit(1)
+    except OSError as exc:  # disk full, permission denied, ...: the user's to fix, not a bug
         if debug:
             raise
-        print("Interrupted.", file=sys.stderr)
-        sys.exit(130)
+        where = f" ('{exc.filename}')" if exc.filename else ""
+        _error(f"{exc.strerror or exc}{where}")
+    except MemoryError:
+        if debug:
+            raise
+        _error("out of memory; use fewer or smaller images (e.g. --num-images, --batch-size)")
+
+
+def _error(message: str, code: int = 2, prefix: str = "Error: ") -> None:
+    """Print ``Error: message`` as exactly one line on stderr and exit."""
+    line = " ".join(str(message).split()) or "unknown error"
+    print(f"{prefix}{line}", file=sys.stderr)
+    sys.exit(code)
+
+
+def _quiet_stdout() -> None:
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):
+        pass

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+import os
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -113,6 +115,10 @@ def _resolve(given: dict[str, Any], from_image: Path | None) -> dict[str, Any]:
     if params["prompt"] is None:
         raise MinidiffError("no prompt given; pass one, e.g. minidiff generate \"a red circle\", or use --from IMAGE.png")
     if given.get("model") is None and stored.get("model"):
+        if not _is_model_name(stored["model"]):
+            # minidiff stores a model's name, never a path: a stranger's PNG must not choose files to open
+            raise MinidiffError(f"'{from_image}' names its model {_shown(stored['model'])}, which is not a model "
+                                "name; pass --model NAME or --model FILE.safetensors")
         params["model"] = stored["model"]
     return params
 
@@ -120,40 +126,80 @@ def _resolve(given: dict[str, Any], from_image: Path | None) -> dict[str, Any]:
 # What each stored parameter must be; a PNG from a stranger may hold anything.
 TYPES = {"prompt": (str,), "negative_prompt": (str,), "model": (str,), "sampler": (str,), "steps": (int,),
          "seed": (int,), "cfg": (int, float), "eta": (int, float, type(None)), "sampler_options": (dict, type(None))}
+OPTIONAL = ("negative_prompt", "model", "eta", "sampler_options")  # null means: not stored
 
 
 def _checked_types(stored: dict[str, Any], path: Path) -> dict[str, Any]:
+    stored = {k: v for k, v in stored.items() if not (k in OPTIONAL and v is None)}
     for key, types in TYPES.items():
         value = stored.get(key)
         if key in stored and (not isinstance(value, types) or isinstance(value, bool)):
-            raise MinidiffError(f"'{path}' has an invalid '{key}' parameter: {value!r:.40}")
+            raise MinidiffError(f"'{path}' has an invalid '{key}' parameter: {_shown(value)}")
     return stored
 
 
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _is_model_name(name: str) -> bool:
+    return (0 < len(name) <= 200 and name.isprintable() and not name.startswith((".", "~"))
+            and "/" not in name and "\\" not in name and os.sep not in name
+            and not name.lower().endswith(".safetensors"))
+
+
 def _check_numbers(params: dict[str, Any], num_images: int, batch_size: int | None) -> None:
-    if int(params["steps"]) < 1:
-        raise MinidiffError(f"--steps must be at least 1 (got {params['steps']})")
-    if float(params["cfg"]) < 0:
-        raise MinidiffError(f"--cfg must be 0 or more (got {params['cfg']})")
+    """The values given (flags, or a --from PNG) in range, before the model is loaded."""
+    from minidiff_cli.pipeline import MAX_CFG, MAX_IMAGES, MAX_SEED, check_text
+
+    steps, cfg, eta, seed = params["steps"], params["cfg"], params["eta"], params["seed"]
+    if steps < 1:
+        raise MinidiffError(f"--steps must be at least 1 (got {steps})")
+    if not cfg >= 0:  # NaN too: it fails every comparison
+        raise MinidiffError(f"--cfg must be 0 or more (got {cfg})")
+    if cfg > MAX_CFG:
+        raise MinidiffError(f"--cfg must be at most {MAX_CFG:g} (got {cfg})")
     if num_images < 1:
         raise MinidiffError(f"--num-images must be at least 1 (got {num_images})")
+    if num_images > MAX_IMAGES:
+        raise MinidiffError(f"--num-images must be at most {MAX_IMAGES} (got {num_images}); run several times")
     if batch_size is not None and batch_size < 1:
         raise MinidiffError(f"--batch-size must be at least 1 (got {batch_size})")
-    if params["eta"] is not None and not 0 <= float(params["eta"]) <= 1:
-        raise MinidiffError(f"--eta must be between 0 and 1 (got {params['eta']})")
-    if len(params["prompt"]) > 10_000:
-        raise MinidiffError("the prompt is longer than 10,000 characters; shorten it")
+    if eta is not None and not 0 <= eta <= 1:  # NaN fails both comparisons, so it is refused here
+        raise MinidiffError(f"--eta must be between 0 and 1 (got {eta})")
+    if not 0 <= seed <= MAX_SEED - num_images + 1:
+        raise MinidiffError(f"--seed must be a whole number from 0 to {MAX_SEED - num_images + 1} (got {seed})")
+    check_text("prompt", params["prompt"])
+    check_text("negative prompt", params["negative_prompt"] or "")
 
 
 def _output_paths(output: Path, num_images: int) -> list[Path]:
     """Where each image goes; checked before any work so that nothing is half-done."""
+    try:
+        return _free_paths(output, num_images)
+    except (OSError, ValueError) as exc:  # e.g. a name longer than the filesystem allows
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise MinidiffError(f"-o '{output}' cannot be used: {reason}") from None
+
+
+def _taken(path: Path) -> bool:
+    """Whether ``path`` exists (a dangling link too); an unusable name raises OSError."""
+    try:
+        os.lstat(path)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def _free_paths(output: Path, num_images: int) -> list[Path]:
     from minidiff_cli.fileio import ensure_writable_dir, next_free_path
 
     if output.suffix.lower() == ".png":
         ensure_writable_dir(output.parent if str(output.parent) else Path("."))
         paths = [output] if num_images == 1 else [output.with_name(f"{output.stem}-{k}.png") for k in range(num_images)]
         for path in paths:
-            if path.exists():
+            if _taken(path):
                 raise MinidiffError(f"'{path}' already exists; minidiff never overwrites images, choose another -o")
         return paths
     if output.suffix:
@@ -196,9 +242,7 @@ def _run(pipe, gen, num_images: int, batch_size: int | None, quiet: bool, record
             if recorder is not None:
                 recorder(info)
 
-        images = pipe.generate(gen.prompt, gen.steps, gen.cfg, gen.sampler, gen.seed, num_images,
-                               negative=gen.negative_prompt, eta=gen.eta, batch_size=batch_size,
-                               callback=callback, **gen.sampler_options)
+        images = pipe.images(gen, num_images, batch_size=batch_size, callback=callback)
     return images
 
 
@@ -210,10 +254,33 @@ def _sampler_options(pairs: list[str]) -> dict[str, Any]:
         if not sep or not key.strip():
             raise MinidiffError(f"--sampler-option takes KEY=VALUE (got '{pair}')")
         try:
-            options[key.strip()] = json.loads(value)
+            options[key.strip()] = json.loads(value, parse_constant=_not_finite)
         except json.JSONDecodeError:
             options[key.strip()] = value
+        except (ValueError, RecursionError):  # NaN, Infinity, too deep, too many digits
+            raise MinidiffError(f"--sampler-option {key.strip()}: the value is not a usable number or "
+                                "JSON value") from None
+        if not _all_finite(options[key.strip()]):
+            raise MinidiffError(f"--sampler-option {key.strip()}: numbers must be finite")
     return options
+
+
+def _not_finite(name: str):
+    raise ValueError(name)
+
+
+def _all_finite(value: Any) -> bool:
+    """No infinite float anywhere in a JSON value (1e999 reads as infinity)."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, float) and not math.isfinite(item):
+            return False
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return True
 
 
 def _trajectory_paths(target: Path) -> tuple[Path, Path]:
@@ -222,7 +289,7 @@ def _trajectory_paths(target: Path) -> tuple[Path, Path]:
 
 def _check_free(paths: list[Path]) -> None:
     for path in paths:
-        if path.exists():
+        if _taken(path):
             raise MinidiffError(f"'{path}' already exists; minidiff never overwrites files, choose another -o")
 
 

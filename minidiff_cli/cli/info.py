@@ -10,6 +10,8 @@ import typer
 
 from minidiff_cli.cli.app import app
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff")
+
 
 @app.command("info")
 def info_command(
@@ -27,8 +29,8 @@ def info_command(
 
       minidiff info outputs/minidiff-00000.png
     """
-    if target is not None and Path(target).suffix.lower() == ".png":
-        _image_info(Path(target), as_json)
+    if target is not None and Path(target).suffix.lower() in IMAGE_SUFFIXES:
+        _image_info(Path(target), as_json)  # other formats get a one-line "parameters live in PNGs"
     else:
         _model_info(target, as_json)
 

@@ -101,7 +101,14 @@ def _resumed_config(cfg, given: set[str]):
     path = Path(cfg.out) / CHECKPOINT
     if not path.is_file():
         raise MinidiffError(f"nothing to resume: '{path}' does not exist")
-    stored = TrainConfig.from_dict(read_checkpoint_meta(path)["train"], where=str(path))
+    from minidiff_cli.errors import ModelFileError
+
+    try:
+        stored = TrainConfig.from_dict(read_checkpoint_meta(path)["train"], where=str(path))
+    except ModelFileError:
+        raise
+    except MinidiffError as exc:  # a checkpoint whose recipe is damaged or from another version
+        raise ModelFileError(f"'{path}' holds a training config this minidiff cannot use: {exc}") from None
     return check_resume_flags(stored, {k: v for k, v in cfg.to_dict().items() if k in given})
 
 
