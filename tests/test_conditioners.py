@@ -231,6 +231,70 @@ def test_clip_matches_open_clips_own_text_transformer(tiny_clip):
     assert torch.allclose(cond.pooled, pooled, atol=1e-6) and torch.allclose(cond.context, tokens, atol=1e-6)
 
 
+# Text towers that minidiff lays out itself (TextTower), each checked against open_clip's builder.
+TOWER_VARIANTS = {
+    "default": {},
+    "quick gelu": {"quick_gelu": True},
+    "layer scale and wider mlp": {"ls_init_value": 0.5, "mlp_ratio": 2.0},
+    "projection with bias": {"proj_bias": True},
+    "no projection": {"proj_type": "none"},
+    "bidirectional, eos pooling": {"no_causal_mask": True, "pool_type": "eos", "eos_id": 49407},
+    "first-token pooling, norm eps, tanh gelu": {"pool_type": "first", "norm_kwargs": {"eps": 1e-6},
+                                                 "act_kwargs": {"approximate": "tanh"}},
+}
+
+
+@pytest.mark.parametrize("variant", list(TOWER_VARIANTS))
+def test_clip_text_tower_is_open_clips_name_for_name_and_number_for_number(variant):
+    from open_clip.model import _build_text_tower
+
+    from minidiff_cli.clip_text import TextTower
+
+    options = dict(TOWER_VARIANTS[variant])
+    quick_gelu = options.pop("quick_gelu", False)
+    text_cfg = {**TINY_TEXT["text_cfg"], **options}
+    clip = seeded(plugins.get_conditioner("clip").from_config(
+        {"embed_dim": TINY_TEXT["embed_dim"], "text_cfg": text_cfg, "quick_gelu": quick_gelu}))
+    assert isinstance(clip.transformer.resblocks[0], torch.nn.Module)
+    reference = _build_text_tower(TINY_TEXT["embed_dim"], {**text_cfg, "output_tokens": True}, quick_gelu=quick_gelu)
+    ours = TextTower(TINY_TEXT["embed_dim"], quick_gelu=quick_gelu, **text_cfg)
+    theirs = {k: (tuple(v.shape), v.dtype) for k, v in reference.state_dict().items()}
+    assert {k: (tuple(v.shape), v.dtype) for k, v in ours.state_dict().items()} == theirs
+    assert [type(m).__name__ for m in ours.modules()][1:] == [type(m).__name__ for m in reference.modules()][1:]
+    reference.load_state_dict(clip.state_dict(), strict=True)
+    reference.eval().requires_grad_(False)
+    prompts = ["a red circle", "", "a small green triangle on a navy background"]
+    with torch.no_grad():
+        pooled, tokens = reference(clip.tokenize(prompts))
+    cond = clip.encode(prompts)
+    assert torch.equal(cond.pooled, pooled) and torch.equal(cond.context, tokens)
+
+
+def test_a_custom_attention_block_is_built_by_open_clip_itself():
+    clip = plugins.get_conditioner("clip").from_config(
+        {"embed_dim": 8, "text_cfg": {**TINY_TEXT["text_cfg"], "qk_norm": True}})
+    assert type(clip.transformer.resblocks[0]).__module__ == "open_clip.transformer"
+
+
+def test_clip_tokenizer_is_open_clips_own():
+    import open_clip
+
+    from minidiff_cli.clip_text import tokenizer_for
+
+    prompts = ["a red circle", "", "A Purple TRIANGLE, on blue!", "naïve café " * 20]
+    ours = tokenizer_for({"context_length": 77})(prompts)
+    assert torch.equal(ours, open_clip.tokenize(prompts))
+
+
+def test_encoding_a_prompt_imports_neither_open_clips_package_nor_torchvision():
+    code = ("import sys; from minidiff_cli import plugins; "
+            f"c = plugins.get_conditioner('clip').from_config({TINY_TEXT!r}); c.encode(['a red circle']); "
+            "print(' '.join(str(m in sys.modules) for m in ('open_clip', 'torchvision', 'timm')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["False", "False", "False"]
+
+
 def test_clip_round_trips_through_config_and_a_half_precision_state_dict(tiny_clip):
     config = json.loads(json.dumps(tiny_clip.config()))
     again = plugins.get_conditioner("clip").from_config(config)

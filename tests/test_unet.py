@@ -165,13 +165,33 @@ def test_channels_last_gives_the_same_output_as_contiguous():
     model = perturbed(UNet(cfg)).eval()
     x, t, context, _ = inputs(cfg)
     with torch.no_grad():
+        model.memory_format = torch.contiguous_format  # NCHW all the way: the reference
         ref = model(x, t, context)
+        model.memory_format = None  # the default: channels-last inside on a CPU
+        default = model(x, t, context)
+        assert default.is_contiguous()  # handed back in the caller's layout
+        torch.testing.assert_close(default, ref, atol=1e-5, rtol=1e-4)
         cl = model.to(memory_format=torch.channels_last)
         out = cl(x.contiguous(memory_format=torch.channels_last), t, context)
         out_from_plain_input = cl(x, t, context)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(out_from_plain_input, ref, atol=1e-5, rtol=1e-4)
     assert out_from_plain_input.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_gradients_match_between_channels_last_and_contiguous():
+    cfg = tiny(context_dim=12, pooled_dim=7)
+    x, t, context, pooled = inputs(cfg)
+    reference = perturbed(UNet(cfg)).state_dict()
+    grads = []
+    for layout in (torch.contiguous_format, None):
+        model = UNet(cfg)
+        model.load_state_dict(reference)
+        model.memory_format = layout
+        model(x, t, context, pooled).square().mean().backward()
+        grads.append([p.grad for p in model.parameters()])
+    for ref, got in zip(*grads):
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-4)
 
 
 def test_wrong_conditioning_is_a_clear_error():
