@@ -189,3 +189,21 @@ def test_help_does_not_import_torch():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines()[-1] == "False"
+
+
+def test_plugins_dir_flag_plugins_can_add_commands(tmp_path):
+    folder = tmp_path / "plugs"
+    write(folder, "cmd.py", '''
+        from minidiff_cli import hookimpl
+
+        @hookimpl
+        def register_commands(cli):
+            @cli.command("folder-hello")
+            def hello():
+                print("hello from the plugins folder")
+    ''')
+    for args in (("--plugins-dir", f"{folder}/"), (f"--plugins-dir={folder}",)):
+        result = run_cli(*args, "folder-hello")
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.strip() == "hello from the plugins folder"
+        assert result.stderr == ""

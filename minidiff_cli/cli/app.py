@@ -80,6 +80,23 @@ def _add_plugin_commands() -> None:
     plugins.registry().add_commands(app)  # a MinidiffError (strict mode) is one line in main()
 
 
+def _early_plugins_dir(args: list[str]) -> None:
+    """Honour --plugins-dir before the commands are built, so its plugins can add commands.
+
+    The global options come before the command name; the option callback still checks
+    the folder and reports a missing one.
+    """
+    for i, arg in enumerate(args):
+        if not arg.startswith("-"):
+            return  # the command name: global options end here
+        value = arg.split("=", 1)[1] if arg.startswith("--plugins-dir=") else (
+            args[i + 1] if arg == "--plugins-dir" and i + 1 < len(args) else None)
+        if value is not None:
+            if Path(value).is_dir():
+                os.environ["MINIDIFF_PLUGINS_DIR"] = str(Path(value))
+            return
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI: success, or one line on stderr and exit code 2 (130 for Ctrl-C).
 
@@ -92,6 +109,7 @@ def main(argv: list[str] | None = None) -> None:
         _register_commands()
         # Plugin commands need the registry; skip it for bare help and --version so they stay instant.
         if args and args[0] not in ("--help", "-h", "--version"):
+            _early_plugins_dir(args)
             _add_plugin_commands()
         result = app(args=args, prog_name="minidiff", standalone_mode=False)
         # Typer (not in standalone mode) returns the code of a typer.Exit, and turns Ctrl-C into Exit(130).
