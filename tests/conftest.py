@@ -38,6 +38,23 @@ def run_cli(*args: str, env: dict | None = None, cwd: str | os.PathLike | None =
                           cwd=cwd, timeout=timeout)
 
 
+def run_in_process(*args) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of ``minidiff ARGS`` run in this process: no torch import per call."""
+    import contextlib
+    import io
+
+    from minidiff_cli.cli.app import main
+
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            main([str(a) for a in args])
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
+    return code, out.getvalue(), err.getvalue()
+
+
 def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
     """Exit code 2, no traceback, one line on stderr that contains every fragment."""
     assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)

@@ -9,8 +9,6 @@ line on stderr; an exception escaping ``main`` (a traceback for the user) fails 
 
 from __future__ import annotations
 
-import contextlib
-import io
 import itertools
 import os
 from pathlib import Path
@@ -19,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from minidiff_cli.cli.app import main
+from conftest import run_in_process
 from minidiff_cli.imagemeta import read_parameters
 from tinymodels import CLASS_NAMES, TIMESTEPS, TINY_TOML, tiny_model_file
 
@@ -28,14 +26,7 @@ SETTINGS = settings(max_examples=35, deadline=None, database=None,
 
 
 def run(args: list) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    code = 0
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            main([str(a) for a in args])
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
-    return code, out.getvalue(), err.getvalue()
+    return run_in_process(*args)
 
 
 def one_line_error(result: tuple[int, str, str]) -> str:

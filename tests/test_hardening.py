@@ -8,7 +8,6 @@ test_training.py (resuming after SIGKILL / SIGTERM).
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import os
@@ -32,7 +31,7 @@ from PIL import Image, ImageFile, PngImagePlugin
 from PIL.PngImagePlugin import PngInfo
 from safetensors.torch import save_file
 
-from conftest import cli_command
+from conftest import cli_command, run_in_process
 from minidiff_cli import fileio, plugins
 from minidiff_cli.checkpoint import CHECKPOINT_FORMAT, load_checkpoint, read_checkpoint_meta, restore
 from minidiff_cli.cli.app import main
@@ -49,14 +48,7 @@ from tinymodels import TINY_TOML, TINY_TRAIN, tiny_model, tiny_model_file
 # -- helpers --------------------------------------------------------------------------------------
 def cli(*args: str) -> tuple[int, str, str]:
     """(exit code, stdout, stderr) of ``minidiff ARGS`` run in this process; anything else escaping is a bug."""
-    out, err = io.StringIO(), io.StringIO()
-    code = 0
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            main([str(a) for a in args])
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
-    return code, out.getvalue(), err.getvalue()
+    return run_in_process(*args)
 
 
 def assert_error(result: tuple[int, str, str], *fragments: str, code: int = 2) -> str:
