@@ -1,9 +1,10 @@
-"""minidiff's U-Net against diffusers' UNet2DConditionModel at equal FLOPs, on the CPU.
+"""minidiff's U-Net against diffusers' UNet2DConditionModel at equal FLOPs, on the CPU or a GPU.
 
     python benchmarks/bench_vs_diffusers.py                # the full run (a few minutes on 2 cores)
     python benchmarks/bench_vs_diffusers.py --quick        # a smoke test: small batches, few steps
     python benchmarks/bench_vs_diffusers.py --json         # one JSON object on stdout
     python benchmarks/bench_vs_diffusers.py --threads 1    # torch threads, here and in the CLI runs
+    python benchmarks/bench_vs_diffusers.py --device cuda --autocast bf16 [--compile]   # on a GPU
 
 What is compared, in one process and one run (see benchmarks/README.md):
 
@@ -17,7 +18,10 @@ The diffusers U-Net is the one, among a few widths, whose FLOPs per forward pass
 torch.utils.flop_counter) are closest to minidiff's; both counts are printed and must agree
 within 10%. Timings alternate the two models (ABBA order), after a warm-up, and report the
 median with the spread (min..max). Achieved GFLOP/s is set against a 2048x2048 float32 matmul
-measured in the same run. Then, in fresh processes: ``minidiff --help`` and a cold
+measured in the same run (on a GPU: 8192x8192, float32 and, with --autocast, bfloat16).
+``--autocast bf16`` runs both models under torch.autocast and ``--compile [MODE]`` runs both
+through torch.compile; these work on the CPU as well, so the GPU code paths run everywhere.
+Then, in fresh processes: ``minidiff --help`` and a cold
 ``minidiff generate`` (median of 5 runs, and the peak RSS of the generate).
 
 diffusers is a benchmark-only dependency: ``pip install -e .[bench]``.
@@ -26,6 +30,7 @@ diffusers is a benchmark-only dependency: ``pip install -e .[bench]``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -66,16 +71,16 @@ DIFFUSERS_WIDTHS = [(32, 64, 64), (32, 64, 56), (32, 56, 64), (32, 64, 48), (24,
 
 
 # -- the two models ------------------------------------------------------------------------
-def minidiff_model(path: Path | None):
+def minidiff_model(path: Path | None, device: torch.device):
     """The shipped model (or ``path``) if it exists, else the same config with random weights."""
     from minidiff_cli.model import DiffusionModel
 
     if path is not None and path.is_file():
-        return DiffusionModel.load(path), str(path)
+        return DiffusionModel.load(path, device=device), str(path)
     model = DiffusionModel.build(SHIPPED_CONFIG)
     randomize(model.unet)
     randomize(model.conditioner)
-    return model.eval(), "random weights in the shipped config"
+    return model.to(device).eval(), "random weights in the shipped config"
 
 
 def randomize(module: torch.nn.Module, seed: int = 0) -> None:
@@ -114,7 +119,7 @@ def pick_diffusers(target: int, x, t, ctx, pooled):
     """The diffusers U-Net whose forward FLOPs are closest to ``target``; and every candidate's."""
     tried = []
     for widths in DIFFUSERS_WIDTHS:
-        net = diffusers_unet(widths)
+        net = diffusers_unet(widths).to(x.device)
         with torch.no_grad():
             flops = count_flops(lambda: net(x, t, encoder_hidden_states=ctx, class_labels=pooled))
         tried.append((abs(flops - target), widths, flops, net))
@@ -142,7 +147,7 @@ def diffusers_sampler(unet, ctx, pooled, images: int, steps: int):
     def run():
         with torch.inference_mode():
             g = torch.Generator().manual_seed(0)
-            x = torch.randn(images, 3, 32, 32, generator=g)
+            x = torch.randn(images, 3, 32, 32, generator=g).to(ctx.device)
             scheduler.set_timesteps(steps)
             for t in scheduler.timesteps:
                 eps = unet(torch.cat([x, x]), t, encoder_hidden_states=ctx, class_labels=pooled).sample
@@ -160,7 +165,8 @@ def train_step(forward, params, schedule, batch: int, ctx, pooled, seed: int = 0
     noise = torch.randn(x0.shape, generator=g)
     t = torch.randint(0, 1000, (batch,), generator=g)
     abar = schedule.alphas_cumprod[t].float().view(-1, 1, 1, 1)
-    x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * noise
+    x_t, noise, t = ((abar.sqrt() * x0 + (1 - abar).sqrt() * noise).to(ctx.device), noise.to(ctx.device),
+                     t.to(ctx.device))
     optimizer = torch.optim.AdamW(params, lr=1e-4)
 
     def step():
@@ -173,30 +179,77 @@ def train_step(forward, params, schedule, batch: int, ctx, pooled, seed: int = 0
     return step
 
 
-def timed(fns: dict, reps: int, warmup: int = 1) -> dict[str, list[float]]:
+def sync(device: torch.device) -> None:
+    """Wait for the device: GPU work is asynchronous, so a host clock read without this times nothing."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def trainers(unet, dunet, schedule, batch: int, ctx, pooled) -> dict:
+    """A training step for each U-Net (put in training mode), fed the same batch."""
+    unet.train().requires_grad_(True)
+    dunet.train().requires_grad_(True)
+
+    def diffusers_forward(x_, t_, c_, p_):
+        return dunet(x_, t_, encoder_hidden_states=c_, class_labels=p_).sample
+
+    return {"minidiff": train_step(lambda x_, t_, c_, p_: unet(x_, t_, context=c_, pooled=p_),
+                                   list(unet.parameters()), schedule, batch, ctx, pooled),
+            "diffusers": train_step(diffusers_forward, list(dunet.parameters()), schedule, batch, ctx, pooled)}
+
+
+def timed(fns: dict, reps: int, device: torch.device, warmup: int = 1) -> dict[str, list[float]]:
     """Seconds per call of each function; calls alternate in ABBA order so that drift cancels."""
     names = list(fns)
     for _ in range(warmup):
         for name in names:
             fns[name]()
+    sync(device)
     times = {name: [] for name in names}
     for rep in range(reps):
         for name in (names if rep % 2 == 0 else names[::-1]):
             start = time.perf_counter()
             fns[name]()
+            sync(device)
             times[name].append(time.perf_counter() - start)
     return times
 
 
-def matmul_gflops(reps: int, n: int = 2048) -> tuple[float, list[float]]:
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
+def matmul_gflops(reps: int, device: torch.device, dtype: torch.dtype = torch.float32) -> float:
+    """The machine's practical matmul rate: 2048x2048 on a CPU, 8192x8192 on a GPU (large enough to fill it)."""
+    n = 8192 if device.type == "cuda" else 2048
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    for _ in range(2):  # warm-up: thread pool and caches
+        a @ b
     times = []
-    for _ in range(max(reps, 3)):
+    for _ in range(max(reps, 7)):
+        sync(device)
         start = time.perf_counter()
         a @ b
+        sync(device)
         times.append(time.perf_counter() - start)
-    return 2 * n ** 3 / statistics.median(times) / 1e9, times
+    return 2 * n ** 3 / statistics.median(times) / 1e9
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: this machine has no usable CUDA GPU; use --device cpu")
+    return device
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
+
+
+def under(context, fn):
+    """``fn`` run inside a fresh ``context()`` each call (autocast, or nothing)."""
+    def run():
+        with context():
+            return fn()
+    return run
 
 
 # -- the command line, in fresh processes ----------------------------------------------------
@@ -228,7 +281,7 @@ def run_process(cmd: list[str], env: dict) -> tuple[float, float]:
     return result["wall"], result["maxrss_kib"] / 1024  # ru_maxrss is in KiB on Linux
 
 
-def cli_timings(model_file: Path | None, runs: int, threads: int | None) -> dict:
+def cli_timings(model_file: Path | None, runs: int, threads: int | None, device: torch.device) -> dict:
     env = dict(os.environ)
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)  # torch takes its intra-op thread count from it
@@ -240,7 +293,8 @@ def cli_timings(model_file: Path | None, runs: int, threads: int | None) -> dict
     walls, rss = [], []
     for _ in range(runs):
         with tempfile.TemporaryDirectory() as tmp:
-            wall, peak = run_process(cmd + ["generate", PROMPT, "--model", str(model_file), "-q", "-o", tmp], env)
+            wall, peak = run_process(cmd + ["generate", PROMPT, "--model", str(model_file), "--device",
+                                            device.type, "-q", "-o", tmp], env)
         walls.append(wall)
         rss.append(peak)
     out.update(generate_s=walls, generate_maxrss_mib=rss, generate_model=str(model_file))
@@ -273,6 +327,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--no-cli", action="store_true", help="skip the --help and generate process timings")
     parser.add_argument("--nchw", action="store_true", help="run minidiff's U-Net in NCHW, as before it went "
                         "channels-last on the CPU (to measure that change)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto [cpu]")
+    parser.add_argument("--autocast", choices=["bf16"], default=None,
+                        help="run both models under torch.autocast in bfloat16 (sampling and training)")
+    parser.add_argument("--compile", nargs="?", const="default", default=None, metavar="MODE",
+                        help="torch.compile both U-Nets (MODE: default, reduce-overhead, max-autotune)")
+    parser.add_argument("--system-malloc", action="store_true", help="leave glibc's malloc as it is (the minidiff "
+                        "command keeps freed memory for reuse, and by default so does this process, for both models)")
     args = parser.parse_args(argv)
 
     images, steps, batch, cli_runs = (4, 10, 16, 2) if args.quick else (16, 50, 64, 5)
@@ -281,62 +342,76 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
     log = (lambda *a: print(*a, file=sys.stderr, flush=True)) if args.json else print
     load_start = os.getloadavg()
+    device = pick_device(args.device)
+    from minidiff_cli.allocator import keep_freed_memory
+
+    kept = False if args.system_malloc else keep_freed_memory()  # process-wide: both models get it
+    autocast = ((lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if args.autocast
+                else contextlib.nullcontext)
 
     import diffusers
 
-    peak, _ = matmul_gflops(reps)
-    model, weights = minidiff_model(args.model)
+    peak = matmul_gflops(reps, device)
+    peak_bf16 = matmul_gflops(reps, device, torch.bfloat16) if args.autocast else None
+    model, weights = minidiff_model(args.model, device)
     if args.nchw:
         model.unet.memory_format = torch.contiguous_format
-    cond = model.conditioner.encode([PROMPT] * images)
-    uncond = model.conditioner.null(images)
+    with torch.no_grad():
+        cond = model.conditioner.encode([PROMPT] * images).to(device)
+        uncond = model.conditioner.null(images).to(device)
     ctx = torch.cat([cond.context, uncond.context])  # [2N, 16, 64]: cond rows, then uncond rows
     pooled = torch.cat([cond.pooled, uncond.pooled])  # [2N, 64]
-    x, t = torch.randn(2 * images, 3, 32, 32), torch.full((2 * images,), 500)
+    x, t = torch.randn(2 * images, 3, 32, 32, device=device), torch.full((2 * images,), 500, device=device)
 
     with torch.no_grad():
         flops_m = count_flops(lambda: model.unet(x[:1], t[:1], context=ctx[:1], pooled=pooled[:1]))
     dunet, widths, flops_d, tried = pick_diffusers(flops_m, x[:1], t[:1], ctx[:1], pooled[:1])
-    log(f"machine: {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__} with "
+    dunet.to(device)
+    log(f"machine: {device_name(device)}; {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__} with "
         f"{torch.get_num_threads()} thread(s), diffusers {diffusers.__version__}; load average {load_start[0]:.2f}")
-    log(f"float32 matmul 2048x2048: {peak:.1f} GFLOP/s")
+    log(f"options: device {device}, autocast {args.autocast or 'off'}, compile {args.compile or 'off'}, "
+        f"freed memory {'kept for reuse' if kept else 'returned to the OS (system malloc)'}")
+    log(f"float32 matmul: {peak:.1f} GFLOP/s" + (f"; bfloat16 matmul: {peak_bf16:.1f} GFLOP/s" if peak_bf16 else ""))
     log(f"FLOPs per forward (1 image): minidiff {flops_m / 1e6:.1f} M ({weights}); "
         f"diffusers {flops_d / 1e6:.1f} M with block_out_channels {widths} "
         f"({flops_d / flops_m - 1:+.1%}; tried " + ", ".join(f"{w}: {f / 1e6:.0f} M" for w, f in tried) + ")")
     if abs(flops_d / flops_m - 1) > FLOP_TOLERANCE:
         raise SystemExit(f"no diffusers width within {FLOP_TOLERANCE:.0%} of minidiff's FLOPs; add one")
 
+    # The training steps' FLOPs are counted on the eager modules, before any compile.
+    batch_ctx = [v[:1].expand(batch, *v.shape[1:]).contiguous() for v in (ctx, pooled)]
+    train_flops = {name: count_flops(fn) for name, fn in trainers(model.unet, dunet, model.schedule, batch,
+                                                                     *batch_ctx).items()}
+    model.unet.eval().requires_grad_(False)
+    dunet.eval().requires_grad_(False)
+    if args.compile:
+        # The first timed warm-up call compiles.
+        model.unet = torch.compile(model.unet, mode=args.compile)
+        dunet = torch.compile(dunet, mode=args.compile)
+    warmup = 3 if args.compile else 1  # CUDA-graph modes record on the second and third calls
+
     # 1. sampling
-    sampling = timed({"minidiff": minidiff_sampler(model, images, steps),
-                      "diffusers": diffusers_sampler(dunet, ctx, pooled, images, steps)}, reps)
+    sampling = timed({"minidiff": under(autocast, minidiff_sampler(model, images, steps)),
+                      "diffusers": under(autocast, diffusers_sampler(dunet, ctx, pooled, images, steps))},
+                     reps, device, warmup)
     sample_flops = {"minidiff": flops_m * 2 * images * steps, "diffusers": flops_d * 2 * images * steps}
 
     # 2. a training step
-    unet = model.unet.train().requires_grad_(True)
-    dunet.train()
-    tctx, tpooled = (v[:1].expand(batch, *v.shape[1:]).contiguous() for v in (ctx, pooled))
+    steppers = trainers(model.unet, dunet, model.schedule, batch, *batch_ctx)
+    training = timed({name: under(autocast, fn) for name, fn in steppers.items()}, reps, device, warmup)
 
-    def diffusers_forward(x_, t_, c_, p_):
-        return dunet(x_, t_, encoder_hidden_states=c_, class_labels=p_).sample
-
-    steppers = {
-        "minidiff": train_step(lambda x_, t_, c_, p_: unet(x_, t_, context=c_, pooled=p_),
-                               list(unet.parameters()), model.schedule, batch, tctx, tpooled),
-        "diffusers": train_step(diffusers_forward, list(dunet.parameters()), model.schedule, batch, tctx, tpooled),
-    }
-    train_flops = {name: count_flops(fn) for name, fn in steppers.items()}
-    training = timed(steppers, reps)
-
-    cli = {} if args.no_cli else cli_timings(args.model, cli_runs, args.threads)
+    cli = {} if args.no_cli else cli_timings(args.model, cli_runs, args.threads, device)
     load_end = os.getloadavg()
 
-    result = {"machine": cpu_name(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
+    result = {"machine": device_name(device), "cpu": cpu_name(), "cores": os.cpu_count(),
+              "threads": torch.get_num_threads(), "device": str(device), "autocast": args.autocast,
+              "compile": args.compile, "kept_freed_memory": kept,
               "torch": torch.__version__, "diffusers": diffusers.__version__, "quick": args.quick,
               "load_average_start": load_start[0], "load_average_end": load_end[0],
               "minidiff_weights": weights, "minidiff_layout": "NCHW" if args.nchw else "default",
               "diffusers_block_out_channels": list(widths),
               "forward_mflops_minidiff": flops_m / 1e6, "forward_mflops_diffusers": flops_d / 1e6,
-              "matmul_peak_gflops": peak, "sampling": {}, "training": {}}
+              "matmul_peak_gflops": peak, "matmul_peak_bf16_gflops": peak_bf16, "sampling": {}, "training": {}}
     for name in ("minidiff", "diffusers"):
         s, tr = summary(sampling[name]), summary(training[name])
         result["sampling"][name] = {**s, "images_per_s": images / s["median"],
@@ -359,12 +434,14 @@ def main(argv: list[str] | None = None) -> dict:
     if args.json:
         print(json.dumps(result, indent=2))
     else:
-        report(result, peak)
+        report(result, peak_bf16 or peak)
     return result
 
 
 def report(r: dict, peak: float) -> None:
+    """The table; achieved rates are set against the matmul rate of the precision in use."""
     s = r["setup"]
+    print(f"\n{r['machine']} ({r['device']}), autocast {r['autocast'] or 'off'}, compile {r['compile'] or 'off'}")
     print(f"\nsampling: {s['images']} images, {s['steps']} DDIM steps, cfg {s['cfg']:g} (batch {2 * s['images']}), "
           f"median of {s['reps']} (min..max)")
     for name in ("minidiff", "diffusers"):

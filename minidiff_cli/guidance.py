@@ -55,10 +55,13 @@ def clipped(denoiser: Denoiser, schedule, limit: float) -> Denoiser:
     sampler, works for every sampler, plugins included.
     """
     abar = schedule.alphas_cumprod
+    on_device = {}  # one copy per device: copying the table every step would stall a GPU each step
 
     def denoiser_(x, t):
         eps = denoiser(x, t)
-        a = abar.to(x.device)[t].to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
+        if x.device not in on_device:
+            on_device[x.device] = abar.to(x.device)
+        a = on_device[x.device][t].to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
         x0 = ((x - (1 - a).sqrt() * eps) / a.sqrt()).clamp(-limit, limit)
         return (x - a.sqrt() * x0) / (1 - a).sqrt()
 

@@ -82,12 +82,15 @@ class TrainNet(torch.nn.Module):
         return self.unet(x, t, context=context, pooled=pooled)
 
 
-def ema_update(ema: torch.nn.Module, net: torch.nn.Module, decay: float) -> None:
+def ema_update(ema: list[torch.Tensor], net: list[torch.Tensor], decay: float) -> None:
+    """ema <- ema + (1 - decay) (net - ema), over matching lists of parameters, in one op.
+
+    One multi-tensor op for the ~300 tensors instead of one op each: on a GPU that is one
+    launch instead of hundreds, which for a small U-Net cost more than the arithmetic. The
+    lists are built once by the caller: walking the modules for them costs ~1 ms a step.
+    """
     with torch.no_grad():
-        for e, p in zip(ema.parameters(), net.parameters()):
-            e.lerp_(p.detach(), 1 - decay)
-        for e, b in zip(ema.buffers(), net.buffers()):
-            e.copy_(b)
+        torch._foreach_lerp_(ema, net, 1 - decay)
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -124,11 +127,13 @@ class Trainer:
         self.model = self._model()
         self.net = TrainNet(self.model).to(self.device)
         self.ema = self._ema_copy()
+        self.ema_params, self.net_params = list(self.ema.parameters()), list(self.net.parameters())
         params = [p for p in self.net.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.step = 0
         self.losses: list[tuple[int, float]] = []
-        self.caption_cache: dict[str, tuple] = {}
+        self.caption_rows: dict[str, int] = {}  # caption -> its row in caption_table
+        self.caption_table: Conditioning | None = None
         if resume:
             self._resume()
         self.ddp = self._wrap_ddp()
@@ -272,14 +277,20 @@ class Trainer:
         return images, [it["caption"] for it in items], labels
 
     def encode_captions(self, captions: list[str]) -> Conditioning:
-        """A frozen conditioner's output, each distinct caption encoded once per run."""
-        missing = sorted({c for c in captions if c not in self.caption_cache})
+        """A frozen conditioner's output, each distinct caption encoded once per run.
+
+        Encoded captions are rows of one table on the training device, so a batch is one
+        gather, not a concatenation of a row per caption.
+        """
+        missing = sorted({c for c in captions if c not in self.caption_rows})
         if missing:
             with torch.no_grad():
-                enc = self.model.conditioner.encode(missing)
-            for k, caption in enumerate(missing):
-                self.caption_cache[caption] = enc[k]
-        return Conditioning.cat(*[self.caption_cache[c] for c in captions]).to(self.device)
+                enc = self.model.conditioner.encode(missing).to(self.device)
+            first = len(self.caption_rows)
+            self.caption_rows.update((caption, first + k) for k, caption in enumerate(missing))
+            self.caption_table = enc if self.caption_table is None else Conditioning.cat(self.caption_table, enc)
+        rows = torch.tensor([self.caption_rows[c] for c in captions], device=self.device)
+        return self.caption_table[rows]
 
     # -- one step ------------------------------------------------------------------------
     def loss(self, step: int) -> torch.Tensor:
@@ -347,7 +358,7 @@ class Trainer:
         self.scaler.update()
         # Early in training a full decay would keep the EMA near random weights for too long.
         decay = min(self.cfg.ema_decay, (1 + self.step) / (10 + self.step))
-        ema_update(self.ema, self.net, decay)
+        ema_update(self.ema_params, self.net_params, decay)
         self.step += 1
         return loss.item()
 

@@ -26,7 +26,7 @@ from minidiff_cli.trainconfig import TrainConfig, merge
 from minidiff_cli.training import CHECKPOINT, METRICS, MODEL, RUN_CONFIG, Dist, Trainer, check_resume_flags, lr_at
 from minidiff_cli.training import weights_fingerprint
 from minidiff_cli.weights import read_config
-from tinymodels import TINY_TOML, TINY_TRAIN, tiny_clip_file, tiny_model
+from tinymodels import TINY_TOML, TINY_TRAIN, tiny_clip_file, tiny_model, without
 
 # The in-process twin of TINY_TRAIN + TINY_TOML (a test below checks that they agree).
 TINY = dict(data="shapes", conditioner="class", image_size=16, base_channels=8, channel_mult=[1, 2],
@@ -54,19 +54,6 @@ def toml(tmp_path) -> Path:
 def train_cli(toml: Path, out: Path, *args: str, **kwargs) -> subprocess.CompletedProcess:
     return run_cli("train", *TINY_TRAIN, "--config", str(toml), "--sample-every", "1000", "--out", str(out),
                    *args, **kwargs)
-
-
-def without(flags: list[str], *names: str) -> list[str]:
-    """``flags`` less the named options and their values."""
-    out, skip = [], False
-    for item in flags:
-        if skip:
-            skip = False
-        elif item in names:
-            skip = True
-        else:
-            out.append(item)
-    return out
 
 
 def same_tensors(a: Path, b: Path, atol: float = 0.0) -> bool:

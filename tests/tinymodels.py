@@ -30,6 +30,19 @@ TINY_TRAIN = ["--image-size", "16", "--base-channels", "8", "--channel-mult", "1
 TINY_TOML = "head_dim = 8\nclass_dim = 16\n"
 
 
+def without(flags: list[str], *names: str) -> list[str]:
+    """``flags`` less the named options and their values."""
+    out, skip = [], False
+    for item in flags:
+        if skip:
+            skip = False
+        elif item in names:
+            skip = True
+        else:
+            out.append(item)
+    return out
+
+
 def unet_config(context_dim=None, pooled_dim=None, image_size: int = 8) -> dict:
     return {"image_size": image_size, "in_channels": 3, "out_channels": 3, "base_channels": 8,
             "channel_mult": [1, 2], "num_res_blocks": 1, "attention_resolutions": [4],
