@@ -88,8 +88,15 @@ class DiffusionModel:
         return self
 
     def predict_eps(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-        """The noise prediction, whatever the network was trained to output."""
-        out = self.unet(x, t, context=cond.context, pooled=cond.pooled)
+        """The noise prediction in x's dtype, whatever the network was trained to output.
+
+        The network runs in its own dtype (bfloat16, say); what comes out is cast back, so the
+        sampler's arithmetic stays in x's (float32) precision.
+        """
+        dtype = self.unet.conv_in.weight.dtype
+        if cond.context is not None or cond.pooled is not None:
+            cond = cond.to(dtype=dtype)
+        out = self.unet(x.to(dtype), t, context=cond.context, pooled=cond.pooled).to(x.dtype)
         if self.prediction == "v":
             return self.schedule.eps_from_v(x, out, t)
         return out

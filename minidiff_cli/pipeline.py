@@ -186,7 +186,9 @@ class Pipeline:
         model, n = self.model, len(seeds)
         shape = (n, model.channels, model.image_size, model.image_size)
         generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
-        x = noise_like(torch.empty(shape, device=self.device, dtype=self.dtype), generators)
+        # The sampler's state stays float32 whatever the network's dtype: near t = 0, 1 - alpha_bar
+        # is below bfloat16's resolution at 1, and the update would divide by zero.
+        x = noise_like(torch.empty(shape, device=self.device, dtype=torch.float32), generators)
         cond, uncond = self._conditionings(prompts, gen.negative_prompt)
         denoiser = guided_denoiser(model, cond, uncond, gen.cfg)
 

@@ -22,6 +22,7 @@ def eval_command(
     holdout: Optional[str] = typer.Option(None, "--holdout", help="Held-out pairs [default: those the model was trained without]."),
     batch_size: int = typer.Option(64, "--batch-size", help="Images sampled at once."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or mps."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto, float32, bfloat16 or float16 (as for generate)."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Also write the full report as JSON here."),
     grid: Optional[Path] = typer.Option(None, "--grid", help="Also save the first run's images as a grid PNG "
                                         "(a row per colour, shapes side by side)."),
@@ -36,6 +37,8 @@ def eval_command(
       minidiff eval
 
       minidiff eval --model runs/shapes/model.safetensors -n 16 --runs ddim:50,ddim:20
+
+      minidiff eval --dtype bfloat16     # does half precision cost adherence?
     """
     from minidiff_cli.data import parse_holdout
     from minidiff_cli.evaluation import evaluate
@@ -48,7 +51,7 @@ def eval_command(
             raise MinidiffError(f"'{path}' already exists; choose another file name")
     if n < 1:
         raise MinidiffError(f"-n must be at least 1 (got {n})")
-    pipe = Pipeline.load(model, device=device)
+    pipe = Pipeline.load(model, device=device, dtype=dtype)
     trained_holdout = pipe.model.config.get("training", {}).get("holdout", "")
     held = parse_holdout(holdout if holdout is not None else trained_holdout)
     classes = pipe.model.config.get("class_names") or [f"{c} {s}" for c in COLOURS for s in DEFAULT_SHAPES]
