@@ -4,8 +4,9 @@ glibc's malloc serves large blocks (from 128 KiB up, rising as it learns) with f
 pages and unmaps them on ``free``; memory freed at the top of its heap goes back to the OS too.
 A U-Net forward pass allocates and frees activations of megabytes each, so every pass touches
 brand-new pages, and the kernel zero-fills each on first touch. Measured on a 2-core CPU
-(benchmarks/RESULTS.md): 13,000 to 16,000 page faults per forward pass at batch 32, about 60 MB
-of memory faulted in again per pass, and the pass 25% slower than with the pages kept.
+(benchmarks/RESULTS.md): 6,000 to 13,000 page faults per forward pass of the shipped U-Net at
+batch 32 (25 to 50 MB faulted in again per pass), and the pass about 10% slower than with the
+pages kept.
 
 ``keep_freed_memory`` raises the mmap threshold to glibc's largest (32 MiB) and the trim
 threshold to 1 GiB, so freed blocks are reused. The process's resident memory then stays near

@@ -53,7 +53,7 @@ def _global_options(
     from minidiff_cli import plugins
     from minidiff_cli.allocator import keep_freed_memory
 
-    keep_freed_memory()  # a command is about to run: reuse freed tensor memory (25% faster sampling)
+    keep_freed_memory()  # a command is about to run: reuse freed tensor memory (see allocator.py)
     if plugins_dir is not None:
         if not plugins_dir.is_dir():
             raise MinidiffError(f"plugins folder '{plugins_dir}' does not exist; "
