@@ -366,7 +366,6 @@ def main(argv: list[str] | None = None) -> dict:
     with torch.no_grad():
         flops_m = count_flops(lambda: model.unet(x[:1], t[:1], context=ctx[:1], pooled=pooled[:1]))
     dunet, widths, flops_d, tried = pick_diffusers(flops_m, x[:1], t[:1], ctx[:1], pooled[:1])
-    dunet.to(device)
     log(f"machine: {device_name(device)}; {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__} with "
         f"{torch.get_num_threads()} thread(s), diffusers {diffusers.__version__}; load average {load_start[0]:.2f}")
     log(f"options: device {device}, autocast {args.autocast or 'off'}, compile {args.compile or 'off'}, "
@@ -378,7 +377,8 @@ def main(argv: list[str] | None = None) -> dict:
     if abs(flops_d / flops_m - 1) > FLOP_TOLERANCE:
         raise SystemExit(f"no diffusers width within {FLOP_TOLERANCE:.0%} of minidiff's FLOPs; add one")
 
-    # The training steps' FLOPs are counted on the eager modules, before any compile.
+    # The training steps' FLOPs are counted on the eager modules, before any compile (this takes one
+    # AdamW step on each network; weights do not change timings).
     batch_ctx = [v[:1].expand(batch, *v.shape[1:]).contiguous() for v in (ctx, pooled)]
     train_flops = {name: count_flops(fn) for name, fn in trainers(model.unet, dunet, model.schedule, batch,
                                                                      *batch_ctx).items()}
