@@ -169,6 +169,11 @@ def _optimizer_state(path: Path, tensors: dict[str, torch.Tensor],
     return state
 
 
+# How the live optimizer computes, not what it has learnt: these stay as the resuming run set
+# them (a run saved with fused kernels may resume on a device or torch that has none).
+IMPLEMENTATION_KEYS = ("foreach", "fused", "capturable", "differentiable")
+
+
 def _param_groups(path: Path, stored: list, optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
     """The stored optimizer settings, each of the type the live optimizer uses; unknown keys dropped."""
     live = optimizer.state_dict()["param_groups"]
@@ -180,7 +185,7 @@ def _param_groups(path: Path, stored: list, optimizer: torch.optim.Optimizer) ->
             raise ModelFileError(f"'{path}' has an optimizer state for other parameters than this model's")
         group = dict(want)
         for key, default in want.items():
-            if key == "params" or key not in have:
+            if key == "params" or key in IMPLEMENTATION_KEYS or key not in have:
                 continue
             if not _same_kind(have[key], default) or not _in_range(key, have[key]):
                 raise ModelFileError(f"'{path}' is corrupt: optimizer setting '{key}' is {have[key]!r:.40}")

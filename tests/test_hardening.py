@@ -523,6 +523,22 @@ def test_undamaged_checkpoint_still_resumes(tmp_path, trained_checkpoint_run):
     assert read_checkpoint_meta(out / CHECKPOINT)["step"] == 2
 
 
+def test_resume_keeps_the_live_optimizer_kernels_whatever_the_file_says(tmp_path, trained_checkpoint_run):
+    """fused / foreach say how this torch on this device computes; a file from elsewhere must not set them."""
+    out = tmp_path / "run"
+    shutil.copytree(trained_checkpoint_run, out)
+    assert read_checkpoint_meta(out / CHECKPOINT)["param_groups"][0]["fused"] is True  # a CPU run is fused
+    rewrite_checkpoint(out / CHECKPOINT, lambda meta, tensors: meta["param_groups"][0].update(fused=False,
+                                                                                              foreach=True))
+    trainer = Trainer(TrainConfig(**TINY, out=str(out), max_steps=2, save_every=1).validate(), resume=True,
+                      log=lambda m: None)
+    group = trainer.optimizer.param_groups[0]
+    assert group["fused"] is True and group["foreach"] is None
+    assert group["lr"] == read_checkpoint_meta(out / CHECKPOINT)["param_groups"][0]["lr"]  # the state still loads
+    trainer.run()
+    assert read_checkpoint_meta(out / CHECKPOINT)["step"] == 2
+
+
 def test_restore_checks_everything_before_loading_anything(tmp_path, trained_checkpoint_run):
     """A mismatch found late must not leave the live model half-loaded with the file's weights."""
     trainer = Trainer(TrainConfig(**TINY, out=str(tmp_path / "fresh"), max_steps=1).validate(), log=lambda m: None)
