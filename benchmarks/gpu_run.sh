@@ -59,7 +59,11 @@ for mp in ("no", "bf16"):
     except OSError as exc:
         out[mp] = str(exc)
         continue
-    out[mp] = {"final_it_s": rows[-1]["it_s"], "final_loss": rows[-1]["loss"], "steps": rows[-1]["step"]}
+    # it_s is averaged from the run's start; steps a..b took b/it_b - a/it_a seconds.
+    a, b = rows[len(rows) // 3], rows[-1]
+    steady = (b["step"] - a["step"]) / (b["step"] / b["it_s"] - a["step"] / a["it_s"])
+    out[mp] = {"it_s_from_start": b["it_s"], f"it_s_steps_{a['step']}_to_{b['step']}": steady,
+               "final_loss": b["loss"], "steps": b["step"]}
 print(json.dumps(out, indent=2))
 EOF
 cat "$OUT/train.json" | tee -a "$LOG"
