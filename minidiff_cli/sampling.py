@@ -106,6 +106,22 @@ def batch_t(t: int, x: torch.Tensor) -> torch.Tensor:
     return torch.full((x.shape[0],), int(t), dtype=torch.long, device=x.device)
 
 
+def gaussian_denoiser(schedule: NoiseSchedule, mu: float = 0.5, s: float = 0.5) -> Denoiser:
+    """The exact noise predictor for data x0 ~ N(mu, s^2): a sampler test with a known answer.
+
+    x_t is then Gaussian too, and E[eps | x_t] = sqrt(1 - abar_t) (x_t - sqrt(abar_t) mu) /
+    (abar_t s^2 + 1 - abar_t). A correct sampler driven by it gives back N(mu, s^2), up to its
+    discretisation error (docs/plugins.md, "Testing a sampler on Gaussian data").
+    """
+    abar_all = schedule.alphas_cumprod
+
+    def denoiser(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        abar = abar_all[t].to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
+        return (1 - abar).sqrt() * (x - abar.sqrt() * mu) / (abar * s * s + 1 - abar)
+
+    return denoiser
+
+
 def sample(denoiser: Denoiser, shape: Sequence[int], *, schedule: str | NoiseSchedule = "cosine",
            sampler: str | Sampler = "ddim", steps: int | None = None, seed: int = 0,
            num_timesteps: int = 1000, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,

@@ -12,7 +12,7 @@ import torch
 
 from minidiff_cli.errors import MinidiffError, UnknownNameError
 from minidiff_cli.plugins import get_sampler, get_schedule
-from minidiff_cli.sampling import Sampler, noise_like, sample, timesteps
+from minidiff_cli.sampling import Sampler, gaussian_denoiser, noise_like, sample, timesteps
 
 MU, S, N = 0.5, 0.5, 20_000
 SCHEDULES = ("linear", "cosine", "scaled-linear", "sigmoid")
@@ -28,21 +28,11 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def gaussian_denoiser(schedule, mu=MU, s=S):
-    abar_all = schedule.alphas_cumprod
-
-    def denoiser(x, t):
-        abar = abar_all[t].to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
-        return (1 - abar).sqrt() * (x - abar.sqrt() * mu) / (abar * s * s + 1 - abar)
-
-    return denoiser
-
-
 def run(sampler, schedule_name, steps, seed=0, **opts):
     schedule = get_schedule(schedule_name, 1000)
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(N, generator=g)
-    return get_sampler(sampler).sample(gaussian_denoiser(schedule), x, schedule, steps, generator=g, **opts)
+    return get_sampler(sampler).sample(gaussian_denoiser(schedule, MU, S), x, schedule, steps, generator=g, **opts)
 
 
 # -- timesteps ---------------------------------------------------------------------
@@ -149,7 +139,7 @@ def test_ddim_with_eta_0_draws_no_noise():
     g = torch.Generator().manual_seed(0)
     state = g.get_state()
     x = torch.randn(100, generator=torch.Generator().manual_seed(1))
-    get_sampler("ddim").sample(gaussian_denoiser(schedule), x, schedule, 20, generator=g)
+    get_sampler("ddim").sample(gaussian_denoiser(schedule, MU, S), x, schedule, 20, generator=g)
     assert torch.equal(g.get_state(), state)
 
 
@@ -171,7 +161,7 @@ def test_callback_sees_every_step_with_the_documented_keys():
     seen = []
     schedule = get_schedule("cosine", 1000)
     x = torch.randn(8)
-    out = get_sampler("ddim").sample(gaussian_denoiser(schedule), x, schedule, 5, callback=seen.append)
+    out = get_sampler("ddim").sample(gaussian_denoiser(schedule, MU, S), x, schedule, 5, callback=seen.append)
     assert [s["i"] for s in seen] == [0, 1, 2, 3, 4] and {s["steps"] for s in seen} == {5}
     assert [s["t"] for s in seen] == timesteps(1000, 5).tolist() and isinstance(seen[0]["t"], int)
     assert torch.equal(seen[-1]["x"], out) and seen[-1]["x0"].shape == x.shape
@@ -188,7 +178,7 @@ def test_callback_sees_every_step_with_the_documented_keys():
 def test_bad_sampler_options_are_refused(sampler, option, message):
     schedule = get_schedule("cosine", 10)
     with pytest.raises(MinidiffError, match=message):
-        get_sampler(sampler).sample(gaussian_denoiser(schedule), torch.zeros(2), schedule, 5, **option)
+        get_sampler(sampler).sample(gaussian_denoiser(schedule, MU, S), torch.zeros(2), schedule, 5, **option)
 
 
 def test_builtin_samplers_follow_the_protocol():
@@ -219,9 +209,9 @@ def test_half_precision_noise_is_float32_noise_rounded():
 def test_row_k_of_a_batch_is_the_single_run_with_seed_plus_k(sampler, opts):
     schedule = get_schedule("cosine", 1000)
     kwargs = dict(schedule=schedule, sampler=sampler, steps=20, **opts)
-    batch = sample(gaussian_denoiser(schedule), (3, 2, 4, 4), seed=7, **kwargs)
+    batch = sample(gaussian_denoiser(schedule, MU, S), (3, 2, 4, 4), seed=7, **kwargs)
     for k in range(3):
-        alone = sample(gaussian_denoiser(schedule), (1, 2, 4, 4), seed=7 + k, **kwargs)
+        alone = sample(gaussian_denoiser(schedule, MU, S), (1, 2, 4, 4), seed=7 + k, **kwargs)
         assert torch.allclose(batch[k], alone[0], atol=1e-6)
     assert not torch.allclose(batch[0], batch[1])
 
@@ -229,7 +219,7 @@ def test_row_k_of_a_batch_is_the_single_run_with_seed_plus_k(sampler, opts):
 def test_sample_defaults_to_the_samplers_own_step_count_by_name():
     calls = []
     schedule = get_schedule("cosine", 1000)
-    den = gaussian_denoiser(schedule)
+    den = gaussian_denoiser(schedule, MU, S)
     sample(lambda x, t: calls.append(t) or den(x, t), (2, 3), schedule="cosine", sampler="ddim")
     assert len(calls) == 50 and calls[0].tolist() == [999, 999] and calls[0].dtype == torch.int64
 

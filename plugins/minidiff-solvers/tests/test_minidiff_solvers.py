@@ -24,7 +24,7 @@ import torch
 
 from minidiff_cli.errors import MinidiffError
 from minidiff_cli.plugins import get_sampler, get_schedule
-from minidiff_cli.sampling import Sampler, sample, timesteps
+from minidiff_cli.sampling import Sampler, gaussian_denoiser, sample, timesteps
 from minidiff_solvers.sigmas import karras_sigmas
 
 MU, S, N = 0.5, 0.5, 20_000
@@ -39,28 +39,18 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def gaussian_denoiser(schedule, mu=MU, s=S):
-    abar_all = schedule.alphas_cumprod
-
-    def denoiser(x, t):
-        abar = abar_all[t].to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
-        return (1 - abar).sqrt() * (x - abar.sqrt() * mu) / (abar * s * s + 1 - abar)
-
-    return denoiser
-
-
 def run(sampler, schedule_name, steps, seed=0, n=N, dtype=torch.float32, **opts):
     schedule = get_schedule(schedule_name, 1000)
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, generator=g, dtype=dtype)
-    return get_sampler(sampler).sample(gaussian_denoiser(schedule), x, schedule, steps, generator=g, **opts)
+    return get_sampler(sampler).sample(gaussian_denoiser(schedule, MU, S), x, schedule, steps, generator=g, **opts)
 
 
 def output_law(sampler, schedule_name, steps, **opts):
     """(mean, std) of a deterministic sampler's output for x ~ N(0, 1): it is affine, a x + b."""
     schedule = get_schedule(schedule_name, 1000)
     x = torch.tensor([0.0, 1.0], dtype=torch.float64)
-    b, ab = get_sampler(sampler).sample(gaussian_denoiser(schedule), x, schedule, steps, **opts).tolist()
+    b, ab = get_sampler(sampler).sample(gaussian_denoiser(schedule, MU, S), x, schedule, steps, **opts).tolist()
     return b, abs(ab - b)
 
 
@@ -140,9 +130,9 @@ def test_dpmpp_2m_first_and_last_steps_are_first_order_that_is_ddim():
 def test_row_k_of_a_batch_is_the_single_run_with_seed_plus_k(sampler, opts):
     schedule = get_schedule("cosine", 1000)
     kwargs = dict(schedule=schedule, sampler=sampler, steps=12, **opts)
-    batch = sample(gaussian_denoiser(schedule), (3, 2, 4, 4), seed=7, **kwargs)
+    batch = sample(gaussian_denoiser(schedule, MU, S), (3, 2, 4, 4), seed=7, **kwargs)
     for k in range(3):
-        alone = sample(gaussian_denoiser(schedule), (1, 2, 4, 4), seed=7 + k, **kwargs)
+        alone = sample(gaussian_denoiser(schedule, MU, S), (1, 2, 4, 4), seed=7 + k, **kwargs)
         assert torch.allclose(batch[k], alone[0], atol=1e-5)
     assert not torch.allclose(batch[0], batch[1])
 
@@ -154,7 +144,7 @@ def test_deterministic_samplers_draw_no_noise(sampler, opts):
     g = torch.Generator().manual_seed(0)
     state = g.get_state()
     x = torch.randn(100, generator=torch.Generator().manual_seed(1))
-    get_sampler(sampler).sample(gaussian_denoiser(schedule), x, schedule, 10, generator=g, **opts)
+    get_sampler(sampler).sample(gaussian_denoiser(schedule, MU, S), x, schedule, 10, generator=g, **opts)
     assert torch.equal(g.get_state(), state)
 
 
@@ -185,7 +175,7 @@ def test_karras_takes_the_words_minidiff_takes_for_a_bool():
 def test_karras_option_steps_through_the_schedules_sigma_range():
     schedule = get_schedule("linear", 1000)
     seen = []
-    get_sampler("euler").sample(gaussian_denoiser(schedule), torch.randn(8), schedule, 12,
+    get_sampler("euler").sample(gaussian_denoiser(schedule, MU, S), torch.randn(8), schedule, 12,
                                 karras=True, callback=seen.append)
     sigma_min, sigma_max = schedule.sigmas[0].item(), schedule.sigmas[-1].item()
     assert [s["sigma"] for s in seen] == karras_sigmas(sigma_min, sigma_max, 12)[:-1]
@@ -197,7 +187,7 @@ def test_karras_option_steps_through_the_schedules_sigma_range():
 def test_callback_reports_every_step_on_the_trailing_timesteps(sampler):
     schedule = get_schedule("cosine", 1000)
     seen = []
-    out = get_sampler(sampler).sample(gaussian_denoiser(schedule), torch.randn(8), schedule, 5,
+    out = get_sampler(sampler).sample(gaussian_denoiser(schedule, MU, S), torch.randn(8), schedule, 5,
                                       generator=torch.Generator().manual_seed(0), callback=seen.append)
     assert [s["i"] for s in seen] == [0, 1, 2, 3, 4] and {s["steps"] for s in seen} == {5}
     assert [s["t"] for s in seen] == timesteps(1000, 5).tolist() and isinstance(seen[0]["t"], int)
@@ -211,7 +201,7 @@ def test_the_first_model_call_sees_minidiffs_noise_at_the_last_timestep(sampler)
     # model gets it back divided by the same: unchanged.
     schedule = get_schedule("linear", 1000)
     calls = []
-    den = gaussian_denoiser(schedule)
+    den = gaussian_denoiser(schedule, MU, S)
     x = torch.randn(6, dtype=torch.float64)
     for opts in ({}, {"karras": True}):
         calls.clear()
@@ -227,7 +217,7 @@ def test_half_precision_input_keeps_a_float32_state_and_gives_its_dtype_back(sam
     # In the sigma view, x at sigma_max = 20291 (cosine) is x_t * 20291: past float16's 65504,
     # and 80 units per bfloat16 step. The model runs in the input's dtype; the solver does not.
     schedule = get_schedule("cosine", 1000)
-    den = gaussian_denoiser(schedule)
+    den = gaussian_denoiser(schedule, MU, S)
     seen = set()
     x = torch.randn(512, generator=torch.Generator().manual_seed(0))
     half = get_sampler(sampler).sample(lambda x_t, t: seen.add(x_t.dtype) or den(x_t, t), x.to(dtype), schedule,
@@ -241,7 +231,7 @@ def test_half_precision_input_keeps_a_float32_state_and_gives_its_dtype_back(sam
 def test_heun_calls_the_model_twice_per_step_but_the_first_and_last():
     schedule = get_schedule("cosine", 1000)
     calls = []
-    den = gaussian_denoiser(schedule)
+    den = gaussian_denoiser(schedule, MU, S)
     get_sampler("heun").sample(lambda x, t: calls.append(t) or den(x, t), torch.randn(4), schedule, 10)
     assert len(calls) == 2 * 10 - 2
 
@@ -261,7 +251,7 @@ def test_dpmpp_2m_takes_its_final_step_first_order_below_15_steps_on_grids_that_
     monkeypatch.setattr(dpm_solver, "sample_dpmpp_2m", spy)
     for steps, opts, expected in ((10, {"spacing": "linspace"}, True), (14, {"karras": True}, True),
                                   (15, {"spacing": "linspace"}, False), (10, {}, False)):
-        get_sampler("dpmpp-2m").sample(gaussian_denoiser(schedule), torch.randn(4), schedule, steps, **opts)
+        get_sampler("dpmpp-2m").sample(gaussian_denoiser(schedule, MU, S), torch.randn(4), schedule, steps, **opts)
         assert seen["lower_order_final"] is expected, (steps, opts)
 
 
@@ -281,14 +271,14 @@ def test_dpmpp_2m_takes_its_final_step_first_order_below_15_steps_on_grids_that_
 def test_bad_options_are_refused(sampler, option, message):
     schedule = get_schedule("cosine", 10)
     with pytest.raises(MinidiffError, match=message):
-        get_sampler(sampler).sample(gaussian_denoiser(schedule), torch.zeros(2), schedule, 5, **option)
+        get_sampler(sampler).sample(gaussian_denoiser(schedule, MU, S), torch.zeros(2), schedule, 5, **option)
 
 
 @pytest.mark.parametrize("karras", [False, True])
 def test_steps_beyond_the_schedule_are_refused(karras):
     schedule = get_schedule("cosine", 10)
     with pytest.raises(MinidiffError, match="steps must be between 1 and T=10"):
-        get_sampler("euler").sample(gaussian_denoiser(schedule), torch.zeros(2), schedule, 11, karras=karras)
+        get_sampler("euler").sample(gaussian_denoiser(schedule, MU, S), torch.zeros(2), schedule, 11, karras=karras)
 
 
 def test_solvers_follow_the_sampler_protocol():
