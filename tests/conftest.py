@@ -70,6 +70,16 @@ def cli():
     return run_cli
 
 
+@pytest.fixture
+def toml(tmp_path) -> Path:
+    """The config file that, with TINY_TRAIN's flags, trains a tiny model in seconds."""
+    from tinymodels import TINY_TOML
+
+    path = tmp_path / "tiny.toml"
+    path.write_text(TINY_TOML)
+    return path
+
+
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory) -> Path:
     """The folder of a tiny class-conditional run trained by `minidiff train` (6 steps, seconds)."""

@@ -18,7 +18,7 @@ from minidiff_cli.checkpoint import read_checkpoint_meta
 from minidiff_cli.model import DiffusionModel
 from minidiff_cli.pipeline import Generation, Pipeline
 from minidiff_cli.training import CHECKPOINT, METRICS, MODEL
-from tinymodels import TINY_TOML, TINY_TRAIN, tiny_model_file, without
+from tinymodels import TINY_TRAIN, tiny_model_file, without
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -92,9 +92,7 @@ def test_device_out_of_range_is_a_one_line_error(clip_file, tmp_path):
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16", "no"])
-def test_training_on_cuda_learns_and_saves_cpu_loadable_files(tmp_path, precision):
-    toml = tmp_path / "tiny.toml"
-    toml.write_text(TINY_TOML)
+def test_training_on_cuda_learns_and_saves_cpu_loadable_files(tmp_path, toml, precision):
     out = tmp_path / "run"
     result = run_cli("train", *TRAIN, "--device", "cuda", "--mixed-precision", precision, "--config", str(toml),
                      "--max-steps", "30", "--save-every", "30", "--sample-every", "1000", "--log-every", "1",
@@ -108,9 +106,7 @@ def test_training_on_cuda_learns_and_saves_cpu_loadable_files(tmp_path, precisio
     assert all(p.dtype == torch.float32 for p in model.unet.parameters())  # mixed precision keeps float32 weights
 
 
-def test_a_run_started_on_cuda_resumes_on_the_cpu(tmp_path):
-    toml = tmp_path / "tiny.toml"
-    toml.write_text(TINY_TOML)
+def test_a_run_started_on_cuda_resumes_on_the_cpu(tmp_path, toml):
     out = tmp_path / "run"
     first = run_cli("train", *TRAIN, "--device", "cuda", "--config", str(toml), "--max-steps", "4",
                     "--save-every", "4", "--sample-every", "1000", "--out", str(out))

@@ -42,7 +42,7 @@ from minidiff_cli.pipeline import Pipeline
 from minidiff_cli.trainconfig import TrainConfig
 from minidiff_cli.training import CHECKPOINT, Trainer
 from minidiff_cli.weights import FORMAT_VERSION, save_model_file
-from tinymodels import TINY_TOML, TINY_TRAIN, tiny_model, tiny_model_file
+from tinymodels import TINY_TRAIN, tiny_model, tiny_model_file
 
 
 # -- helpers --------------------------------------------------------------------------------------
@@ -364,13 +364,6 @@ HOSTILE_MODELS = [
     ("config-not-json", safetensors_with({"format": "minidiff", "format_version": "1", "config": "[[[" * 9000}),
      "config is missing or not JSON"),
 ]
-
-
-@pytest.fixture
-def toml(tmp_path) -> Path:
-    path = tmp_path / "tiny.toml"
-    path.write_text(TINY_TOML)
-    return path
 
 
 @pytest.mark.parametrize("make, message", [c[1:] for c in HOSTILE_MODELS], ids=[c[0] for c in HOSTILE_MODELS])

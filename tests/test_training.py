@@ -44,13 +44,6 @@ def train(cfg: TrainConfig, resume: bool = False) -> Trainer:
     return trainer
 
 
-@pytest.fixture
-def toml(tmp_path) -> Path:
-    path = tmp_path / "tiny.toml"
-    path.write_text(TINY_TOML)
-    return path
-
-
 def train_cli(toml: Path, out: Path, *args: str, **kwargs) -> subprocess.CompletedProcess:
     return run_cli("train", *TINY_TRAIN, "--config", str(toml), "--sample-every", "1000", "--out", str(out),
                    *args, **kwargs)
