@@ -183,6 +183,8 @@ def sync(device: torch.device) -> None:
     """Wait for the device: GPU work is asynchronous, so a host clock read without this times nothing."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
 
 
 def trainers(unet, dunet, schedule, batch: int, ctx, pooled) -> dict:
@@ -229,15 +231,6 @@ def matmul_gflops(reps: int, device: torch.device, dtype: torch.dtype = torch.fl
         sync(device)
         times.append(time.perf_counter() - start)
     return 2 * n ** 3 / statistics.median(times) / 1e9
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: this machine has no usable CUDA GPU; use --device cpu")
-    return device
 
 
 def device_name(device: torch.device) -> str:
@@ -327,7 +320,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--no-cli", action="store_true", help="skip the --help and generate process timings")
     parser.add_argument("--nchw", action="store_true", help="run minidiff's U-Net in NCHW, as before it went "
                         "channels-last on the CPU (to measure that change)")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto [cpu]")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps or auto [cpu]")
     parser.add_argument("--autocast", choices=["bf16"], default=None,
                         help="run both models under torch.autocast in bfloat16 (sampling and training)")
     parser.add_argument("--compile", nargs="?", const="default", default=None, metavar="MODE",
@@ -342,7 +335,13 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
     log = (lambda *a: print(*a, file=sys.stderr, flush=True)) if args.json else print
     load_start = os.getloadavg()
-    device = pick_device(args.device)
+    from minidiff_cli.errors import MinidiffError
+    from minidiff_cli.pipeline import pick_device
+
+    try:
+        device = pick_device(args.device)  # the same choice and checks as `minidiff generate --device`
+    except MinidiffError as exc:
+        raise SystemExit(str(exc)) from None
     from minidiff_cli.allocator import keep_freed_memory
 
     kept = False if args.system_malloc else keep_freed_memory()  # process-wide: both models get it
