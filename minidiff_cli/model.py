@@ -94,8 +94,7 @@ class DiffusionModel:
         sampler's arithmetic stays in x's (float32) precision.
         """
         dtype = self.unet.conv_in.weight.dtype
-        if cond.context is not None or cond.pooled is not None:
-            cond = cond.to(dtype=dtype)
+        cond = cond.to(dtype=dtype)  # absent fields stay None
         out = self.unet(x.to(dtype), t, context=cond.context, pooled=cond.pooled).to(x.dtype)
         if self.prediction == "v":
             return self.schedule.eps_from_v(x, out, t)
