@@ -64,7 +64,8 @@ class ClipRecipe:
     seed: int = 0
     device: str = "auto"  # auto: cuda if there is one, else cpu
     threads: int = 0  # torch CPU threads; 0 keeps torch's default
-    eval_images_per_class: int = 32
+    eval_images_per_class: int = 32  # shapes: fresh images of each class
+    eval_images: int = 1000  # a folder: seen images ranked against every caption (plus all held-out ones)
 
     def check(self) -> "ClipRecipe":
         for name in ("steps", "batch_size", "width", "heads", "layers", "context_length", "embed_dim",
@@ -79,11 +80,8 @@ class ClipRecipe:
             raise MinidiffError("context-length must be at least 4 (start and end tokens take two)")
         if self.vision not in ("vit", "resnet"):
             raise MinidiffError(f"unknown image tower '{self.vision}'; use vit or resnet")
-        if self.vision == "resnet" and self.image_size % 32:
-            raise MinidiffError(f"the resnet image tower needs an image size that is a multiple of 32 "
-                                f"(got {self.image_size})")
-        if self.vision == "vit" and self.image_size % self.patch_size:
-            raise MinidiffError(f"image size {self.image_size} must be a multiple of patch size {self.patch_size}")
+        if self.image_size > 512:
+            raise MinidiffError(f"image-size {self.image_size} is more than minidiff allows (512)")
         if self.threads < 0:
             raise MinidiffError(f"threads must be 0 (torch's default) or more (got {self.threads})")
         if self.lr <= 0:
@@ -101,11 +99,21 @@ class ClipRecipe:
         }
 
 
+    @property
+    def tower_size(self) -> int:
+        """The image tower's input side: the data's size, rounded up to what the tower can take.
+
+        The ResNet tower strides by 32 and a ViT by its patch size; smaller images (a 16x16
+        model's data) are scaled up to it, so the CLIP judges images at the model's resolution.
+        """
+        step = 32 if self.vision == "resnet" else self.patch_size
+        return -(-self.image_size // step) * step
+
     def _vision_cfg(self) -> dict[str, Any]:
         if self.vision == "resnet":  # 4 stages, total stride 32; attention pooling on top
-            return {"image_size": self.image_size, "width": self.vision_width,
+            return {"image_size": self.tower_size, "width": self.vision_width,
                     "layers": [self.vision_layers] * 4, "head_width": 64}
-        return {"image_size": self.image_size, "patch_size": self.patch_size, "width": self.vision_width,
+        return {"image_size": self.tower_size, "patch_size": self.patch_size, "width": self.vision_width,
                 "layers": self.vision_layers, "head_width": max(16, self.vision_width // 4)}
 
 
@@ -130,11 +138,33 @@ def resolve_device(name: str) -> torch.device:
 
 
 # -- data ----------------------------------------------------------------------------
-def make_dataset(name: str, image_size: int, seed: int, holdout):
-    from minidiff_cli import plugins
-    from minidiff_cli.data import parse_holdout
+def fit_to_tower(images: torch.Tensor, model) -> torch.Tensor:
+    """``images`` [B, 3, H, W] scaled (bilinear) to the side the CLIP's image tower takes."""
+    visual = getattr(model, "visual", None)
+    if visual is None:  # a CLIP-like model without open_clip's tower (an oracle in a test)
+        return images
+    size = visual.image_size
+    size = size[0] if isinstance(size, (tuple, list)) else int(size)
+    if images.shape[-1] == size and images.shape[-2] == size:
+        return images
+    return torch.nn.functional.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
 
-    return plugins.get_dataset(name)(None, image_size=image_size, seed=seed, holdout=parse_holdout(holdout))
+
+def encode_images(model, images: torch.Tensor) -> torch.Tensor:
+    """Normalised CLIP image features of ``images`` in [-1, 1], at any size."""
+    return model.encode_image(fit_to_tower(images, model), normalize=True)
+
+
+def default_holdout(data: str) -> str:
+    """What ``clip train`` leaves out unless told: the shipped recipe's pairs on shapes, nothing elsewhere."""
+    return ClipRecipe.holdout if data == "shapes" else ""
+
+
+def make_dataset(name: str, image_size: int, seed: int, holdout):
+    """A registered data set or a folder, with ``holdout`` (pairs, or a share of captions like "5%")."""
+    from minidiff_cli.datasource import open_dataset
+
+    return open_dataset(name, image_size=image_size, seed=seed, holdout=holdout)
 
 
 def batches(dataset, batch_size: int, generator: torch.Generator):
@@ -186,7 +216,8 @@ def train_clip(recipe: ClipRecipe, callback: Optional[Callable[[dict], None]] = 
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, recipe)
         images, captions = next(data)
-        image_features, text_features, logit_scale = model(images.to(device), tokenizer(captions).to(device))
+        image_features, text_features, logit_scale = model(fit_to_tower(images.to(device), model),
+                                                           tokenizer(captions).to(device))
         loss = loss_fn(image_features, text_features, logit_scale)
         if not torch.isfinite(loss):
             raise MinidiffError(f"the loss became {loss.item()} at step {step + 1}; lower --lr")
@@ -248,7 +279,7 @@ def zero_shot_accuracy(model, class_names: list[str], images: dict[int, torch.Te
     shape = [n.split(" ", 1)[-1] for n in class_names]
     hits = {"seen": [], "heldout": [], "colour": [], "shape": []}
     for label, batch in images.items():
-        features = model.encode_image(batch.to(device), normalize=True)
+        features = encode_images(model, batch.to(device))
         predicted = (features @ text.T).argmax(dim=1).tolist()
         hits["heldout" if class_names[label] in heldout else "seen"] += [p == label for p in predicted]
         hits["colour"] += [colour[p] == colour[label] for p in predicted]
@@ -261,13 +292,64 @@ def zero_shot_accuracy(model, class_names: list[str], images: dict[int, torch.Te
 
 
 def evaluate(model, recipe: ClipRecipe) -> dict[str, Any]:
-    """Zero-shot accuracy on fresh images (another seed) of every class, held-out ones included."""
+    """The CLIP's evaluation on its data: caption retrieval for a folder, zero-shot classes for shapes.
+
+    A data set that lists its items' captions (a captioned folder) is judged by retrieval:
+    each image ranks every caption of the folder. A procedural one with classes (shapes)
+    is judged by zero-shot accuracy on fresh images of every class.
+    """
     from minidiff_cli.data import parse_holdout
+    from minidiff_cli.datasource import holdout_fraction
 
     dataset = make_dataset(recipe.data, recipe.image_size, recipe.seed + 1_000_003, holdout=None)
+    if isinstance(getattr(dataset, "captions", None), list):
+        return caption_retrieval(model, dataset, holdout_fraction(recipe.holdout),
+                                 max_images=recipe.eval_images)
     images = class_images(dataset, recipe.eval_images_per_class)
     heldout = {f"{c} {s}" for c, s in parse_holdout(recipe.holdout)}
     return zero_shot_accuracy(model, list(dataset.class_names), images, heldout)
+
+
+@torch.no_grad()
+def caption_retrieval(model, dataset, fraction: Optional[float], *, max_images: int = 1000,
+                      batch_size: int = 256) -> dict[str, Any]:
+    """Top-1 / top-5 retrieval of each image's own caption among all the folder's captions.
+
+    Seen and held-out captions are reported apart; at most ``max_images`` seen images (a
+    fixed spread) and every held-out one are ranked. Chance is 1 / number of captions.
+    """
+    from minidiff_cli.datasource import is_heldout
+
+    device = next(model.parameters()).device
+    tokenizer = tokenizer_for({"context_length": model.context_length})
+    was_training = model.training
+    model.eval()
+    captions = list(dataset.captions)
+    candidates = sorted(set(captions))
+    row = {c: k for k, c in enumerate(candidates)}
+    text = torch.cat([model.encode_text(tokenizer(candidates[i:i + batch_size]).to(device), normalize=True)
+                      for i in range(0, len(candidates), batch_size)])
+    held = [i for i, c in enumerate(captions) if fraction and is_heldout(c, fraction)]
+    held_set = set(held)
+    seen = [i for i in range(len(captions)) if i not in held_set]
+    seen = seen[:: max(1, -(-len(seen) // max_images))]
+    result: dict[str, Any] = {"captions": len(candidates), "chance_top1": round(1 / len(candidates), 5)}
+    for name, indices in (("seen", seen), ("heldout", held)):
+        top1 = top5 = 0
+        for start in range(0, len(indices), batch_size):
+            chunk = indices[start:start + batch_size]
+            images = torch.stack([dataset[i]["image"] for i in chunk]).to(device)
+            scores = encode_images(model, images) @ text.T
+            best = scores.topk(min(5, len(candidates)), dim=1).indices
+            truth = torch.tensor([row[captions[i]] for i in chunk], device=device)
+            top1 += int((best[:, 0] == truth).sum())
+            top5 += int((best == truth[:, None]).any(dim=1).sum())
+        n = len(indices)
+        result[f"{name}_top1"] = round(top1 / n, 4) if n else None
+        result[f"{name}_top5"] = round(top5 / n, 4) if n else None
+        result[f"{name}_images"] = n
+    model.train(was_training)
+    return result
 
 
 # -- the file ------------------------------------------------------------------------

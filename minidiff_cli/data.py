@@ -79,16 +79,20 @@ def resize_center_crop(image, size: int):
 
 def pil_to_tensor(image):
     """A PIL image as a float32 tensor [C, H, W] in [-1, 1] (C = 1 for "L", else 3)."""
+    return pil_to_uint8(image).float() / 127.5 - 1.0
+
+
+def pil_to_uint8(image):
+    """A PIL image as a uint8 tensor [C, H, W] (C = 1 for "L", else 3)."""
     import numpy as np
     import torch
 
     if image.mode not in ("L", "RGB"):
         image = image.convert("RGB")
-    array = np.asarray(image, dtype=np.float32)
+    array = np.array(image, dtype=np.uint8)
     if array.ndim == 2:
         array = array[:, :, None]
-    tensor = torch.from_numpy(array.copy()).permute(2, 0, 1)
-    return tensor / 127.5 - 1.0
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 
 def tensor_to_pil(tensor):

@@ -28,10 +28,11 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
-from minidiff_cli.data import IMAGE_EXTENSIONS, pil_to_tensor, resize_center_crop, to_rgb
+from minidiff_cli.data import IMAGE_EXTENSIONS, pil_to_uint8, resize_center_crop, to_rgb
 from minidiff_cli.errors import MinidiffError
 
 METADATA_FILE = "metadata.jsonl"
+CACHE_BYTES = 1 << 30  # keep decoded images of folders up to 1 GiB at the training size
 
 
 class ImageFolderDataset(Dataset):
@@ -63,6 +64,10 @@ class ImageFolderDataset(Dataset):
         self.files = readable
         self.captions = [_caption(path, self.root, metadata) for path in readable]
         self.class_names, self.labels = _classes(readable, self.root)
+        # Decoded, resized images are kept (as bytes) when they fit in CACHE_BYTES: a small folder
+        # is read once per run instead of once per epoch, and decoding is most of a CPU step's data time.
+        fits = len(readable) * 3 * self.image_size ** 2 <= CACHE_BYTES
+        self._cache: list | None = [None] * len(readable) if fits else None
         if require_classes and not self.class_names:
             raise MinidiffError(f"class conditioning needs the images of '{self.root}' in one subfolder per "
                                 "class (e.g. cat/1.png, dog/2.png); every image must be in one")
@@ -71,14 +76,23 @@ class ImageFolderDataset(Dataset):
         return len(self.files)
 
     def __getitem__(self, index: int) -> dict:
+        cached = self._cache[index] if self._cache is not None else None
+        if cached is None:
+            cached = self._read(index)
+            if self._cache is not None:
+                self._cache[index] = cached
+        tensor = cached.float() / 127.5 - 1.0
+        return {"image": tensor, "caption": self.captions[index], "label": self.labels[index]}
+
+    def _read(self, index: int):
+        """The image as uint8 [3, H, W] at the data set's size."""
         path = self.files[index]
         try:
             with Image.open(path) as image:
                 image = to_rgb(image)
         except (OSError, UnidentifiedImageError) as exc:  # damaged after the check, or truncated data
             raise MinidiffError(f"cannot read image '{path}': {exc}") from exc
-        tensor = pil_to_tensor(resize_center_crop(image, self.image_size))
-        return {"image": tensor, "caption": self.captions[index], "label": self.labels[index]}
+        return pil_to_uint8(resize_center_crop(image, self.image_size))
 
     def all_captions(self) -> list[str]:
         return sorted(set(self.captions))

@@ -164,19 +164,11 @@ class Trainer:
             _check_creatable(self.out)
 
     def _dataset(self):
-        from minidiff_cli.data import parse_holdout
+        from minidiff_cli.datasource import open_dataset
 
         cfg = self.cfg
-        name, source = (cfg.data, None) if cfg.data in plugins.registry().names("datasets") else ("imagefolder", cfg.data)
-        if name == "imagefolder" and not Path(cfg.data).exists():
-            available = ", ".join(plugins.registry().names("datasets"))
-            raise MinidiffError(f"--data '{cfg.data}' is neither a folder nor a dataset name ({available})")
-        factory = plugins.get_dataset(name)
-        opts = {"require_classes": True} if (name == "imagefolder" and self._conditioner_name() == "class") else {}
-        dataset = factory(source, image_size=cfg.image_size, seed=cfg.seed, holdout=parse_holdout(cfg.holdout), **opts)
-        if len(dataset) == 0:
-            raise MinidiffError(f"the data set '{cfg.data}' is empty")
-        return dataset
+        opts = {"require_classes": True} if self._conditioner_name() == "class" else {}
+        return open_dataset(cfg.data, image_size=cfg.image_size, seed=cfg.seed, holdout=cfg.holdout, **opts)
 
     def _conditioner_name(self) -> str:
         """--conditioner, or the conditioner of the --init-from model, which brings its own."""

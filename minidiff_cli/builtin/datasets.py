@@ -36,7 +36,7 @@ def make_imagefolder(source, *, image_size: int, seed: int = 0, holdout=(), requ
     _no_unknown("imagefolder", opts, ("require_classes",))
     if holdout:
         raise MinidiffError("the imagefolder dataset cannot hold out colour/shape pairs; "
-                            "--holdout works with the shapes dataset")
+                            "hold out a share of its captions instead, e.g. --holdout 5%")
     return ImageFolderDataset(source, _int("image_size", image_size),
                               require_classes=_bool("require_classes", require_classes))
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Optional
 
 import typer
 
@@ -45,8 +45,10 @@ def train_command(
     vision_width: int = typer.Option(16, "--vision-width", help="Image tower width."),
     vision_layers: int = typer.Option(1, "--vision-layers", help="ViT blocks, or ResNet blocks per stage."),
     patch_size: int = typer.Option(8, "--patch-size", help="ViT patch size."),
-    holdout: str = typer.Option("purple triangle,orange square", "--holdout",
-                                help="Colour-shape pairs never shown in training; '' for none."),
+    holdout: Optional[str] = typer.Option(None, "--holdout",
+                                          help="Left out of training: colour-shape pairs (shapes), or a share of "
+                                               "a folder's captions such as 5%; '' for none [default: purple "
+                                               "triangle,orange square on shapes, none on a folder]."),
     image_size: int = typer.Option(32, "--image-size", help="Image side in pixels."),
     seed: int = typer.Option(0, "--seed", help="Seed for weights and data order."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
@@ -68,7 +70,10 @@ def train_command(
     """
     if out.exists():  # before minutes of training (and seconds of imports), not after
         raise MinidiffError(f"'{out}' already exists; choose another name or remove it first")
-    from minidiff_cli.clip_train import ClipRecipe, evaluate, save_clip, train_clip
+    from minidiff_cli.clip_train import ClipRecipe, default_holdout, evaluate, save_clip, train_clip
+
+    if holdout is None:
+        holdout = default_holdout(data)
 
     recipe = ClipRecipe(data=data, image_size=image_size, holdout=holdout, steps=steps, batch_size=batch_size,
                         lr=lr, warmup=warmup, width=width, heads=heads, layers=layers,
@@ -111,6 +116,12 @@ def eval_command(
 def _describe(accuracy: dict) -> str:
     def pct(value):
         return "n/a" if value is None else f"{100 * value:.1f}%"
+
+    if "seen_top1" in accuracy:  # caption retrieval on a folder
+        return (f"caption retrieval among {accuracy['captions']} captions (chance {pct(accuracy['chance_top1'])}): "
+                f"seen top-1 {pct(accuracy['seen_top1'])}, top-5 {pct(accuracy['seen_top5'])} "
+                f"({accuracy['seen_images']} images); held-out top-1 {pct(accuracy['heldout_top1'])}, "
+                f"top-5 {pct(accuracy['heldout_top5'])} ({accuracy['heldout_images']} images)")
 
     held = ", ".join(accuracy.get("heldout_classes", [])) or "none"
     return (f"zero-shot top-1: seen pairs {pct(accuracy['seen'])}, held-out pairs {pct(accuracy['heldout'])} "
