@@ -3,6 +3,8 @@
 Samplers know nothing of prompts: they call ``denoiser(x_t, t) -> eps``. This
 module builds that callable from a model and two conditionings. The conditional
 and unconditional halves run as one batch of 2B, which is cheaper than two calls.
+At cfg 1 (plain conditioning) and cfg 0 (unconditional) one half has no effect on
+the result, so only the other one runs: a batch of B.
 """
 
 from __future__ import annotations
@@ -31,9 +33,14 @@ def guided_denoiser(model, cond: Conditioning, uncond: Conditioning | None, cfg:
         raise MinidiffError(f"the guidance scale must be a finite number (got {cfg!r:.40})")
     if clip_x0 is not None and not (isinstance(clip_x0, numbers.Real) and 0 < float(clip_x0) < math.inf):
         raise MinidiffError(f"clip_x0 must be a positive finite number or None (got {clip_x0!r:.40})")
-    if uncond is None:
+    if uncond is None or cfg == 1:
+        # cfg 1 is plain conditioning, eps_u + 1 (eps_c - eps_u) = eps_c: the unconditional half
+        # of the batch would be computed only to cancel out, so it is not computed at all.
         def raw(x, t):
             return model.predict_eps(x, t, cond)
+    elif cfg == 0:
+        def raw(x, t):  # eps_u alone: the conditional half would be multiplied by zero
+            return model.predict_eps(x, t, uncond)
     else:
         both = Conditioning.cat(cond, uncond)
 
