@@ -16,6 +16,7 @@ import math
 import numbers
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -98,6 +99,7 @@ class Pipeline:
         self.model = model
         self.name = name
         self.dtype = dtype
+        self.source: Path | None = None
 
     @classmethod
     def load(cls, model: str | os.PathLike | None = None, device: str = "auto", dtype: str = "auto") -> "Pipeline":
@@ -106,7 +108,9 @@ class Pipeline:
         torch_dtype = pick_dtype(dtype, dev)
         loaded = DiffusionModel.load(path, device=dev)
         loaded.unet.to(dtype=torch_dtype)
-        return cls(loaded, name=loaded.config.get("name") or path.stem, dtype=torch_dtype)
+        pipe = cls(loaded, name=loaded.config.get("name") or path.stem, dtype=torch_dtype)
+        pipe.source = path  # the file it came from (for files that travel with it, such as its run's CLIP)
+        return pipe
 
     @property
     def device(self) -> torch.device:
@@ -116,7 +120,10 @@ class Pipeline:
                  num_images: int = 1, *, negative: str = "", eta: float | None = None,
                  batch_size: int | None = None, callback: Callable[[dict], None] | None = None,
                  **sampler_options: Any) -> list:
-        """Images for ``prompt`` as PIL images; each carries its parameters in ``.info``."""
+        """Images for ``prompt`` as PIL images; each carries its parameters in ``.info``.
+
+        Save them with ``Pipeline.save(image, path)``: PIL's own ``image.save`` drops ``.info``.
+        """
         gen = Generation(prompt, negative or "", steps, float(cfg), sampler, seed, eta, sampler_options)
         return self.images(gen, num_images, batch_size=batch_size, callback=callback)
 
@@ -212,6 +219,18 @@ class Pipeline:
                 return cond, None  # an unconditional model: no guidance to do
             uncond = conditioner.encode([negative] * n) if negative else conditioner.null(n)
         return cond.to(self.device, self.dtype), uncond.to(self.device, self.dtype)
+
+    @staticmethod
+    def save(image, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+        """Write a generated image as a PNG with its parameters (what `minidiff info` and
+        `generate --from` read), atomically, never replacing a file unless ``overwrite``."""
+        from minidiff_cli.imagemeta import save_png
+
+        params = image.info.get("minidiff")
+        if not isinstance(params, dict):
+            raise MinidiffError("this image has no minidiff parameters; Pipeline.save takes images from "
+                                "Pipeline.generate")
+        return save_png(image, path, params, overwrite=overwrite)
 
     @staticmethod
     def _to_image(x: torch.Tensor, params: dict[str, Any]):

@@ -32,13 +32,19 @@ class TrainConfig:
     clip_arch: Optional[str] = None  # an open_clip architecture name, with clip_pretrained
     clip_pretrained: Optional[str] = None
     class_dim: int = 128
+    # Without clip_weights, `--conditioner clip` first trains a CLIP on the data (see clip_stage.py):
+    # clip_steps steps, with any other ClipRecipe setting from the `clip` table of a TOML file.
+    clip_steps: int = 2000
+    clip: dict = field(default_factory=dict)
     cfg_dropout: float = 0.1
     # model
     base_channels: int = 64
     channel_mult: list[int] = field(default_factory=lambda: [1, 2, 2])
     num_res_blocks: int = 1
-    attention_resolutions: list[int] = field(default_factory=lambda: [8])
-    cross_attention_resolutions: list[int] = field(default_factory=lambda: [8])
+    # None: the U-Net's lowest resolution (8 at the default 32 px and 3 levels), so a default follows
+    # --image-size and --channel-mult instead of naming a size that may not exist there.
+    attention_resolutions: Optional[list[int]] = None
+    cross_attention_resolutions: Optional[list[int]] = None
     head_dim: int = 32
     dropout: float = 0.0
     schedule: str = "cosine"
@@ -90,8 +96,9 @@ class TrainConfig:
         floats must be finite: NaN fails every comparison, so ``nan < 0`` alone lets it through.
         """
         self._check_types()
+        self._fill_derived_defaults()
         positive = ("image_size", "max_steps", "batch_size", "save_every", "sample_every", "log_every",
-                    "base_channels", "num_res_blocks", "head_dim", "timesteps", "class_dim")
+                    "base_channels", "num_res_blocks", "head_dim", "timesteps", "class_dim", "clip_steps")
         for name in positive:
             value = getattr(self, name)
             if value < 1:
@@ -120,6 +127,16 @@ class TrainConfig:
                 raise MinidiffError(message)
         return self
 
+    def lowest_resolution(self) -> int:
+        """The side of the U-Net's smallest feature map: image_size halved once per extra level."""
+        return max(1, self.image_size >> max(0, len(self.channel_mult) - 1))
+
+    def _fill_derived_defaults(self) -> None:
+        """Attention sizes the user did not set follow the image size (see the field comment)."""
+        for name in ("attention_resolutions", "cross_attention_resolutions"):
+            if getattr(self, name) is None:
+                setattr(self, name, [self.lowest_resolution()])
+
     def _check_types(self) -> None:
         """Each field holds what its annotation says; ints are accepted (and kept) for floats."""
         for f in dataclasses.fields(self):
@@ -134,9 +151,13 @@ class TrainConfig:
                 ok, what = isinstance(value, str), "text"
             elif kind == "Optional[str]":
                 ok, what = value is None or isinstance(value, str), "text"
-            elif kind == "list[int]":
+            elif kind == "Optional[list[int]]" and value is None:
+                ok, what = True, ""
+            elif kind in ("list[int]", "Optional[list[int]]"):
                 ok, what = isinstance(value, list) and all(_is_int(v) and v > 0 for v in value), \
                     "a list of positive whole numbers"
+            elif kind == "dict":
+                ok, what = isinstance(value, dict) and all(isinstance(k, str) for k in value), "a table of settings"
             elif kind == "list[str]":
                 ok, what = isinstance(value, list) and all(isinstance(v, str) for v in value), "a list of texts"
             else:  # a field added without a check here

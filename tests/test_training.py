@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import assert_one_line_error, cli_command, run_cli
+from conftest import ROOT, assert_one_line_error, cli_command, run_cli
 from minidiff_cli.checkpoint import read_checkpoint_meta
 from minidiff_cli.errors import MinidiffError
 from minidiff_cli.model import DiffusionModel
@@ -403,3 +403,13 @@ def test_two_process_gloo_run_ends_with_identical_weights_on_both_ranks(tmp_path
     assert training["world_size"] == 2 and training["step"] == 4
     assert metric_steps(out) == [1, 2, 3, 4]
     assert DiffusionModel.load(out / MODEL).unet.config.image_size == 16
+
+
+def test_attention_defaults_follow_the_image_size_unless_given():
+    assert merge({"image_size": 64}, None).attention_resolutions == [16]  # 64, 32, 16: the lowest
+    assert merge({"image_size": 32}, None).cross_attention_resolutions == [8]  # as before at the default size
+    assert merge({"image_size": 64, "channel_mult": [1, 2]}, None).attention_resolutions == [32]
+    given = merge({"image_size": 64, "attention_resolutions": [32, 16]}, None)
+    assert (given.attention_resolutions, given.cross_attention_resolutions) == ([32, 16], [16])
+    recipe = merge({"image_size": 64}, ROOT / "recipes" / "shapes-clip.toml")  # sets them: they stay
+    assert (recipe.attention_resolutions, recipe.cross_attention_resolutions) == ([8], [8])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 from typing import Optional
@@ -48,9 +49,11 @@ def train_command(
     base_channels: Optional[int] = typer.Option(None, "--base-channels", help="U-Net width at full resolution [default: 64]."),
     channel_mult: Optional[str] = typer.Option(None, "--channel-mult", help="Width multipliers per level [default: 1,2,2]."),
     num_res_blocks: Optional[int] = typer.Option(None, "--num-res-blocks", help="ResBlocks per level [default: 1]."),
-    attention_resolutions: Optional[str] = typer.Option(None, "--attention-resolutions", help="Self-attention at these sizes [default: 8]."),
-    cross_attention_resolutions: Optional[str] = typer.Option(None, "--cross-attention-resolutions", help="Cross-attention at these sizes [default: 8]."),
-    clip_weights: Optional[str] = typer.Option(None, "--clip-weights", help="Text encoder file (from `minidiff clip train`)."),
+    attention_resolutions: Optional[str] = typer.Option(None, "--attention-resolutions", help="Self-attention at these feature-map sizes [default: the lowest, e.g. 8 at --image-size 32]."),
+    cross_attention_resolutions: Optional[str] = typer.Option(None, "--cross-attention-resolutions", help="Cross-attention at these sizes [default: the lowest]."),
+    clip_weights: Optional[str] = typer.Option(None, "--clip-weights", help="Text encoder file (from `minidiff clip train`); "
+                                               "without it, --conditioner clip first trains one on --data."),
+    clip_steps: Optional[int] = typer.Option(None, "--clip-steps", help="Steps of that first stage, when it runs [default: 2000]."),
     clip_arch: Optional[str] = typer.Option(None, "--clip-arch", help="open_clip architecture, with --clip-pretrained."),
     clip_pretrained: Optional[str] = typer.Option(None, "--clip-pretrained", help="open_clip pretrained tag or local weights file."),
     init_from: Optional[str] = typer.Option(None, "--init-from", help="Start from a model file's weights (fine-tuning)."),
@@ -75,11 +78,19 @@ def train_command(
     from minidiff_cli.trainconfig import load_toml, merge
 
     cfg = merge(flags, config)
-    if resume:
+    if resume and not _stopped_in_text_stage(cfg):
         given = {k for k, v in flags.items() if v is not None}
         given |= {k.replace("-", "_") for k in (load_toml(config) if config else {})}
         cfg = _resumed_config(cfg, given)
     _train(cfg, resume)
+
+
+def _stopped_in_text_stage(cfg) -> bool:
+    """True when the run in --out never reached the diffusion stage (it stopped in or after stage 1)."""
+    from minidiff_cli.clip_stage import needs_clip_stage
+    from minidiff_cli.training import CHECKPOINT
+
+    return needs_clip_stage(cfg) and not (Path(cfg.out) / CHECKPOINT).is_file()
 
 
 def _int_list(text: str, key: str) -> list[int]:
@@ -113,9 +124,15 @@ def _resumed_config(cfg, given: set[str]):
 
 
 def _train(cfg, resume: bool) -> None:
-    from minidiff_cli.training import Trainer
+    from minidiff_cli.clip_stage import needs_clip_stage
+    from minidiff_cli.training import CHECKPOINT, Trainer
 
+    stages = needs_clip_stage(cfg)
+    if stages:
+        cfg = dataclasses.replace(cfg, clip_weights=str(_text_stage(cfg, resume)))
+        resume = resume and (Path(cfg.out) / CHECKPOINT).is_file()
     trainer = Trainer(cfg, resume=resume, log=lambda msg: print(msg, file=sys.stderr))
+    trainer.stage_label = "stage 2/2: diffusion" if stages else "training"
     main = trainer.dist.main
     if main:
         world = trainer.dist.world
@@ -138,6 +155,28 @@ def _train(cfg, resume: bool) -> None:
               if loss is not None else f"done; model: {Path(cfg.out) / 'model.safetensors'}")
 
 
+def _text_stage(cfg, resume: bool) -> Path:
+    """Stage 1: the run's own CLIP, trained (or continued, or found done) in --out."""
+    import os
+
+    from minidiff_cli.clip_stage import clip_path, run_clip_stage
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not clip_path(cfg.out).is_file():
+        raise MinidiffError("the text-encoder stage runs in one process: run `minidiff train` once without "
+                            "torchrun (it stops after stage 1 with Ctrl-C), or pass --clip-weights")
+    from minidiff_cli.cli.clip import loss_progress
+
+    log = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
+    try:
+        with loss_progress(cfg.clip_steps, bool(cfg.quiet), label="stage 1/2: text encoder",
+                           log_every=cfg.log_every) as report:
+            return run_clip_stage(cfg, resume=resume, callback=report, log=log)
+    except KeyboardInterrupt:
+        print(f"interrupted in stage 1 (text encoder); saved. Continue with: minidiff train --out {cfg.out} "
+              "--resume", file=sys.stderr)
+        sys.exit(130)
+
+
 def _log_lines(every: int):
     def log(info: dict) -> None:
         if info["step"] % every == 0:
@@ -151,7 +190,7 @@ def _run_with_display(trainer) -> dict:
 
     from minidiff_cli.cli.display import stderr_console
 
-    columns = [TextColumn("training"), BarColumn(), MofNCompleteColumn(),
+    columns = [TextColumn(getattr(trainer, "stage_label", "training")), BarColumn(), MofNCompleteColumn(),
                TextColumn("loss {task.fields[loss]}  lr {task.fields[lr]}  {task.fields[speed]}"),
                TextColumn("ETA"), TimeRemainingColumn()]
     with Progress(*columns, console=stderr_console()) as progress:
