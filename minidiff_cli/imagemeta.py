@@ -10,6 +10,8 @@ Two text chunks:
       Steps: 50, Sampler: ddim, CFG scale: 3.0, Seed: 7, Size: 32x32, Model: shapes-clip, Model hash: 0123456789
 
 - ``minidiff``: the exact parameters as JSON, which ``info`` and ``--from`` read.
+  A PNG with only ``parameters`` (made by another program) is read by
+  ``infotext.py``, from the text that ``read_texts`` returns after the checks below.
 
 PNGs from strangers may be hostile. Before Pillow parses anything, the chunk
 headers up to the image data are walked by hand (8 bytes read per chunk): the
@@ -73,6 +75,12 @@ def read_parameters(path: str | os.PathLike) -> dict[str, Any]:
     checks the types of the keys it uses.
     """
     path = Path(path)
+    return parameters_from_texts(path, read_texts(path))
+
+
+def read_texts(path: str | os.PathLike) -> dict[str, str]:
+    """The text chunks before a PNG's image data, after the chunk walk; one ImageMetadataError line otherwise."""
+    path = Path(path)
     try:
         if not path.exists():
             raise ImageMetadataError(f"image '{path}' does not exist")
@@ -83,12 +91,16 @@ def read_parameters(path: str | os.PathLike) -> dict[str, Any]:
             if signature != PNG_SIGNATURE:
                 raise ImageMetadataError(_not_png(path, signature))
             _check_chunks(path, fh)
-        text = _pillow_text(path)
+        return _pillow_text(path)
     except ImageMetadataError:
         raise
     except (OSError, ValueError) as exc:  # unreadable file, or a name the system refuses
         raise ImageMetadataError(f"'{path}' could not be read: {_first_line(exc)}") from None
-    return _parse(path, text.get(JSON_KEY))
+
+
+def parameters_from_texts(path: Path, texts: dict[str, str]) -> dict[str, Any]:
+    """minidiff's own parameters from the JSON chunk of ``texts`` (as ``read_texts`` returns them)."""
+    return _parse(path, texts.get(JSON_KEY))
 
 
 def _not_png(path: Path, signature: bytes) -> str:

@@ -219,12 +219,14 @@ def test_from_a_png_without_parameters_is_a_one_line_error(tmp_path):
     Image.new("RGB", (4, 4)).save(plain)
     other = tmp_path / "other.png"
     info = PngInfo()
-    info.add_text("parameters", "a cat\nSteps: 20")  # another program's parameters only
+    info.add_text("parameters", "a cat\nSteps: 20")  # another program's text, without a settings line
     Image.new("RGB", (4, 4)).save(other, pnginfo=info)
     for image in (plain, other):
         result = run_cli("generate", "--from", str(image), "-o", str(tmp_path / "out"))
         assert_one_line_error(result, str(image), "has no minidiff parameters")
-        assert_one_line_error(run_cli("info", str(image)), str(image), "has no minidiff parameters")
+    assert_one_line_error(run_cli("info", str(plain)), str(plain), "has no minidiff parameters")
+    shown = run_cli("info", str(other))  # another program's text is shown as it is (tests/test_infotext.py)
+    assert shown.returncode == 0 and shown.stdout == "a cat\nSteps: 20\n", shown.stderr
     assert not (tmp_path / "out").exists()
 
 

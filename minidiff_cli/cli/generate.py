@@ -101,9 +101,13 @@ def _resolve(given: dict[str, Any], from_image: Path | None) -> dict[str, Any]:
     """Flags given > the parameters of --from > defaults."""
     stored: dict[str, Any] = {}
     if from_image is not None:
-        from minidiff_cli.imagemeta import read_parameters
+        from minidiff_cli.infotext import read_for_repeat
 
-        stored = _checked_types(read_parameters(from_image), from_image)
+        # minidiff's JSON chunk, or what maps from another program's `parameters` text (with a note)
+        stored, note = read_for_repeat(from_image, sampler_given=given.get("sampler") is not None)
+        if note:
+            print(f"minidiff: note: {note}", file=sys.stderr)
+        stored = _checked_types(stored, from_image)
     params = {}
     for key in ("prompt", "model", *DEFAULTS):
         if given.get(key) is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any, Optional
 
@@ -16,7 +17,8 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".ti
 @app.command("info")
 def info_command(
     target: Optional[str] = typer.Argument(None, help="A model (.safetensors path or name) or a PNG made by "
-                                           "minidiff [default: the shipped model]."),
+                                           "minidiff (or by AUTOMATIC1111 / stable-diffusion.cpp) "
+                                           "[default: the shipped model]."),
     as_json: bool = typer.Option(False, "--json", help="Print everything as JSON."),
 ) -> None:
     """Show a model's config, or the parameters stored in a generated image.
@@ -36,10 +38,27 @@ def info_command(
 
 
 def _image_info(path: Path, as_json: bool) -> None:
-    from minidiff_cli.imagemeta import format_parameters, read_parameters
+    from minidiff_cli.imagemeta import format_parameters
+    from minidiff_cli.infotext import read_image
 
-    params = read_parameters(path)
+    params, foreign = read_image(path)
+    if foreign is not None:
+        _foreign_info(path, foreign, as_json)
+        return
     typer.echo(json.dumps(params, indent=2, ensure_ascii=False) if as_json else format_parameters(params))
+
+
+def _foreign_info(path: Path, text: str, as_json: bool) -> None:
+    """Another program's `parameters` text: shown as it is (escapes made visible), and split into fields."""
+    from minidiff_cli.infotext import parse, printable
+
+    info = parse(text, path)  # refuses an oversized text
+    if as_json:  # ASCII-escaped: no control character of a stranger's reaches the terminal
+        typer.echo(json.dumps({"made_by_minidiff": False, "parameters_text": text, "prompt": info.prompt,
+                               "negative_prompt": info.negative_prompt, "settings": info.settings}, indent=2))
+        return
+    print(f"minidiff: note: '{path}' was not made by minidiff; this is its 'parameters' text", file=sys.stderr)
+    typer.echo(printable(text))
 
 
 def _model_info(target: str | None, as_json: bool) -> None:
