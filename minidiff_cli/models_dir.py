@@ -3,7 +3,8 @@
 ``--model`` takes a path to a ``.safetensors`` file, or the name of a model in
 the shipped folder (inside the package) or in the user's model folder
 (``$MINIDIFF_MODELS_DIR``, else ``$XDG_DATA_HOME/minidiff/models``, else
-``~/.local/share/minidiff/models``).
+``~/.local/share/minidiff/models``), or a run folder of ``minidiff train``
+(``runs/NAME``, which holds ``model.safetensors``).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from minidiff_cli.errors import UnknownNameError
 
 SHIPPED_DIR = Path(__file__).parent / "models"
 DEFAULT_MODEL = "shapes-clip"
+RUNS_DIR = Path("runs")  # where the README's `minidiff train --out runs/NAME` puts runs, from the current folder
+RUN_MODEL = "model.safetensors"  # the file a run folder exports (training.MODEL)
 
 
 def user_dir() -> Path:
@@ -25,11 +28,16 @@ def user_dir() -> Path:
 
 
 def list_models() -> list[tuple[str, Path, str]]:
-    """(name, path, where) for every model file found, shipped first."""
+    """(name, path, where) for every model file found: shipped, user, then run folders.
+
+    A run's name is its folder (``runs/shapes``), which ``--model`` takes as a path.
+    """
     found = []
     for folder, where in ((SHIPPED_DIR, "shipped"), (user_dir(), "user")):
         if folder.is_dir():
             found += [(p.stem, p, where) for p in sorted(folder.glob("*.safetensors"))]
+    if RUNS_DIR.is_dir():
+        found += [(str(p.parent), p, "run") for p in sorted(RUNS_DIR.glob(f"*/{RUN_MODEL}")) if p.is_file()]
     return found
 
 
@@ -37,6 +45,8 @@ def resolve_model(model: str | os.PathLike | None) -> Path:
     """The file for a model name or path; ``None`` is the shipped default."""
     name = DEFAULT_MODEL if model is None else str(model)
     path = Path(name).expanduser()
+    if path.is_dir() and (path / RUN_MODEL).is_file():
+        return path / RUN_MODEL  # a run folder
     if path.suffix == ".safetensors" or os.sep in name or path.exists():
         return path  # a path: weights.py reports a missing or broken file
     for stem, found, _ in list_models():

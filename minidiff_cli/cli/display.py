@@ -60,19 +60,47 @@ def image_to_text(image, max_width: int = 64):
     return text
 
 
-def show_images(images, max_width: int = 64) -> None:
-    """Draw images side by side in the terminal when stdout is one."""
-    if not sys.stdout.isatty() or not images:
+def can_preview() -> bool:
+    """Whether a colour picture belongs on stdout: a terminal, colour allowed (no-color.org), not dumb.
+
+    Without colour the half-blocks would be rows of identical characters, so no picture is better.
+    """
+    import os
+
+    return (sys.stdout.isatty() and not os.environ.get("NO_COLOR")
+            and os.environ.get("TERM", "").lower() != "dumb")
+
+
+GAP = 2  # pixels (columns) between tiles; one text line between rows of tiles
+
+
+def preview_layout(count: int, side: int, width: int, height: int) -> tuple[int, int, int]:
+    """(tile side in pixels, tiles per row, tiles shown) for ``count`` square images in a
+    terminal of ``width`` columns and ``height`` lines: as many whole rows as fit, at least one."""
+    side = max(2, min(side, width))
+    per_row = max(1, min(count, (width + GAP) // (side + GAP)))
+    lines_per_row = -(-side // 2) + 1
+    rows = max(1, (height - 2) // lines_per_row)  # two lines kept for the prompt and the note
+    return side, per_row, min(count, per_row * rows)
+
+
+def show_images(images) -> None:
+    """Draw images tiled in a grid that fits the terminal, when stdout is a colour terminal;
+    a last line says how many did not fit (they are in the files printed above)."""
+    if not images or not can_preview():
         return
     from PIL import Image
     from rich.console import Console
 
-    gap = 2
-    w, h = images[0].width, images[0].height
-    per_row = max(1, min(len(images), max_width // (w + gap)))
-    for start in range(0, len(images), per_row):
-        row = images[start:start + per_row]
-        sheet = Image.new("RGB", (len(row) * (w + gap) - gap, h), (0, 0, 0))
-        for i, img in enumerate(row):
-            sheet.paste(img.convert("RGB"), (i * (w + gap), 0))
-        Console().print(image_to_text(sheet, max_width=max(max_width, sheet.width)), end="")
+    console = Console()
+    side, per_row, shown = preview_layout(len(images), max(images[0].size), console.width, console.height)
+    tiles = [img.convert("RGB").resize((side, side)) if max(img.size) != side else img.convert("RGB")
+             for img in images[:shown]]
+    for start in range(0, shown, per_row):
+        row = tiles[start:start + per_row]
+        sheet = Image.new("RGB", (len(row) * (side + GAP) - GAP, side), (0, 0, 0))
+        for i, tile in enumerate(row):
+            sheet.paste(tile, (i * (side + GAP), 0))
+        console.print(image_to_text(sheet, max_width=sheet.width))  # its newline is the gap between rows
+    if shown < len(images):
+        console.print(f"{len(images) - shown} more image(s) not shown; the terminal fits {shown}", highlight=False)

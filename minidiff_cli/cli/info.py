@@ -108,7 +108,20 @@ def _print_model(summary: dict[str, Any]) -> None:
     if config.get("class_names"):
         rows.append(("classes", ", ".join(config["class_names"])))
     if config.get("training"):
-        rows.append(("training", json.dumps(config["training"])[:400]))
+        rows.append(("training", shortened_json(config["training"], TRAINING_CHARS)))
     for key, value in rows:
         table.add_row(key, str(value))
     Console().print(table)
+
+
+TRAINING_CHARS = 400  # the training record holds every flag; the table shows its start
+
+
+def shortened_json(value: Any, limit: int) -> str:
+    """``value`` as JSON, cut after the last whole item that fits in ``limit`` characters,
+    with an ellipsis that says where the rest is."""
+    text = json.dumps(value)
+    if len(text) <= limit:
+        return text
+    cut = text.rfind(", ", 0, limit)
+    return f"{text[:cut if cut > 0 else limit]}, ... (all of it: minidiff info FILE --json)"

@@ -1,4 +1,4 @@
-"""``minidiff models``: the shipped model and any in the user's model folder."""
+"""``minidiff models``: the shipped model, the user's model folder, and run folders under runs/."""
 
 from __future__ import annotations
 
@@ -11,7 +11,12 @@ from minidiff_cli.cli.app import app
 
 @app.command("models")
 def models_command(as_json: bool = typer.Option(False, "--json", help="Print the list as JSON.")) -> None:
-    """List model files that --model NAME can use.
+    """List model files that --model can use: shipped, user and run models.
+
+    User models are the .safetensors files in $MINIDIFF_MODELS_DIR (default:
+    $XDG_DATA_HOME/minidiff/models, else ~/.local/share/minidiff/models); copy a model
+    there to use it by name, as --model NAME. Run models are runs/*/model.safetensors
+    under the current folder, used as --model runs/NAME.
 
     Example: minidiff models
     """
@@ -23,7 +28,8 @@ def models_command(as_json: bool = typer.Option(False, "--json", help="Print the
         typer.echo(json.dumps(rows, indent=2))
         return
     if not rows:
-        typer.echo(f"no models found (user folder: {user_dir()})")
+        typer.echo("no models found")
     for row in rows:
         mark = " (default)" if row["default"] else ""
         typer.echo(f"{row['name']}{mark}\t{row['where']}\t{row['path']}")
+    typer.echo(f"user folder: {user_dir()} (set MINIDIFF_MODELS_DIR to change it)")

@@ -171,14 +171,12 @@ def _text_size(font, text: str) -> tuple[int, int]:
 
 def _preview(frames, labels) -> None:
     """The strip in colour half-blocks, with the labels under it, when stdout is a terminal."""
-    import sys
+    from minidiff_cli.cli.display import can_preview, image_to_text
 
-    if not sys.stdout.isatty():
+    if not can_preview():
         return
     from PIL import Image
     from rich.console import Console
-
-    from minidiff_cli.cli.display import image_to_text
 
     console = Console()
     gap, n = 2, len(frames)

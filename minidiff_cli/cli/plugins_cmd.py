@@ -29,7 +29,8 @@ def plugins_command(
         return
     table = Table(title="minidiff plugins")
     for column in ("plugin", "distribution", "hooks", "registered", "status"):
-        table.add_column(column)
+        # fold: a long name or error breaks onto the next line instead of ending in an ellipsis
+        table.add_column(column, overflow="fold")
     for info in infos:
         dist = f"{info.distribution} {info.version}" if info.distribution else info.source
         registered = "; ".join(f"{kind}: {', '.join(names)}" for kind, names in info.registered.items())

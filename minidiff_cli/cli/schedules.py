@@ -28,35 +28,55 @@ TIMESTEPS = typer.Option(1000, "--timesteps", "-T", help="Number of diffusion ti
 
 
 @schedules_app.command("list")
-def list_command(timesteps: int = TIMESTEPS) -> None:
+def list_command(
+    timesteps: int = TIMESTEPS,
+    as_json: bool = typer.Option(False, "--json", help="Print the list as JSON."),
+) -> None:
     """List the schedules, the plugin that registered each, alpha_bar at T/2 and the final SNR.
 
     Example:
 
-      minidiff schedules list --timesteps 1000
+      minidiff schedules list --timesteps 1000 --json
     """
+    if timesteps < 2:
+        raise MinidiffError(f"timesteps must be at least 2 (got {timesteps})")
+    rows = _schedule_rows(timesteps)
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
     from rich.console import Console
     from rich.markup import escape
     from rich.table import Table
 
-    from minidiff_cli import plugins
-
-    if timesteps < 2:
-        raise MinidiffError(f"timesteps must be at least 2 (got {timesteps})")
-    reg = plugins.registry()
     table = Table(title=f"noise schedules (T = {timesteps})")
     for column in ("name", "plugin", "alpha_bar(T/2)", "SNR(T-1)"):
         table.add_column(column, justify="left" if column in ("name", "plugin") else "right")
+    for row in rows:
+        if row["error"]:
+            table.add_row(row["name"], row["plugin"], "[red]error[/red]", escape(row["error"]))
+        else:
+            table.add_row(row["name"], row["plugin"], f"{row['alpha_bar_half']:.4f}", f"{row['snr_final']:.3e}")
+    Console().print(table)
+
+
+def _schedule_rows(timesteps: int) -> list[dict]:
+    """name, plugin, alpha_bar(T/2), SNR(T-1) of every schedule; a broken one has its error instead."""
+    from minidiff_cli import plugins
+
+    reg = plugins.registry()
+    rows = []
     for name in reg.names("schedules"):
+        row = {"name": name, "plugin": reg.owner("schedules", name), "alpha_bar_half": None, "snr_final": None,
+               "error": None}
         try:
             schedule = plugins.get_schedule(name, timesteps)
         except Exception as exc:  # one broken plugin schedule must not hide the others
-            table.add_row(name, reg.owner("schedules", name), "[red]error[/red]", escape(str(exc).splitlines()[0]))
-            continue
-        half = schedule.alphas_cumprod[timesteps // 2].item()
-        final = schedule.snr(timesteps - 1).item()
-        table.add_row(name, reg.owner("schedules", name), f"{half:.4f}", f"{final:.3e}")
-    Console().print(table)
+            row["error"] = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        else:
+            row["alpha_bar_half"] = schedule.alphas_cumprod[timesteps // 2].item()
+            row["snr_final"] = schedule.snr(timesteps - 1).item()
+        rows.append(row)
+    return rows
 
 
 @schedules_app.command("show")
