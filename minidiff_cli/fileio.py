@@ -59,8 +59,10 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None], *, over
     os.close(fd)
     tmp = Path(tmp_name)
     try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get the usual permissions
         write(tmp)
+        # mkstemp makes 0600, and some writers (safetensors) replace the file with their own:
+        # set the mode after writing, so every output gets the same umask-based permissions.
+        os.chmod(tmp, 0o666 & ~_umask())
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         if overwrite:

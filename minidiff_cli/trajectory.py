@@ -77,14 +77,14 @@ def gif_frames(frames, scale: int = 4) -> list:
     return out
 
 
-def save(frames, png_path, gif_path) -> None:
-    """Write the strip and the GIF atomically; neither replaces an existing file."""
+def save(frames, png_path, gif_path, *, overwrite: bool = False) -> None:
+    """Write the strip and the GIF atomically; neither replaces an existing file unless ``overwrite``."""
     from minidiff_cli.fileio import atomic_write
 
     sheet = strip(frames)
-    atomic_write(png_path, lambda p: sheet.save(p, format="PNG"), overwrite=False)
+    atomic_write(png_path, lambda p: sheet.save(p, format="PNG"), overwrite=overwrite)
     images = gif_frames(frames)
     # Hold the last frame so the finished picture stays on screen before the loop restarts.
     durations = [80] * (len(images) - 1) + [1200]
     atomic_write(gif_path, lambda p: images[0].save(p, format="GIF", save_all=True, append_images=images[1:],
-                                                    duration=durations, loop=0), overwrite=False)
+                                                    duration=durations, loop=0), overwrite=overwrite)

@@ -57,20 +57,28 @@ def train_command(
     save_vision: bool = typer.Option(True, "--save-vision/--no-save-vision",
                                      help="Also store the image tower (needed by `minidiff clip eval`)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out if it exists."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the checkpoint next to --out "
+                                                        "(OUT.checkpoint.safetensors) after a crash or Ctrl-C."),
 ) -> None:
-    """Train a CLIP on image-caption pairs and save it, with its zero-shot accuracy.
+    """Train a CLIP on image-caption pairs and save it, with its evaluation.
 
-    Held-out pairs are left out of training; the evaluation ranks the captions
-    "a {colour} {shape}" of every class for fresh images, and reports seen and
-    held-out classes apart.
+    Held-out captions are left out of training. On a folder, the evaluation ranks every
+    caption of the folder for each image (top-1 / top-5 retrieval); on shapes, the
+    captions "a {colour} {shape}" of every class for fresh images. Seen and held-out
+    captions are reported apart. A checkpoint is kept next to --out while training.
 
-    Example:
+    Examples:
 
       minidiff clip train --data shapes --out shapes-clip.safetensors --threads 1
+
+      minidiff clip train --data ./my_images --holdout 5% --out my-clip.safetensors
     """
-    if out.exists():  # before minutes of training (and seconds of imports), not after
-        raise MinidiffError(f"'{out}' already exists; choose another name or remove it first")
-    from minidiff_cli.clip_train import ClipRecipe, default_holdout, evaluate, save_clip, train_clip
+    if out.exists() and not overwrite:  # before minutes of training (and seconds of imports), not after
+        raise MinidiffError(f"'{out}' already exists; choose another name, or pass --overwrite")
+    from minidiff_cli.clip_train import ClipRecipe, default_holdout, describe_accuracy, evaluate, save_clip, train_clip
+
+    from minidiff_cli.clip_stage import checkpoint_path
 
     if holdout is None:
         holdout = default_holdout(data)
@@ -80,15 +88,26 @@ def train_command(
                         context_length=context_length, embed_dim=embed_dim, vision=vision,
                         vision_width=vision_width, vision_layers=vision_layers, patch_size=patch_size,
                         seed=seed, device=device, threads=threads).check()
-    with _loss_progress(steps, quiet) as report:
-        model, summary = train_clip(recipe, callback=report)
+    checkpoint = checkpoint_path(out)
+    if checkpoint.exists() and not resume:
+        raise MinidiffError(f"'{checkpoint}' holds an unfinished run; pass --resume to continue it, or remove it")
+    if resume and not checkpoint.exists():
+        raise MinidiffError(f"nothing to resume: '{checkpoint}' does not exist")
+    try:
+        with loss_progress(steps, quiet) as report:
+            model, summary = train_clip(recipe, callback=report, checkpoint=checkpoint)
+    except KeyboardInterrupt:
+        typer.echo(f"interrupted; saved {checkpoint}. Continue with the same command and --resume", err=True)
+        raise typer.Exit(130)
     accuracy = evaluate(model, recipe)
-    path = save_clip(out, model, recipe.model_config(), accuracy, summary, include_vision=save_vision)
+    path = save_clip(out, model, recipe.model_config(), accuracy, summary, include_vision=save_vision,
+                     overwrite=overwrite)
+    checkpoint.unlink(missing_ok=True)
     minutes, seconds = divmod(summary["wall_s"], 60)
     took = f"{int(minutes)} min {seconds:.0f} s" if minutes else f"{seconds:.1f} s"
     typer.echo(f"saved {path} ({path.stat().st_size / 1e6:.1f} MB) after {steps} steps in {took}; "
                f"loss {summary['first_loss']:.3f} -> {summary['final_loss']:.3f}")
-    typer.echo(_describe(accuracy))
+    typer.echo(describe_accuracy(accuracy))
 
 
 @clip_app.command("eval")
@@ -103,48 +122,38 @@ def eval_command(
 
       minidiff clip eval shapes-clip.safetensors
     """
-    from minidiff_cli.clip_train import ClipRecipe, evaluate, load_clip
+    from minidiff_cli.clip_train import ClipRecipe, describe_accuracy, evaluate, load_clip
 
     model, metadata = load_clip(path)
     trained = json.loads(metadata.get("training", "{}")).get("recipe", {})
     keep = ("data", "image_size", "holdout", "seed")
     recipe = ClipRecipe(**{k: trained[k] for k in keep if k in trained}, eval_images_per_class=images_per_class)
     accuracy = evaluate(model, recipe)
-    typer.echo(json.dumps(accuracy) if as_json else _describe(accuracy))
-
-
-def _describe(accuracy: dict) -> str:
-    def pct(value):
-        return "n/a" if value is None else f"{100 * value:.1f}%"
-
-    if "seen_top1" in accuracy:  # caption retrieval on a folder
-        return (f"caption retrieval among {accuracy['captions']} captions (chance {pct(accuracy['chance_top1'])}): "
-                f"seen top-1 {pct(accuracy['seen_top1'])}, top-5 {pct(accuracy['seen_top5'])} "
-                f"({accuracy['seen_images']} images); held-out top-1 {pct(accuracy['heldout_top1'])}, "
-                f"top-5 {pct(accuracy['heldout_top5'])} ({accuracy['heldout_images']} images)")
-
-    held = ", ".join(accuracy.get("heldout_classes", [])) or "none"
-    return (f"zero-shot top-1: seen pairs {pct(accuracy['seen'])}, held-out pairs {pct(accuracy['heldout'])} "
-            f"({held}); colour {pct(accuracy['colour'])}, shape {pct(accuracy['shape'])}")
+    typer.echo(json.dumps(accuracy) if as_json else describe_accuracy(accuracy))
 
 
 @contextmanager
-def _loss_progress(total: int, quiet: bool) -> Iterator[Callable[[dict], None]]:
-    """A rich progress bar on stderr (step, loss, it/s, ETA); yields the training callback."""
+def loss_progress(total: int, quiet: bool, label: str = "clip",
+                  log_every: int = 0) -> Iterator[Callable[[dict], None]]:
+    """A rich progress bar on stderr (step, mean loss of the last 50 steps, it/s, ETA); yields the
+    training callback. Quiet: a log line every ``log_every`` steps (none when 0)."""
     if quiet:
-        yield lambda info: None
+        def log(info: dict) -> None:
+            if log_every and info["step"] % log_every == 0:
+                typer.echo(f"{label}: step {info['step']} loss {info['smoothed']:.4f}", err=True)
+        yield log
         return
     from rich.console import Console
     from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                                TimeRemainingColumn)
 
-    columns = [TextColumn("clip"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
+    columns = [TextColumn(label), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
                TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn()]
     with Progress(*columns, console=Console(stderr=True)) as progress:
-        task = progress.add_task("clip", total=total, loss="-", rate="")
+        task = progress.add_task(label, total=total, loss="-", rate="")
 
         def report(info: dict) -> None:
-            progress.update(task, completed=info["step"], loss=f"{info['loss']:.3f}")
+            progress.update(task, completed=info["step"], loss=f"{info['smoothed']:.3f}")
             speed = progress.tasks[0].speed
             if speed:
                 progress.update(task, rate=f"{speed:.1f} it/s")

@@ -21,6 +21,7 @@ DEFAULTS = {"negative_prompt": "", "steps": 50, "cfg": 3.0, "sampler": "ddim", "
 
 @app.command("generate")
 def generate_command(
+    ctx: typer.Context,
     prompt: Optional[str] = typer.Argument(None, help="What to draw, e.g. \"a red circle\"."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Model name or .safetensors path "
                                         "[default: the shipped model]."),
@@ -42,11 +43,17 @@ def generate_command(
     from_image: Optional[Path] = typer.Option(None, "--from", help="Repeat the parameters stored in a PNG; "
                                               "flags given override them."),
     as_json: bool = typer.Option(False, "--json", help="Print what was written as JSON on stdout."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing files of an -o FILE.png (and "
+                                   "their trajectory files); in a folder, images always get new numbers."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar and no terminal preview."),
     save_trajectory: bool = typer.Option(False, "--save-trajectory", help="Also save, next to each image, a strip "
                                          "and a GIF of x_t and the predicted x0 along the steps."),
     sampler_option: Optional[list[str]] = typer.Option(None, "--sampler-option", "-O", help="A sampler option "
                                                        "KEY=VALUE, repeatable, e.g. -O spacing=leading -O karras=true."),
+    prompts_file: Optional[Path] = typer.Option(None, "--prompts", help="A file of prompts, one a line, or JSON "
+                                                "lines with overrides: {\"prompt\": .., \"negative\", \"seed\", "
+                                                "\"steps\", \"cfg\", \"n\"}; writes line-LLLLL-KK.png into the -o "
+                                                "folder. Splits the lines over processes under torchrun."),
 ) -> None:
     """Draw images from a prompt with a trained model.
 
@@ -59,16 +66,28 @@ def generate_command(
       minidiff generate --from outputs/minidiff-00000.png --seed 5
 
       minidiff generate "a green triangle" --save-trajectory
+
+      minidiff generate --prompts prompts.txt -o out/
     """
     from minidiff_cli.pipeline import Generation
 
     given = {"prompt": prompt, "negative_prompt": negative, "steps": steps, "cfg": cfg, "sampler": sampler,
              "seed": seed, "eta": eta, "model": model,
              "sampler_options": _sampler_options(sampler_option) if sampler_option else None}
+    if prompts_file is not None or _under_torchrun():
+        given["prompt"] = _prompts_instead_of(prompt, prompts_file, save_trajectory)
     params = _resolve(given, from_image)
     _check_numbers(params, num_images, batch_size)
-    targets = _output_paths(output, num_images)
-    if save_trajectory:
+    if prompts_file is not None:
+        from minidiff_cli.cli.generate_prompts import FileRun, generate_from_file
+
+        generate_from_file(params, FileRun(prompts_file, output, num_images, batch_size, grid, device, dtype, as_json,
+                                           quiet, from_image if model is None else None))
+        return
+    # A failed or interrupted run must not leave behind an empty folder that it made.
+    ctx.call_on_close(_remove_if_empty(_missing_folders(output if not output.suffix else output.parent)))
+    targets = _output_paths(output, num_images, overwrite)
+    if save_trajectory and not overwrite:
         _check_free([p for target in targets for p in _trajectory_paths(target)])
 
     pipe = _load(params["model"], device, dtype, from_image if model is None else None)
@@ -82,9 +101,9 @@ def generate_command(
 
         recorder = TrajectoryRecorder()
     images = _run(pipe, gen, num_images, batch_size, quiet, recorder)
-    written = _save(images, targets, output, grid)
+    written = _save(images, targets, output, grid, overwrite)
     if recorder is not None:
-        written += _save_trajectories(recorder, targets)
+        written += _save_trajectories(recorder, targets, overwrite)
     if as_json:
         typer.echo(json.dumps({"images": [str(p) for p in written],
                                "parameters": [img.info["minidiff"] for img in images]}, indent=2))
@@ -95,6 +114,24 @@ def generate_command(
         from minidiff_cli.cli.display import show_images
 
         show_images(images)
+
+
+def _under_torchrun() -> bool:
+    from minidiff_cli.ranks import world_size
+
+    return world_size() > 1
+
+
+def _prompts_instead_of(prompt: str | None, prompts_file: Path | None, save_trajectory: bool) -> str:
+    """The placeholder prompt of a --prompts run (each line brings its own), after checking the flags."""
+    if prompts_file is None:
+        raise MinidiffError("under torchrun, generate splits the lines of a --prompts FILE over the processes; "
+                            "run a single prompt in one process")
+    if prompt is not None:
+        raise MinidiffError("give a prompt or --prompts FILE, not both")
+    if save_trajectory:
+        raise MinidiffError("--save-trajectory draws one prompt's steps; it does not combine with --prompts")
+    return ""
 
 
 def _resolve(given: dict[str, Any], from_image: Path | None) -> dict[str, Any]:
@@ -178,10 +215,32 @@ def _check_numbers(params: dict[str, Any], num_images: int, batch_size: int | No
     check_text("negative prompt", params["negative_prompt"] or "")
 
 
-def _output_paths(output: Path, num_images: int) -> list[Path]:
+def _missing_folders(folder: Path) -> list[Path]:
+    """``folder`` and those of its parents that do not exist yet, deepest first."""
+    missing = []
+    for path in [folder, *folder.parents]:
+        if os.path.lexists(path) or not str(path) or path == path.parent:
+            break
+        missing.append(path)
+    return missing
+
+
+def _remove_if_empty(folders: list[Path]):
+    """A callback removing ``folders`` (deepest first) while they are empty: what a run that
+    wrote nothing made, and nothing more."""
+    def remove() -> None:
+        for folder in folders:
+            try:
+                folder.rmdir()  # fails on a folder that holds anything
+            except OSError:
+                return
+    return remove
+
+
+def _output_paths(output: Path, num_images: int, overwrite: bool = False) -> list[Path]:
     """Where each image goes; checked before any work so that nothing is half-done."""
     try:
-        return _free_paths(output, num_images)
+        return _free_paths(output, num_images, overwrite)
     except (OSError, ValueError) as exc:  # e.g. a name longer than the filesystem allows
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         raise MinidiffError(f"-o '{output}' cannot be used: {reason}") from None
@@ -196,15 +255,15 @@ def _taken(path: Path) -> bool:
     return True
 
 
-def _free_paths(output: Path, num_images: int) -> list[Path]:
+def _free_paths(output: Path, num_images: int, overwrite: bool = False) -> list[Path]:
     from minidiff_cli.fileio import ensure_writable_dir, next_free_path
 
     if output.suffix.lower() == ".png":
         ensure_writable_dir(output.parent if str(output.parent) else Path("."))
         paths = [output] if num_images == 1 else [output.with_name(f"{output.stem}-{k}.png") for k in range(num_images)]
         for path in paths:
-            if _taken(path):
-                raise MinidiffError(f"'{path}' already exists; minidiff never overwrites images, choose another -o")
+            if _taken(path) and not (overwrite and path.is_file()):
+                raise MinidiffError(f"'{path}' already exists; choose another -o, or pass --overwrite")
         return paths
     if output.suffix:
         raise MinidiffError(f"-o '{output}' must be a folder or a .png file")
@@ -297,21 +356,21 @@ def _check_free(paths: list[Path]) -> None:
             raise MinidiffError(f"'{path}' already exists; minidiff never overwrites files, choose another -o")
 
 
-def _save_trajectories(recorder, targets: list[Path]) -> list[Path]:
+def _save_trajectories(recorder, targets: list[Path], overwrite: bool = False) -> list[Path]:
     from minidiff_cli import trajectory
 
     written = []
     for k, target in enumerate(targets):
         png, gif = _trajectory_paths(target)
-        trajectory.save(recorder.frames(k), png, gif)
+        trajectory.save(recorder.frames(k), png, gif, overwrite=overwrite)
         written += [png, gif]
     return written
 
 
-def _save(images: list, targets: list[Path], output: Path, grid: bool) -> list[Path]:
+def _save(images: list, targets: list[Path], output: Path, grid: bool, overwrite: bool = False) -> list[Path]:
     from minidiff_cli.imagemeta import save_png
 
-    written = [save_png(img, path, img.info["minidiff"]) for img, path in zip(images, targets)]
+    written = [save_png(img, path, img.info["minidiff"], overwrite=overwrite) for img, path in zip(images, targets)]
     if grid:
         from minidiff_cli.fileio import next_free_path
 

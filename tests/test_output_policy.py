@@ -1,0 +1,93 @@
+"""One policy for output files: never replaced without --overwrite, the umask's permissions,
+and no empty folder left behind by a generate run that wrote nothing."""
+
+from __future__ import annotations
+
+import os
+import signal
+import stat
+import subprocess
+import time
+
+from conftest import assert_one_line_error, cli_command, run_cli
+from minidiff_cli.imagemeta import read_parameters
+from tinymodels import tiny_model_file
+
+def usual_mode() -> int:
+    """What the umask gives a new file (0644 under the usual 022)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+CLIP_FLAGS = ["--steps", "2", "--batch-size", "4", "--width", "16", "--heads", "2", "--layers", "1",
+              "--embed-dim", "16", "--context-length", "8", "--device", "cpu", "-q"]
+
+
+def test_generate_replaces_a_file_only_with_overwrite(tmp_path):
+    model = tiny_model_file(tmp_path / "m.safetensors", "class")
+    target = tmp_path / "pic.png"
+    base = ["generate", "red circle", "--model", str(model), "--steps", "2", "-q", "-o", str(target)]
+    assert run_cli(*base, "--seed", "1").returncode == 0
+    assert_one_line_error(run_cli(*base, "--seed", "2"), "already exists", "--overwrite")
+    assert read_parameters(target)["seed"] == 1  # untouched by the refused run
+    result = run_cli(*base, "--seed", "2", "--overwrite", "--save-trajectory")
+    assert result.returncode == 0, result.stderr
+    assert read_parameters(target)["seed"] == 2
+    again = run_cli(*base, "--seed", "3", "--overwrite", "--save-trajectory")  # trajectory files replaced too
+    assert again.returncode == 0, again.stderr
+    assert (tmp_path / "pic-trajectory.gif").is_file()
+
+
+def test_clip_train_replaces_its_file_only_with_overwrite(tmp_path):
+    out = tmp_path / "clip.safetensors"
+    out.write_bytes(b"not a model")
+    assert_one_line_error(run_cli("clip", "train", "--out", str(out), *CLIP_FLAGS), "already exists", "--overwrite")
+    assert out.read_bytes() == b"not a model"
+    result = run_cli("clip", "train", "--out", str(out), *CLIP_FLAGS, "--overwrite")
+    assert result.returncode == 0, result.stderr
+    assert out.read_bytes()[:8] != b"not a mo" and out.stat().st_size > 100_000
+    assert stat.S_IMODE(out.stat().st_mode) == usual_mode()  # the umask rule, like every other output
+
+
+def test_model_checkpoint_and_images_share_the_umask_permissions(trained_run, tmp_path):
+    for name in ("model.safetensors", "checkpoint.safetensors", "loss.png", "metrics.jsonl", "train_config.json"):
+        assert stat.S_IMODE((trained_run / name).stat().st_mode) == usual_mode(), name
+    result = run_cli("generate", "red circle", "--model", str(trained_run / "model.safetensors"), "--steps", "1",
+                     "-q", "-o", str(tmp_path / "out"))
+    assert result.returncode == 0
+    assert stat.S_IMODE((tmp_path / "out" / "minidiff-00000.png").stat().st_mode) == usual_mode()
+    from minidiff_cli.fileio import atomic_write
+
+    old = os.umask(0o077)
+    try:
+        path = atomic_write(tmp_path / "private.txt", lambda p: p.write_text("x"))
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600  # a stricter umask is honoured, not widened
+
+
+def test_a_failed_generate_leaves_no_folder_it_created(tmp_path):
+    (tmp_path / "kept").mkdir()
+    target = tmp_path / "kept" / "new" / "deeper"
+    result = run_cli("generate", "a red circle", "--sampler", "no-such-sampler", "--steps", "2", "-q",
+                     "-o", str(target))
+    assert_one_line_error(result, "no-such-sampler")
+    assert not (tmp_path / "kept" / "new").exists() and (tmp_path / "kept").is_dir()  # only what it made
+
+
+def test_ctrl_c_during_generate_leaves_no_empty_folder(tmp_path):
+    model = tiny_model_file(tmp_path / "m.safetensors", "class")
+    target = tmp_path / "out"
+    proc = subprocess.Popen([*cli_command(), "generate", "red circle", "--model", str(model), "--steps", "20000",
+                             "-q", "-o", str(target)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not target.exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert target.is_dir(), "generate never made its folder"
+    time.sleep(0.5)  # into the sampling loop
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "Interrupted" in err and "Traceback" not in err
+    assert not target.exists()
