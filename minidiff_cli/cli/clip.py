@@ -13,6 +13,7 @@ from typing import Callable, Iterator, Optional
 
 import typer
 
+from minidiff_cli.cli import completion
 from minidiff_cli.cli.app import app
 from minidiff_cli.errors import MinidiffError
 
@@ -30,7 +31,7 @@ app.add_typer(clip_app, name="clip")
 @clip_app.command("train")
 def train_command(
     out: Path = typer.Option(..., "--out", "-o", help="The .safetensors file to write (never overwritten)."),
-    data: str = typer.Option("shapes", "--data", help="Data set with captions (a registered name)."),
+    data: str = typer.Option("shapes", "--data", autocompletion=completion.datasets, help="Data set with captions (a registered name)."),
     steps: int = typer.Option(1200, "--steps", help="Optimizer steps."),
     batch_size: int = typer.Option(64, "--batch-size", help="Image-caption pairs per step."),
     lr: float = typer.Option(1e-3, "--lr", help="Peak learning rate (AdamW; warm-up, then cosine decay)."),

@@ -8,13 +8,14 @@ from typing import Optional
 
 import typer
 
+from minidiff_cli.cli import completion
 from minidiff_cli.cli.app import app
 from minidiff_cli.errors import MinidiffError
 
 
 @app.command("eval")
 def eval_command(
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="Model name or path [default: the shipped model]."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", autocompletion=completion.models, help="Model name or path [default: the shipped model]."),
     n: int = typer.Option(8, "-n", "--per-prompt", help="Images per prompt."),
     runs: str = typer.Option("ddim:50", "--runs", help="Sampler:steps pairs, e.g. \"ddim:50,ddim:20,ddpm:100\"."),
     cfg: float = typer.Option(3.0, "--cfg", help="Guidance scale."),
@@ -28,9 +29,24 @@ def eval_command(
                                         "(a row per colour, shapes side by side)."),
     as_json: bool = typer.Option(False, "--json", help="Print the full report as JSON."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    data: Optional[str] = typer.Option(None, "--data", help="A captioned folder: measure the model on it "
+                                       "(CLIP score, R-precision, Frechet distance, KID, precision/recall) "
+                                       "instead of shapes adherence."),
+    clip: Optional[Path] = typer.Option(None, "--clip", help="With --data: the CLIP trained on that folder "
+                                        "[default: clip.safetensors next to the model file]."),
+    captions: int = typer.Option(200, "--captions", help="With --data: how many of its captions (a fixed set)."),
+    inception: Optional[Path] = typer.Option(None, "--inception", help="With --data: FID's Inception-v3 weights "
+                                             "as safetensors, to report standard FID too."),
 ) -> None:
-    """Prompt adherence on the shapes world: for every "a {colour} {shape}", sample N images,
-    classify their colour and shape, and report the fraction right, seen and held-out pairs apart.
+    """How good is a model? On shapes: prompt adherence. On a captioned folder: image metrics.
+
+    Shapes: for every "a {colour} {shape}", sample N images, classify their colour and
+    shape, and report the fraction right, seen and held-out pairs apart.
+
+    A folder (--data DIR): one image for each of a fixed set of its captions (-n per
+    caption), judged by the CLIP trained on that folder: CLIP score, R-precision among 100
+    captions, Frechet distance and KID against the folder's images, precision and recall,
+    with the same figures for the real images beside them. See docs/metrics.md.
 
     Examples:
 
@@ -39,7 +55,13 @@ def eval_command(
       minidiff eval --model runs/shapes/model.safetensors -n 16 --runs ddim:50,ddim:20
 
       minidiff eval --dtype bfloat16     # does half precision cost adherence?
+
+      minidiff eval --model runs/mine/model.safetensors --data ./my_images -n 1
     """
+    if data is not None:
+        return _eval_folder(model, data, clip, captions, inception, n=n if n != 8 else 1, runs=runs, cfg=cfg,
+                            seed=seed, batch_size=batch_size, device=device, dtype=dtype, output=output,
+                            as_json=as_json, quiet=quiet)
     from minidiff_cli.data import parse_holdout
     from minidiff_cli.evaluation import evaluate
     from minidiff_cli.pipeline import Pipeline
@@ -72,6 +94,54 @@ def eval_command(
         typer.echo(json.dumps(report, indent=2))
     else:
         _print(report)
+
+
+def _eval_folder(model, data, clip, captions, inception, *, n, runs, cfg, seed, batch_size, device, dtype,
+                 output, as_json, quiet) -> None:
+    from minidiff_cli.cli.display import step_progress
+    from minidiff_cli.datasource import holdout_fraction, is_heldout, open_dataset
+    from minidiff_cli.metrics.caption_eval import CaptionEvalSettings, describe, evaluate_captions
+    from minidiff_cli.metrics.features import load_clip_features, load_inception
+    from minidiff_cli.pipeline import Pipeline
+
+    pairs = _parse_runs(runs)
+    if len(pairs) != 1:
+        raise MinidiffError("with --data, --runs takes one sampler:steps pair")
+    if output is not None and output.exists():
+        raise MinidiffError(f"'{output}' already exists; choose another file name")
+    if n < 1 or captions < 2:
+        raise MinidiffError("-n must be at least 1 and --captions at least 2")
+    pipe = Pipeline.load(model, device=device, dtype=dtype)
+    clip_file = clip or _default_clip(pipe)
+    features = load_clip_features(clip_file)
+    extractor = load_inception(inception) if inception is not None else None
+    dataset = open_dataset(data, image_size=pipe.model.image_size, holdout="")
+    fraction = holdout_fraction(pipe.model.config.get("training", {}).get("holdout", ""))
+    settings = CaptionEvalSettings(captions=captions, per_caption=n, sampler=pairs[0][0], steps=pairs[0][1],
+                                   cfg=cfg, seed=seed, batch_size=batch_size)
+    total = pairs[0][1] * -(-min(captions, len(dataset)) * n // batch_size)
+    with step_progress(total, "evaluating", quiet) as advance:
+        report = evaluate_captions(pipe, dataset, features, settings, inception=extractor,
+                                   heldout=lambda c: bool(fraction) and is_heldout(c, fraction),
+                                   progress=lambda info: advance())
+    report["model"] = {"name": pipe.name, "hash": pipe.model.hash}
+    report["clip_file"] = str(clip_file)
+    if output is not None:
+        from minidiff_cli.fileio import atomic_write
+
+        atomic_write(output, lambda p: p.write_text(json.dumps(report, indent=2)), overwrite=False)
+    typer.echo(json.dumps(report, indent=2) if as_json else "\n".join(describe(report)))
+
+
+def _default_clip(pipe) -> Path:
+    """The CLIP the model's run trained on its folder: clip.safetensors next to the model file (a run
+    folder), or clip/NAME.safetensors beside it (how a shipped or installed model keeps it)."""
+    source = Path(pipe.source) if pipe.source else None
+    for candidate in ([source.with_name("clip.safetensors"), source.parent / "clip" / source.name] if source else []):
+        if candidate.is_file():
+            return candidate
+    raise MinidiffError("--data needs the CLIP trained on that folder: pass --clip FILE (from `minidiff clip "
+                        "train --data DIR`, or clip.safetensors in the run folder)")
 
 
 def _parse_runs(text: str) -> list[tuple[str, int]]:

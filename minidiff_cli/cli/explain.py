@@ -12,13 +12,14 @@ from typing import Any, Optional
 
 import typer
 
+from minidiff_cli.cli import completion
 from minidiff_cli.cli.app import app
 from minidiff_cli.errors import MinidiffError, UnknownNameError
 
 
 @app.command("explain")
 def explain_command(
-    model: Optional[str] = typer.Argument(None, help="Model name or .safetensors path [default: the shipped model]."),
+    model: Optional[str] = typer.Argument(None, autocompletion=completion.models, help="Model name or .safetensors path [default: the shipped model]."),
     depth: int = typer.Option(1, "--depth", help="How deep to open the blocks: 1 shows residual and attention "
                               "blocks, 2 also the layers inside them."),
     as_json: bool = typer.Option(False, "--json", help="Print everything as JSON."),

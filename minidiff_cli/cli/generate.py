@@ -11,6 +11,7 @@ from typing import Any, Optional
 
 import typer
 
+from minidiff_cli.cli import completion
 from minidiff_cli.cli.app import app
 from minidiff_cli.errors import MinidiffError
 
@@ -23,12 +24,12 @@ DEFAULTS = {"negative_prompt": "", "steps": 50, "cfg": 3.0, "sampler": "ddim", "
 def generate_command(
     ctx: typer.Context,
     prompt: Optional[str] = typer.Argument(None, help="What to draw, e.g. \"a red circle\"."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="Model name or .safetensors path "
+    model: Optional[str] = typer.Option(None, "--model", "-m", autocompletion=completion.models, help="Model name or .safetensors path "
                                         "[default: the shipped model]."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Sampling steps [default: 50]."),
     cfg: Optional[float] = typer.Option(None, "--cfg", help="Classifier-free guidance scale: 0 ignores the "
                                         "prompt, 1 is plain conditioning [default: 3]."),
-    sampler: Optional[str] = typer.Option(None, "--sampler", help="Sampler name (see `minidiff plugins`) "
+    sampler: Optional[str] = typer.Option(None, "--sampler", autocompletion=completion.samplers, help="Sampler name (see `minidiff plugins`) "
                                           "[default: ddim]."),
     eta: Optional[float] = typer.Option(None, "--eta", help="DDIM noise: 0 deterministic, 1 like DDPM."),
     negative: Optional[str] = typer.Option(None, "--negative", help="Negative prompt: steer away from it."),

@@ -9,6 +9,7 @@ from typing import Any, Optional
 
 import typer
 
+from minidiff_cli.cli import completion
 from minidiff_cli.cli.app import app
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff")
@@ -16,7 +17,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".ti
 
 @app.command("info")
 def info_command(
-    target: Optional[str] = typer.Argument(None, help="A model (.safetensors path or name) or a PNG made by "
+    target: Optional[str] = typer.Argument(None, autocompletion=completion.models, help="A model (.safetensors path or name) or a PNG made by "
                                            "minidiff (or by AUTOMATIC1111 / stable-diffusion.cpp) "
                                            "[default: the shipped model]."),
     as_json: bool = typer.Option(False, "--json", help="Print everything as JSON."),

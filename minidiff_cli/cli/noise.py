@@ -12,6 +12,7 @@ from typing import Optional
 
 import typer
 
+from minidiff_cli.cli import completion
 from minidiff_cli.cli.app import app
 from minidiff_cli.errors import MinidiffError
 
@@ -28,7 +29,7 @@ def noise_command(
     timesteps: Optional[str] = typer.Option(
         None, "--timesteps", "-t", help="Comma-separated timesteps, one frame each "
         "[default: 0,100,250,500,750,999 for T = 1000, the same fractions of other T]."),
-    schedule: str = typer.Option("cosine", "--schedule", "-s", help="Noise schedule (see `minidiff schedules list`)."),
+    schedule: str = typer.Option("cosine", "--schedule", "-s", autocompletion=completion.schedules, help="Noise schedule (see `minidiff schedules list`)."),
     num_timesteps: int = typer.Option(1000, "--num-timesteps", "-T", help="Number of diffusion timesteps T."),
     seed: int = typer.Option(0, "--seed", help="Seed of the noise eps (one draw, shared by every frame)."),
     image_size: int = typer.Option(128, "--image-size", help="Side of each frame: the image is scaled and "

@@ -12,6 +12,7 @@ from typing import List, Optional
 
 import typer
 
+from minidiff_cli.cli import completion
 from minidiff_cli.cli.app import app
 from minidiff_cli.errors import MinidiffError
 
@@ -81,7 +82,7 @@ def _schedule_rows(timesteps: int) -> list[dict]:
 
 @schedules_app.command("show")
 def show_command(
-    name: str = typer.Argument(..., help="Schedule name, e.g. cosine."),
+    name: str = typer.Argument(..., autocompletion=completion.schedules, help="Schedule name, e.g. cosine."),
     timesteps: int = TIMESTEPS,
     as_json: bool = typer.Option(False, "--json", help="Print every beta and alpha_bar as JSON."),
 ) -> None:
@@ -116,7 +117,7 @@ def show_command(
 
 @schedules_app.command("plot")
 def plot_command(
-    names: Optional[List[str]] = typer.Argument(None, help="Schedules to draw (default: all)."),
+    names: Optional[List[str]] = typer.Argument(None, autocompletion=completion.schedules, help="Schedules to draw (default: all)."),
     output: Path = typer.Option(Path("schedules.png"), "--output", "-o", help="PNG file to write."),
     timesteps: int = TIMESTEPS,
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the output file if it exists."),

@@ -9,6 +9,7 @@ from typing import Optional
 
 import typer
 
+from minidiff_cli.cli import completion
 from minidiff_cli.cli.app import app
 from minidiff_cli.errors import MinidiffError
 
@@ -17,8 +18,8 @@ LIST_FLAGS = ("channel_mult", "attention_resolutions", "cross_attention_resoluti
 
 @app.command("train")
 def train_command(
-    data: Optional[str] = typer.Option(None, "--data", help="'shapes' (built in) or a folder of images [default: shapes]."),
-    conditioner: Optional[str] = typer.Option(None, "--conditioner", help="none, class or clip [default: class]."),
+    data: Optional[str] = typer.Option(None, "--data", autocompletion=completion.datasets, help="'shapes' (built in) or a folder of images [default: shapes]."),
+    conditioner: Optional[str] = typer.Option(None, "--conditioner", autocompletion=completion.conditioners, help="none, class or clip [default: class]."),
     image_size: Optional[int] = typer.Option(None, "--image-size", help="Training resolution [default: 32]."),
     max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Total optimizer steps [default: 2000]."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Global batch size [default: 64]."),
@@ -44,7 +45,7 @@ def train_command(
     holdout: Optional[str] = typer.Option(None, "--holdout", help="Colour-shape pairs to leave out, e.g. \"purple triangle,orange square\"."),
     prediction: Optional[str] = typer.Option(None, "--prediction", help="eps or v [default: eps]."),
     min_snr_gamma: Optional[float] = typer.Option(None, "--min-snr-gamma", help="Min-SNR loss weighting, 0 is off [default: 0]."),
-    schedule: Optional[str] = typer.Option(None, "--schedule", help="Noise schedule [default: cosine]."),
+    schedule: Optional[str] = typer.Option(None, "--schedule", autocompletion=completion.schedules, help="Noise schedule [default: cosine]."),
     timesteps: Optional[int] = typer.Option(None, "--timesteps", help="Diffusion timesteps T [default: 1000]."),
     base_channels: Optional[int] = typer.Option(None, "--base-channels", help="U-Net width at full resolution [default: 64]."),
     channel_mult: Optional[str] = typer.Option(None, "--channel-mult", help="Width multipliers per level [default: 1,2,2]."),
