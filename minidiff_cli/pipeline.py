@@ -131,8 +131,11 @@ class Pipeline:
                callback: Callable[[dict], None] | None = None) -> list:
         """``generate`` for a Generation: PIL images, each with its parameters in ``.info``."""
         x = self.sample(gen, num_images, batch_size=batch_size, callback=callback)
-        return [self._to_image(img, gen.params(self.name, self.model.hash, self.model.image_size, k))
-                for k, img in enumerate(x)]
+        return [self.image(img, gen, k) for k, img in enumerate(x)]
+
+    def image(self, x: torch.Tensor, gen: Generation, index: int):
+        """One sample [C, H, W] in [-1, 1] as a PIL image with the parameters of ``gen``'s image ``index``."""
+        return self._to_image(x, gen.params(self.name, self.model.hash, self.model.image_size, index))
 
     def sample(self, gen: Generation, num_images: int = 1, *, batch_size: int | None = None,
                callback: Callable[[dict], None] | None = None) -> torch.Tensor:
