@@ -142,6 +142,18 @@ def test_an_existing_name_is_refused_before_anything_is_written(model, prompts, 
     result = in_process("generate", "--prompts", prompts, "--model", model, "--steps", "2", "-o", out, "-q")
     assert_one_line_error(result, str(out / "line-00003-01.png"), "already exists")
     assert [p.name for p in out.iterdir()] == ["line-00003-01.png"]
+    replaced = in_process("generate", "--prompts", prompts, "--model", model, "--steps", "2", "-o", out, "-q",
+                          "--overwrite")
+    assert replaced.returncode == 0, replaced.stderr
+    assert len(list(out.iterdir())) == 6 and texts(out / "line-00003-01.png")["minidiff"]
+
+
+def test_a_failed_run_leaves_no_empty_folder_behind(model, tmp_path):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("red circle\npurple elephant\n")
+    result = in_process("generate", "--prompts", prompts, "--model", model, "-o", tmp_path / "new" / "out", "-q")
+    assert_one_line_error(result, "line 2: 'purple elephant' is not a class")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.txt"]
 
 
 def test_grid_has_one_row_per_line_when_the_lines_have_as_many_images(model, tmp_path):

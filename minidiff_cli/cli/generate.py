@@ -45,7 +45,8 @@ def generate_command(
                                               "flags given override them."),
     as_json: bool = typer.Option(False, "--json", help="Print what was written as JSON on stdout."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing files of an -o FILE.png (and "
-                                   "their trajectory files); in a folder, images always get new numbers."),
+                                   "their trajectory files) or --prompts' line files; in a folder, images always get "
+                                   "new numbers."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar and no terminal preview."),
     save_trajectory: bool = typer.Option(False, "--save-trajectory", help="Also save, next to each image, a strip "
                                          "and a GIF of x_t and the predicted x0 along the steps."),
@@ -79,14 +80,14 @@ def generate_command(
         given["prompt"] = _prompts_instead_of(prompt, prompts_file, save_trajectory)
     params = _resolve(given, from_image)
     _check_numbers(params, num_images, batch_size)
+    # A failed or interrupted run must not leave behind an empty folder that it made.
+    ctx.call_on_close(_remove_if_empty(_missing_folders(output if not output.suffix else output.parent)))
     if prompts_file is not None:
         from minidiff_cli.cli.generate_prompts import FileRun, generate_from_file
 
         generate_from_file(params, FileRun(prompts_file, output, num_images, batch_size, grid, device, dtype, as_json,
-                                           quiet, from_image if model is None else None))
+                                           quiet, from_image if model is None else None, overwrite))
         return
-    # A failed or interrupted run must not leave behind an empty folder that it made.
-    ctx.call_on_close(_remove_if_empty(_missing_folders(output if not output.suffix else output.parent)))
     targets = _output_paths(output, num_images, overwrite)
     if save_trajectory and not overwrite:
         _check_free([p for target in targets for p in _trajectory_paths(target)])

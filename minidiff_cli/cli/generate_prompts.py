@@ -35,6 +35,7 @@ class FileRun:
     as_json: bool
     quiet: bool
     model_from_image: Path | None  # the --from image that chose the model, for the error if it is missing
+    overwrite: bool = False
 
 
 @dataclass(frozen=True)
@@ -57,13 +58,14 @@ def generate_from_file(params: dict[str, Any], run: FileRun) -> None:
                       params["seed"], params["eta"], params["sampler_options"] or {})
     jobs = prompts_file.jobs(lines, base, run.num_images, run.prompts)
     names = prompts_file.image_names(jobs, _folder(run.output))
-    _check_free(names.values())  # every process checks every name before any process joins, so none has written
+    if not run.overwrite:  # every process checks every name before any joins, so that none has written yet
+        _check_free(names.values())
     with ranks.joined(run.device) as (dist, device):
         pipe = _load(params["model"], device, run.dtype, run.model_from_image)
         _check_lines(pipe, jobs, run.prompts)
         mine = prompts_file.share(prompts_file.batches(jobs, run.batch_size or 16), dist.rank, dist.world)
         keep_images = dist.world == 1 or run.grid
-        written = _sample(pipe, mine, names, run.quiet or not dist.main, dist, keep_images)
+        written = _sample(pipe, mine, names, run.quiet or not dist.main, dist, keep_images, run.overwrite)
         everything = ranks.gather(written, dist)
         if dist.main:
             _report(sorted((w for part in everything for w in part), key=lambda w: (w.line, w.index)), run, dist)
@@ -81,7 +83,7 @@ def _folder(output: Path) -> Path:
 def _check_free(paths) -> None:
     for path in paths:
         if os.path.lexists(path):
-            raise MinidiffError(f"'{path}' already exists; minidiff never overwrites images, choose another -o")
+            raise MinidiffError(f"'{path}' already exists; choose another -o, or pass --overwrite")
 
 
 def _load(model: str | None, device: str, dtype: str, from_image: Path | None):
@@ -112,7 +114,7 @@ def _check_lines(pipe, jobs, path: Path) -> None:
         print("minidiff: warning: this model is unconditional; the prompts are ignored", file=sys.stderr)
 
 
-def _sample(pipe, batches, names, quiet: bool, dist, keep_images: bool) -> list[Written]:
+def _sample(pipe, batches, names, quiet: bool, dist, keep_images: bool, overwrite: bool) -> list[Written]:
     """Sample and write this process's batches, with one progress bar over all of them."""
     from minidiff_cli.cli.display import step_progress
     from minidiff_cli.imagemeta import save_png
@@ -126,7 +128,7 @@ def _sample(pipe, batches, names, quiet: bool, dist, keep_images: bool) -> list[
                                  callback=lambda info: advance())
             for sample, (job, k) in zip(x, batch.rows):
                 image = pipe.image(sample, job.gen, k)
-                path = save_png(image, names[(job.line, k)], image.info["minidiff"])
+                path = save_png(image, names[(job.line, k)], image.info["minidiff"], overwrite=overwrite)
                 written.append(Written(job.line, k, str(path), image.info["minidiff"], image if keep_images else None))
     return written
 
