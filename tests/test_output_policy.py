@@ -91,3 +91,16 @@ def test_ctrl_c_during_generate_leaves_no_empty_folder(tmp_path):
     assert proc.returncode == 130, err
     assert "Interrupted" in err and "Traceback" not in err
     assert not target.exists()
+
+
+def test_clip_train_progress_bar_ends_on_the_summary_loss(tmp_path):
+    import re
+
+    result = run_cli("clip", "train", "--out", str(tmp_path / "c.safetensors"),
+                     *[f for f in CLIP_FLAGS if f != "-q"], "--steps", "3")
+    assert result.returncode == 0, result.stderr
+    bar = re.findall(r"3/3 loss (\d+\.\d{4})", result.stderr)
+    summary = re.search(r"loss (\d+\.\d{4}) at step 1 -> (\d+\.\d{4}) \(mean of the last 50 steps", result.stdout)
+    assert bar and summary, (result.stdout, result.stderr)
+    assert bar[-1] == summary.group(2)  # the same quantity, to the digit
+    assert float(summary.group(1)) > 0

@@ -107,7 +107,8 @@ def train_command(
     minutes, seconds = divmod(summary["wall_s"], 60)
     took = f"{int(minutes)} min {seconds:.0f} s" if minutes else f"{seconds:.1f} s"
     typer.echo(f"saved {path} ({path.stat().st_size / 1e6:.1f} MB) after {steps} steps in {took}; "
-               f"loss {summary['first_loss']:.3f} -> {summary['final_loss']:.3f}")
+               f"loss {summary['first_loss']:.4f} at step 1 -> {summary['final_loss']:.4f} (mean of the last "
+               "50 steps, as on the progress bar)")
     typer.echo(describe_accuracy(accuracy))
 
 
@@ -154,7 +155,9 @@ def loss_progress(total: int, quiet: bool, label: str = "clip",
         task = progress.add_task(label, total=total, loss="-", rate="")
 
         def report(info: dict) -> None:
-            progress.update(task, completed=info["step"], loss=f"{info['smoothed']:.3f}")
+            # 4 places, as the summary: the summary's figure is stored rounded to 4, and 3 places of
+            # both would disagree in the last digit after double rounding (1.54949 -> 1.549 / 1.550)
+            progress.update(task, completed=info["step"], loss=f"{info['smoothed']:.4f}")
             speed = progress.tasks[0].speed
             if speed:
                 progress.update(task, rate=f"{speed:.1f} it/s")
