@@ -44,7 +44,8 @@ ADDED = {
 SLOW = ("train", "eval", "clip train")
 # Commands a test machine cannot run, by their first word, with the reason.
 SKIPPED = {"torchrun": "several processes (and for --nnodes 2, two machines); tests/test_training.py's "
-                       "slow DDP test runs `torchrun --nproc-per-node 2 -m minidiff_cli train` on CPU"}
+                       "slow DDP test runs `torchrun --nproc-per-node 2 -m minidiff_cli train` on CPU, and "
+                       "tests/test_prompts_file.py runs `generate --prompts` under torchrun"}
 OUTPUT_OPTIONS = ("-o", "--output", "--out", "--grid")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
