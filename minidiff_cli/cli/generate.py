@@ -28,7 +28,8 @@ def generate_command(
                                         "[default: the shipped model]."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Sampling steps [default: 50]."),
     cfg: Optional[float] = typer.Option(None, "--cfg", help="Classifier-free guidance scale: 0 ignores the "
-                                        "prompt, 1 is plain conditioning [default: 3]."),
+                                        "prompt, 1 is plain conditioning (at 0 and 1 the network runs once per step, "
+                                        "not twice) [default: 3]."),
     sampler: Optional[str] = typer.Option(None, "--sampler", autocompletion=completion.samplers, help="Sampler name (see `minidiff plugins`) "
                                           "[default: ddim]."),
     eta: Optional[float] = typer.Option(None, "--eta", help="DDIM noise: 0 deterministic, 1 like DDPM."),
