@@ -167,12 +167,13 @@ def make_dataset(name: str, image_size: int, seed: int, holdout):
     return open_dataset(name, image_size=image_size, seed=seed, holdout=holdout)
 
 
-def batches(dataset, batch_size: int, generator: torch.Generator):
-    """Endless random batches (images [B, 3, H, W], captions) drawn from the whole data set."""
-    while True:
-        indices = torch.randint(len(dataset), (batch_size,), generator=generator).tolist()
-        items = [dataset[i] for i in indices]
-        yield torch.stack([it["image"] for it in items]), [it["caption"] for it in items]
+def batch_at(dataset, batch_size: int, seed: int, step: int):
+    """The batch of ``step`` (images [B, 3, H, W], captions): random items, from a generator seeded by
+    (seed, step), so a resumed run draws exactly the batches an uninterrupted one would have."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    indices = torch.randint(len(dataset), (batch_size,), generator=generator).tolist()
+    items = [dataset[i] for i in indices]
+    return torch.stack([it["image"] for it in items]), [it["caption"] for it in items]
 
 
 # -- training ------------------------------------------------------------------------
@@ -195,9 +196,19 @@ def lr_at(step: int, recipe: ClipRecipe) -> float:
     return recipe.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
-def train_clip(recipe: ClipRecipe, callback: Optional[Callable[[dict], None]] = None):
-    """Train a CLIP per ``recipe``; returns (model, summary). ``callback({"step", "loss", "lr"})`` each step."""
+def train_clip(recipe: ClipRecipe, callback: Optional[Callable[[dict], None]] = None,
+               checkpoint: Optional[Path] = None, save_every: int = 250,
+               on_start: Optional[Callable[[int], None]] = None):
+    """Train a CLIP per ``recipe``; returns (model, summary).
+
+    ``callback({"step", "loss", "smoothed", "lr"})`` runs each step; ``smoothed`` is the mean
+    of the last 50 losses, the figure the summary reports. With ``checkpoint``, the state is
+    saved there every ``save_every`` steps and on Ctrl-C / SIGTERM, and training continues
+    from it when it exists. ``on_start(step)`` runs once the data is checked, before the first step.
+    """
     import open_clip
+
+    from minidiff_cli.training import stop_signals
 
     recipe.check()
     if recipe.threads > 0:
@@ -208,33 +219,93 @@ def train_clip(recipe: ClipRecipe, callback: Optional[Callable[[dict], None]] = 
     model = build_clip(config).to(device).train()
     tokenizer = tokenizer_for(config["text_cfg"])
     dataset = make_dataset(recipe.data, recipe.image_size, recipe.seed, recipe.holdout)
+    captions = getattr(dataset, "captions", None)
+    if isinstance(captions, list) and not any(captions):
+        raise MinidiffError(f"'{recipe.data}' has no captions, and a CLIP learns from captions: add a "
+                            "metadata.jsonl (file_name, text) or a .txt file next to each image")
     loss_fn = open_clip.ClipLoss()
     optimizer = torch.optim.AdamW(_param_groups(model, recipe.weight_decay), lr=recipe.lr, betas=(0.9, 0.98), eps=1e-6)
-    data = batches(dataset, recipe.batch_size, torch.Generator().manual_seed(recipe.seed))
-    losses, start = [], time.perf_counter()
-    for step in range(recipe.steps):
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, recipe)
-        images, captions = next(data)
-        image_features, text_features, logit_scale = model(fit_to_tower(images.to(device), model),
-                                                           tokenizer(captions).to(device))
-        loss = loss_fn(image_features, text_features, logit_scale)
-        if not torch.isfinite(loss):
-            raise MinidiffError(f"the loss became {loss.item()} at step {step + 1}; lower --lr")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        with torch.no_grad():
-            model.logit_scale.clamp_(0, LOGIT_SCALE_MAX)
-        losses.append(loss.item())
-        if callback is not None:
-            callback({"step": step + 1, "loss": losses[-1], "lr": optimizer.param_groups[0]["lr"]})
+    step, losses = _resume_clip(checkpoint, model, optimizer, recipe)
+    start, first_step = time.perf_counter(), step
+    if on_start is not None:
+        on_start(step)
+
+    def save() -> None:
+        if checkpoint is not None:
+            _save_clip_checkpoint(checkpoint, model, optimizer, step, recipe, losses)
+
+    with stop_signals(None) as stop_asked:
+        try:
+            while step < recipe.steps:
+                losses.append(_clip_step(model, optimizer, loss_fn, tokenizer, dataset, recipe, step, device))
+                step += 1
+                if callback is not None:
+                    callback({"step": step, "loss": losses[-1], "smoothed": _mean_tail(losses),
+                              "lr": optimizer.param_groups[0]["lr"]})
+                if step % save_every == 0 and step < recipe.steps:
+                    save()
+                if stop_asked() and step < recipe.steps:
+                    raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            save()
+            raise
     model.eval()
-    tail = losses[-min(50, len(losses)):]
     summary = {"steps": recipe.steps, "wall_s": round(time.perf_counter() - start, 1),
-               "first_loss": round(losses[0], 4), "final_loss": round(sum(tail) / len(tail), 4),
+               "resumed_at": first_step or None,
+               "first_loss": round(losses[0], 4), "final_loss": round(_mean_tail(losses), 4),
                "recipe": dataclasses.asdict(recipe)}
     return model, summary
+
+
+def _clip_step(model, optimizer, loss_fn, tokenizer, dataset, recipe: ClipRecipe, step: int, device) -> float:
+    for group in optimizer.param_groups:
+        group["lr"] = lr_at(step, recipe)
+    images, captions = batch_at(dataset, recipe.batch_size, recipe.seed, step)
+    image_features, text_features, logit_scale = model(fit_to_tower(images.to(device), model),
+                                                       tokenizer(captions).to(device))
+    loss = loss_fn(image_features, text_features, logit_scale)
+    if not torch.isfinite(loss):
+        raise MinidiffError(f"the loss became {loss.item()} at step {step + 1}; lower --lr")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    with torch.no_grad():
+        model.logit_scale.clamp_(0, LOGIT_SCALE_MAX)
+    return loss.item()
+
+
+def _mean_tail(losses: list[float], n: int = 50) -> float:
+    tail = losses[-min(n, len(losses)):]
+    return sum(tail) / len(tail)
+
+
+def _save_clip_checkpoint(path: Path, model, optimizer, step: int, recipe: ClipRecipe, losses) -> None:
+    from minidiff_cli.checkpoint import save_checkpoint
+    from minidiff_cli.fileio import ensure_writable_dir
+
+    ensure_writable_dir(Path(path).parent)
+    save_checkpoint(path, modules={"clip": model}, optimizer=optimizer, step=step,
+                    train_config=dataclasses.asdict(recipe),
+                    extra={"losses": [[step - len(losses) + k + 1, v] for k, v in enumerate(losses)][-5000:]})
+
+
+def _resume_clip(path: Optional[Path], model, optimizer, recipe: ClipRecipe) -> tuple[int, list[float]]:
+    """(step, losses) restored from the checkpoint at ``path``; (0, []) when there is none."""
+    if path is None or not Path(path).exists():
+        return 0, []
+    from minidiff_cli.checkpoint import load_checkpoint, restore
+
+    meta, tensors = load_checkpoint(path)
+    stored = dict(meta["train"])
+    mine = dataclasses.asdict(recipe)
+    changed = sorted(k for k in mine if k not in ("device", "threads", "eval_images", "eval_images_per_class")
+                     and stored.get(k) != mine[k])
+    if changed:
+        raise MinidiffError(f"'{path}' was made with other settings ({', '.join(changed)}); resume with the "
+                            "same ones or remove it to start again")
+    step = restore(meta, tensors, Path(path), modules={"clip": model}, optimizer=optimizer)
+    losses = [float(value) for _, value in meta.get("losses", [])]  # [step, loss] pairs, checked on load
+    return step, losses or [float("nan")]
 
 
 # -- evaluation ----------------------------------------------------------------------
@@ -352,6 +423,22 @@ def caption_retrieval(model, dataset, fraction: Optional[float], *, max_images: 
     return result
 
 
+def describe_accuracy(accuracy: dict) -> str:
+    """The evaluation of ``evaluate`` in one line."""
+    def pct(value):
+        return "n/a" if value is None else f"{100 * value:.1f}%"
+
+    if "seen_top1" in accuracy:  # caption retrieval on a folder
+        return (f"caption retrieval among {accuracy['captions']} captions (chance {pct(accuracy['chance_top1'])}): "
+                f"seen top-1 {pct(accuracy['seen_top1'])}, top-5 {pct(accuracy['seen_top5'])} "
+                f"({accuracy['seen_images']} images); held-out top-1 {pct(accuracy['heldout_top1'])}, "
+                f"top-5 {pct(accuracy['heldout_top5'])} ({accuracy['heldout_images']} images)")
+
+    held = ", ".join(accuracy.get("heldout_classes", [])) or "none"
+    return (f"zero-shot top-1: seen pairs {pct(accuracy['seen'])}, held-out pairs {pct(accuracy['heldout'])} "
+            f"({held}); colour {pct(accuracy['colour'])}, shape {pct(accuracy['shape'])}")
+
+
 # -- the file ------------------------------------------------------------------------
 def save_clip(path: str | os.PathLike, model, config: dict[str, Any], evaluation: dict[str, Any],
               training: dict[str, Any], *, include_vision: bool = True, overwrite: bool = False) -> Path:
@@ -376,7 +463,12 @@ def load_clip(path: str | os.PathLike):
     metadata, tensors = read_safetensors(path)
     if metadata.get("format") != FORMAT:
         raise ModelFileError(f"'{path}' is not a minidiff-clip file (made by `minidiff clip train`)")
-    config = json.loads(metadata["config"])
+    try:
+        config = json.loads(metadata["config"])
+    except (KeyError, TypeError, ValueError, RecursionError):
+        raise ModelFileError(f"'{path}' has no readable CLIP config") from None
+    if not isinstance(config, dict) or not isinstance(config.get("vision_cfg"), dict):
+        raise ModelFileError(f"'{path}' holds no image tower (a text encoder only)")
     model = build_clip(config)
     try:
         model.load_state_dict(tensors, strict=True)

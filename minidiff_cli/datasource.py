@@ -109,7 +109,7 @@ def resolve(data: str) -> tuple[str, Optional[str]]:
     if data in names:
         return data, None
     if not Path(data).expanduser().exists():
-        raise MinidiffError(f"--data '{data}' is neither a folder nor a data set name ({', '.join(names)})")
+        raise MinidiffError(f"--data '{data}' is neither a folder nor a dataset name ({', '.join(names)})")
     return "imagefolder", data
 
 

@@ -31,11 +31,22 @@ def default_prompts(dataset, holdout: str = "") -> list[str]:
     """Prompts for the sample grids saved while training: a spread of classes, held-out ones last."""
     names = list(getattr(dataset, "class_names", []) or [])
     if not names:
-        return [""] * 4
+        return caption_prompts(dataset)
     held = {f"{c} {s}" for c, s in getattr(dataset, "holdout", [])}
     seen = [n for n in names if n not in held]
     step = max(1, len(seen) // 6)
     return [prompt_for(n) for n in seen[::step][:6]] + [prompt_for(n) for n in sorted(held)]
+
+
+def caption_prompts(dataset, seen: int = 6, heldout: int = 2) -> list[str]:
+    """A spread of a captioned data set's captions, held-out ones last; unconditional rows without captions."""
+    from minidiff_cli.data import caption_set
+
+    captions = [c for c in (caption_set(dataset) or []) if c]
+    if not captions:
+        return [""] * 4
+    step = max(1, len(captions) // seen)
+    return captions[::step][:seen] + sorted(getattr(dataset, "heldout_captions", []))[:heldout]
 
 
 def score(images: torch.Tensor, colour: str, shape: str) -> dict[str, float]:

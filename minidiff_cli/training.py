@@ -430,7 +430,42 @@ class Trainer:
         model = self.export_model()
         model.unet.eval()
         path = ensure_writable_dir(self.out / "samples") / f"step-{self.step:07d}.png"
-        return sample_and_score(model, prompts, path, shapes=self.cfg.data == "shapes")
+        result = sample_and_score(model, prompts, path, shapes=self.cfg.data == "shapes")
+        result.update(self.caption_metrics(model))
+        return result
+
+    def caption_metrics(self, model: DiffusionModel, captions: int = 100, steps: int = 25) -> dict[str, float]:
+        """On a captioned folder whose CLIP (with its image tower) is at hand: the headline metrics of
+        ``eval --data`` on a fixed set of ``captions`` captions; {} otherwise."""
+        features = self._metric_clip()
+        full = getattr(self.dataset, "dataset", self.dataset)  # with the held-out captions
+        if features is None or not isinstance(getattr(full, "captions", None), list):
+            return {}
+        from minidiff_cli.metrics.caption_eval import CaptionEvalSettings, evaluate_captions
+        from minidiff_cli.pipeline import Pipeline
+
+        held = set(getattr(self.dataset, "heldout_captions", []))
+        settings = CaptionEvalSettings(captions=captions, steps=steps, batch_size=50)
+        report = evaluate_captions(Pipeline(model), full, features, settings, heldout=held.__contains__)
+        g = report["generated"]
+        keys = ("r_precision", "r_precision_seen", "r_precision_heldout", "clip_score", "fd_clip", "precision",
+                "recall")
+        return {key: g[key] for key in keys if g.get(key) is not None}
+
+    def _metric_clip(self):
+        """The run's CLIP with its image tower (stage 1's file, or --clip-weights when it has one), or None."""
+        if not hasattr(self, "_clip_features"):
+            from minidiff_cli.errors import ModelFileError
+            from minidiff_cli.metrics.features import load_clip_features
+
+            self._clip_features = None
+            weights = self.cfg.clip_weights
+            if self.cfg.conditioner == "clip" and weights and Path(weights).is_file():
+                try:
+                    self._clip_features = load_clip_features(weights)
+                except ModelFileError:  # a text-only file, or open_clip weights of another layout
+                    self._clip_features = None
+        return self._clip_features
 
     # -- the loop ------------------------------------------------------------------------
     def run(self, progress: Callable[[dict], None] | None = None) -> dict[str, Any]:
@@ -438,7 +473,7 @@ class Trainer:
         start_step, start_time = self.step, time.time()
         self.net.train()
         last: dict[str, Any] = {}
-        with _stop_signals(self.log if self.dist.main else None) as stop_asked:
+        with stop_signals(self.log if self.dist.main else None) as stop_asked:
             try:
                 while self.step < cfg.max_steps:
                     loss = self.train_step()
@@ -537,7 +572,7 @@ def _check_creatable(folder: Path) -> None:
 
 
 @contextmanager
-def _stop_signals(log: Callable[[str], None] | None):
+def stop_signals(log: Callable[[str], None] | None):
     """SIGTERM (e.g. from a job scheduler) or Ctrl-C: finish the current step, save, stop.
 
     Stopping between steps keeps the checkpoint exactly resumable; a second Ctrl-C stops at
