@@ -63,7 +63,7 @@ class ClipRecipe:
     patch_size: int = 8  # ViT only
     seed: int = 0
     device: str = "auto"  # auto: cuda if there is one, else cpu
-    threads: int = 0  # torch CPU threads; 0 keeps torch's default
+    threads: int = 0  # torch CPU threads; 0 is auto (see threads.py)
     eval_images_per_class: int = 32  # shapes: fresh images of each class
     eval_images: int = 1000  # a folder: seen images ranked against every caption (plus all held-out ones)
 
@@ -83,7 +83,7 @@ class ClipRecipe:
         if self.image_size > 512:
             raise MinidiffError(f"image-size {self.image_size} is more than minidiff allows (512)")
         if self.threads < 0:
-            raise MinidiffError(f"threads must be 0 (torch's default) or more (got {self.threads})")
+            raise MinidiffError(f"threads must be 0 (auto) or more (got {self.threads})")
         if self.lr <= 0:
             raise MinidiffError(f"lr must be positive (got {self.lr})")
         return self
@@ -211,8 +211,9 @@ def train_clip(recipe: ClipRecipe, callback: Optional[Callable[[dict], None]] = 
     from minidiff_cli.training import stop_signals
 
     recipe.check()
-    if recipe.threads > 0:
-        torch.set_num_threads(recipe.threads)
+    from minidiff_cli.threads import apply_threads
+
+    apply_threads(recipe.threads or None)
     torch.manual_seed(recipe.seed)
     device = resolve_device(recipe.device)
     config = recipe.model_config()

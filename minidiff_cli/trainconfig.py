@@ -67,7 +67,7 @@ class TrainConfig:
     mixed_precision: str = "no"  # no, bf16, fp16
     seed: int = 0
     device: str = "auto"
-    threads: int = 0  # torch CPU threads; 0 keeps torch's default (1 can be faster on a busy CPU)
+    threads: int = 0  # torch CPU threads; 0 is auto: the cores no other process is busy on (threads.py)
     # output
     out: str = "runs/train"
     save_every: int = 500
@@ -120,7 +120,7 @@ class TrainConfig:
              f"--batch-size {self.batch_size} is more than minidiff allows ({MAX_BATCH})"),
             (self.class_dim <= 65536, f"class_dim {self.class_dim} is more than minidiff allows (65536)"),
             (0 <= self.seed <= MAX_SEED, f"--seed must be a whole number from 0 to {MAX_SEED} (got {self.seed})"),
-            (0 <= self.threads <= 1024, f"--threads must be from 0 (torch's default) to 1024 (got {self.threads})"),
+            (0 <= self.threads <= 1024, f"--threads must be from 0 (auto) to 1024 (got {self.threads})"),
         ]
         for ok, message in checks:
             if not ok:

@@ -126,8 +126,10 @@ class Trainer:
         from minidiff_cli.pipeline import pick_device
 
         self.device = pick_device(cfg.device)
-        if cfg.threads:
-            torch.set_num_threads(cfg.threads)
+        from minidiff_cli.threads import AutoThreads, apply_threads
+
+        apply_threads(cfg.threads or None)
+        self.auto_threads = AutoThreads(cfg.threads or None)  # follows other work during a long run
         self.dist = init_distributed(self.device)
         if self.device.type == "cuda" and self.dist.world > 1:
             self.device = torch.device("cuda", self.dist.local_rank)
@@ -476,6 +478,7 @@ class Trainer:
         with stop_signals(self.log if self.dist.main else None) as stop_asked:
             try:
                 while self.step < cfg.max_steps:
+                    self.auto_threads.tick()
                     loss = self.train_step()
                     self.losses.append((self.step, loss))
                     last = {"step": self.step, "loss": loss, "smoothed": self.smoothed_loss(),

@@ -15,6 +15,7 @@ import typer
 
 from minidiff_cli.cli import completion
 from minidiff_cli.cli.app import app
+from minidiff_cli.cli.options import threads_option
 from minidiff_cli.errors import MinidiffError
 
 clip_app = typer.Typer(
@@ -53,8 +54,7 @@ def train_command(
     image_size: int = typer.Option(32, "--image-size", help="Image side in pixels."),
     seed: int = typer.Option(0, "--seed", help="Seed for weights and data order."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
-    threads: int = typer.Option(0, "--threads", help="torch CPU threads (0: torch's default; 1 is often "
-                                                     "fastest on a busy CPU)."),
+    threads: Optional[int] = threads_option(),
     save_vision: bool = typer.Option(True, "--save-vision/--no-save-vision",
                                      help="Also store the image tower (needed by `minidiff clip eval`)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
@@ -88,7 +88,7 @@ def train_command(
                         lr=lr, warmup=warmup, width=width, heads=heads, layers=layers,
                         context_length=context_length, embed_dim=embed_dim, vision=vision,
                         vision_width=vision_width, vision_layers=vision_layers, patch_size=patch_size,
-                        seed=seed, device=device, threads=threads).check()
+                        seed=seed, device=device, threads=threads or 0).check()
     checkpoint = checkpoint_path(out)
     if checkpoint.exists() and not resume:
         raise MinidiffError(f"'{checkpoint}' holds an unfinished run; pass --resume to continue it, or remove it")

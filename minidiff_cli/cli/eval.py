@@ -10,6 +10,8 @@ import typer
 
 from minidiff_cli.cli import completion
 from minidiff_cli.cli.app import app
+from minidiff_cli.cli.options import threads_option
+from minidiff_cli.threads import apply_threads
 from minidiff_cli.errors import MinidiffError
 
 
@@ -37,6 +39,7 @@ def eval_command(
     captions: int = typer.Option(200, "--captions", help="With --data: how many of its captions (a fixed set)."),
     inception: Optional[Path] = typer.Option(None, "--inception", help="With --data: FID's Inception-v3 weights "
                                              "as safetensors, to report standard FID too."),
+    threads: Optional[int] = threads_option(),
 ) -> None:
     """How good is a model? On shapes: prompt adherence. On a captioned folder: image metrics.
 
@@ -58,6 +61,7 @@ def eval_command(
 
       minidiff eval --model runs/mine/model.safetensors --data ./my_images -n 1
     """
+    apply_threads(threads)
     if data is not None:
         return _eval_folder(model, data, clip, captions, inception, n=n if n != 8 else 1, runs=runs, cfg=cfg,
                             seed=seed, batch_size=batch_size, device=device, dtype=dtype, output=output,

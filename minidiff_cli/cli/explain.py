@@ -14,6 +14,8 @@ import typer
 
 from minidiff_cli.cli import completion
 from minidiff_cli.cli.app import app
+from minidiff_cli.cli.options import threads_option
+from minidiff_cli.threads import apply_threads
 from minidiff_cli.errors import MinidiffError, UnknownNameError
 
 
@@ -23,6 +25,7 @@ def explain_command(
     depth: int = typer.Option(1, "--depth", help="How deep to open the blocks: 1 shows residual and attention "
                               "blocks, 2 also the layers inside them."),
     as_json: bool = typer.Option(False, "--json", help="Print everything as JSON."),
+    threads: Optional[int] = threads_option(),
 ) -> None:
     """Show a model's U-Net as a tree (output shapes, parameters), its conditioner and its schedule.
 
@@ -34,6 +37,7 @@ def explain_command(
 
       minidiff explain --json
     """
+    apply_threads(threads)
     from minidiff_cli.model import DiffusionModel
     from minidiff_cli.models_dir import resolve_model
 

@@ -13,6 +13,8 @@ import typer
 
 from minidiff_cli.cli import completion
 from minidiff_cli.cli.app import app
+from minidiff_cli.cli.options import threads_option
+from minidiff_cli.threads import apply_threads
 from minidiff_cli.errors import MinidiffError
 
 # Used when neither a flag nor --from gives a value.
@@ -57,6 +59,7 @@ def generate_command(
                                                 "lines with overrides: {\"prompt\": .., \"negative\", \"seed\", "
                                                 "\"steps\", \"cfg\", \"n\"}; writes line-LLLLL-KK.png into the -o "
                                                 "folder. Splits the lines over processes under torchrun."),
+    threads: Optional[int] = threads_option(),
 ) -> None:
     """Draw images from a prompt with a trained model.
 
@@ -72,6 +75,7 @@ def generate_command(
 
       minidiff generate --prompts prompts.txt -o out/
     """
+    apply_threads(threads)
     from minidiff_cli.pipeline import Generation
 
     given = {"prompt": prompt, "negative_prompt": negative, "steps": steps, "cfg": cfg, "sampler": sampler,

@@ -14,6 +14,8 @@ import typer
 
 from minidiff_cli.cli import completion
 from minidiff_cli.cli.app import app
+from minidiff_cli.cli.options import threads_option
+from minidiff_cli.threads import apply_threads
 from minidiff_cli.errors import MinidiffError
 
 # Fractions of T shown when --timesteps is not given: 0, 100, 250, 500, 750, 999 for T = 1000.
@@ -37,6 +39,7 @@ def noise_command(
                                    "pixel by pixel in the strip so that the labels fit)."),
     output: Path = typer.Option(Path("noise.png"), "--output", "-o", help="PNG file to write."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the output file if it exists."),
+    threads: Optional[int] = threads_option(),
 ) -> None:
     """Noise an image step by step, as training does: a labelled strip, one frame per timestep.
 
@@ -46,6 +49,7 @@ def noise_command(
 
       minidiff noise photo.jpg --timesteps 0,50,100,200 --schedule linear -o linear.png
     """
+    apply_threads(threads)
     from minidiff_cli import plugins
 
     # Every check that needs no torch comes first, so that a typo is reported at once.

@@ -11,6 +11,7 @@ import typer
 
 from minidiff_cli.cli import completion
 from minidiff_cli.cli.app import app
+from minidiff_cli.cli.options import threads_option
 from minidiff_cli.errors import MinidiffError
 
 LIST_FLAGS = ("channel_mult", "attention_resolutions", "cross_attention_resolutions")
@@ -37,8 +38,7 @@ def train_command(
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed of weights, data order and noise [default: 0]."),
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda or mps [default: auto]."),
-    threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads; 0 is torch's default, 1 is often "
-                                          "fastest on a busy CPU [default: 0]."),
+    threads: Optional[int] = threads_option(),
     config: Optional[Path] = typer.Option(None, "--config", help="TOML file with any of these flags (flags given win)."),
     quiet: Optional[bool] = typer.Option(None, "--quiet", "-q", help="Log lines instead of a live display."),
     log_every: Optional[int] = typer.Option(None, "--log-every", help="Log line / metrics record every N steps [default: 50]."),
