@@ -49,6 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from minidiff_cli.clip_config import POOL_TYPES, TOKENIZER_VOCAB, check_clip_config
 from minidiff_cli.conditioning import Conditioning, module_device
 from minidiff_cli.errors import MinidiffError, ModelFileError
 
@@ -58,7 +59,6 @@ FORMAT_VERSION = 1
 
 TEXT_KEYS = ("token_embedding.", "positional_embedding", "transformer.", "ln_final.", "text_projection")
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle")
-TOKENIZER_VOCAB = 49408  # open_clip's SimpleTokenizer: BPE merges + bytes + 2 special tokens
 DEFAULT_CACHE_SIZE = 256
 
 
@@ -273,17 +273,6 @@ def tokenizer_for(text_cfg: dict[str, Any]):
     return _tokenizer(int(text_cfg.get("context_length", 77)), options)
 
 
-def _check_text_cfg(text_cfg: dict[str, Any]) -> None:
-    if text_cfg.get("hf_model_name") or text_cfg.get("hf_tokenizer_name"):
-        raise MinidiffError("this CLIP uses a Hugging Face text model or tokenizer; the clip conditioner "
-                            "supports open_clip's own text transformer and tokenizer only")
-    if text_cfg.get("embed_cls"):
-        raise MinidiffError("text towers with a class token (CoCa) are not supported by the clip conditioner")
-    if int(text_cfg.get("vocab_size", TOKENIZER_VOCAB)) < TOKENIZER_VOCAB:
-        raise MinidiffError(f"text vocab_size {text_cfg['vocab_size']} is smaller than the tokenizer's "
-                            f"({TOKENIZER_VOCAB})")
-
-
 # -- the conditioner ---------------------------------------------------------------
 class ClipTextConditioner(nn.Module):
     """A frozen open_clip text transformer: ``context`` [B, L, width], ``pooled`` [B, embed_dim]."""
@@ -294,17 +283,9 @@ class ClipTextConditioner(nn.Module):
 
     def __init__(self, config: dict[str, Any], cache_size: int = DEFAULT_CACHE_SIZE):
         super().__init__()
-        try:
-            embed_dim = int(config["embed_dim"])
-            text_cfg = dict(config["text_cfg"])
-            quick_gelu = bool(config.get("quick_gelu", False))
-        except (KeyError, TypeError, ValueError):
-            raise MinidiffError("a clip config needs 'embed_dim' and 'text_cfg'") from None
-        _check_text_cfg(text_cfg)
-        try:
-            tower = build_text_tower(embed_dim, text_cfg, quick_gelu=quick_gelu)
-        except (TypeError, ValueError) as exc:
-            raise MinidiffError(f"invalid clip text_cfg: {exc}") from None
+        checked = check_clip_config(config)  # allow-listed and bounded before anything is built
+        embed_dim, text_cfg, quick_gelu = checked["embed_dim"], checked["text_cfg"], checked["quick_gelu"]
+        tower = build_text_tower(embed_dim, text_cfg, quick_gelu=quick_gelu)
         self._config = {"embed_dim": embed_dim, "text_cfg": text_cfg, "quick_gelu": quick_gelu}
 
         # The text parts of open_clip.CLIP, under the same names, so its checkpoints load as they are.
@@ -447,12 +428,24 @@ class ClipTextConditioner(nn.Module):
         else:
             raise MinidiffError("the clip conditioner needs weights: --clip-weights FILE (e.g. from "
                                 "`minidiff clip train`), or --clip-arch NAME --clip-pretrained TAG|FILE")
+        try:
+            with torch.device("meta"):  # shapes only: a config that does not fit its file allocates nothing
+                cls(cfg).check_fits(tensors, source=str(path))
+        except ModelFileError:
+            raise
+        except MinidiffError as exc:  # the config itself: name the file it came from
+            raise ModelFileError(f"'{path}' has an invalid clip config: {exc}") from None
         encoder = cls(cfg, cache_size=cache_size)
         encoder.load_text_weights(tensors, source=str(path))
         return encoder
 
     def load_text_weights(self, tensors: dict[str, torch.Tensor], source: str = "weights") -> None:
         """Load an open_clip checkpoint's text tower (other parts are ignored); strict on names and shapes."""
+        self.check_fits(tensors, source)
+        self.load_state_dict(text_tensors(tensors), strict=True)
+
+    def check_fits(self, tensors: dict[str, torch.Tensor], source: str = "weights") -> None:
+        """A ModelFileError unless ``tensors`` hold exactly this text tower's tensors, by name and shape."""
         found = text_tensors(tensors)
         expected = self.state_dict()
         missing = sorted(set(expected) - set(found))
@@ -465,7 +458,6 @@ class ClipTextConditioner(nn.Module):
             if tuple(value.shape) != tuple(expected[key].shape):
                 raise ModelFileError(f"'{source}' does not fit this CLIP text model: '{key}' has shape "
                                      f"{tuple(value.shape)}, expected {tuple(expected[key].shape)}")
-        self.load_state_dict(found, strict=True)
 
 
 def _pool(x: torch.Tensor, tokens: torch.Tensor, pool_type: str, eos_id: Optional[int]) -> torch.Tensor:
@@ -484,7 +476,7 @@ def _pool(x: torch.Tensor, tokens: torch.Tensor, pool_type: str, eos_id: Optiona
 
 # -- the text tower, laid out as open_clip's TextTransformer ---------------------------
 # The text_cfg keys TextTower takes; keys that do not change the tower (tokenizer settings, those
-# only for Hugging Face towers, which _check_text_cfg refuses, and final_ln_after_pool, which
+# only for Hugging Face towers, which check_clip_config refuses, and final_ln_after_pool, which
 # open_clip's builder does not pass on either); the options of open_clip's custom attention block.
 TOWER_KEYS = {"context_length", "vocab_size", "width", "heads", "layers", "mlp_ratio", "ls_init_value",
               "pad_id", "eos_id", "no_causal_mask", "pool_type", "proj_type", "proj_bias", "act_kwargs",
@@ -492,7 +484,6 @@ TOWER_KEYS = {"context_length", "vocab_size", "width", "heads", "layers", "mlp_r
 OTHER_KEYS = {"tokenizer_kwargs", "tokenizer_mode", "hf_tokenizer_name", "hf_model_name", "hf_model_pretrained",
               "hf_proj_type", "hf_pooler_type", "embed_cls", "output_tokens", "final_ln_after_pool", "block_type"}
 CUSTOM_BLOCK_KEYS = {"qk_norm", "scaled_cosine_attn", "scale_heads", "scale_attn_inner", "scale_attn", "scale_fc"}
-POOL_TYPES = ("first", "last", "argmax", "eos", "none")
 
 
 def build_text_tower(embed_dim: int, text_cfg: dict[str, Any], quick_gelu: bool = False) -> nn.Module:

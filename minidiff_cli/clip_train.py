@@ -30,6 +30,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from minidiff_cli.clip_config import check_clip_model_config
 from minidiff_cli.clip_text import FORMAT, FORMAT_VERSION, read_safetensors, tokenizer_for
 from minidiff_cli.errors import MinidiffError, ModelFileError
 from minidiff_cli.fileio import atomic_write
@@ -86,6 +87,7 @@ class ClipRecipe:
             raise MinidiffError(f"threads must be 0 (auto) or more (got {self.threads})")
         if self.lr <= 0:
             raise MinidiffError(f"lr must be positive (got {self.lr})")
+        check_clip_model_config(self.model_config())  # the same bounds as a CLIP file's config
         return self
 
     def model_config(self) -> dict[str, Any]:
@@ -470,10 +472,15 @@ def load_clip(path: str | os.PathLike):
         raise ModelFileError(f"'{path}' has no readable CLIP config") from None
     if not isinstance(config, dict) or not isinstance(config.get("vision_cfg"), dict):
         raise ModelFileError(f"'{path}' holds no image tower (a text encoder only)")
-    model = build_clip(config)
-    try:
-        model.load_state_dict(tensors, strict=True)
-    except RuntimeError:
+    try:  # allow-listed and bounded before anything is built from it
+        config = check_clip_model_config(config)
+    except MinidiffError as exc:
+        raise ModelFileError(f"'{path}' has an invalid CLIP config: {exc}") from None
+    with torch.device("meta"):  # shapes first: a file that does not fit its config allocates nothing
+        expected = {k: tuple(v.shape) for k, v in build_clip(config).state_dict().items()}
+    if expected != {k: tuple(v.shape) for k, v in tensors.items()}:
         raise ModelFileError(f"'{path}' does not match its config, or holds no image tower "
-                             "(it was saved with --no-vision)") from None
+                             "(it was saved with --no-vision)")
+    model = build_clip(config)
+    model.load_state_dict(tensors, strict=True)
     return model.float().eval(), metadata

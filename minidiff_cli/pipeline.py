@@ -164,6 +164,7 @@ class Pipeline:
         if len(prompts) != len(seeds):
             raise MinidiffError(f"need one seed per prompt: got {len(seeds)} for {len(prompts)} prompts")
         batch_size = batch_size or min(len(prompts), 16)
+        self.model.unet.config.check_activations(min(batch_size, len(prompts)))  # before any is allocated
         out = []
         for start in range(0, len(prompts), batch_size):
             rows = slice(start, start + batch_size)

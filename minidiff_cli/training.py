@@ -140,6 +140,7 @@ class Trainer:
         self._check_run_dir(resume)
         self.dataset = self._dataset()
         self.model = self._model()
+        self.model.unet.config.check_activations(max(1, cfg.batch_size // self.dist.world))  # before a step runs
         self.net = TrainNet(self.model).to(self.device)
         self.ema = self._ema_copy()
         self.ema_params, self.net_params = list(self.ema.parameters()), list(self.net.parameters())

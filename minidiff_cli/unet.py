@@ -35,6 +35,8 @@ from minidiff_cli.errors import MinidiffError
 
 MAX_IMAGE_SIZE = 1024
 MAX_PARAMETERS = 500_000_000
+MAX_RES_BLOCKS = 32  # per level; real U-Nets use 1 to 4. Bounds the module count, which parameters do not
+MAX_ACTIVATION_BYTES = 64 << 30  # feature maps plus the largest attention matrix, at the batch sampled or trained
 
 
 @dataclass
@@ -126,6 +128,10 @@ class UNetConfig:
                 f"{MAX_PARAMETERS // 1_000_000}M allowed; lower base_channels, channel_mult or "
                 f"num_res_blocks"
             )
+        if self.num_res_blocks > MAX_RES_BLOCKS:
+            raise MinidiffError(f"num_res_blocks {self.num_res_blocks} is more than the {MAX_RES_BLOCKS} "
+                                "per level minidiff allows")
+        self.check_activations(1)
         return self
 
     def _check_attention_sizes(self):
@@ -150,6 +156,29 @@ class UNetConfig:
                     f"{ch} channels at {s}x{s} cannot be split into attention heads of "
                     f"head_dim {self.head_dim}; pick a head_dim that divides {ch}"
                 )
+
+    def activation_bytes(self, batch: int) -> int:
+        """About the float32 activation memory of a forward pass over ``batch`` images; no allocation.
+
+        The feature maps every block keeps for the skips and the backward pass, plus the largest
+        self-attention matrix (heads x N^2 for N = H*W pixels, as the unfused kernel makes it).
+        """
+        features = attention = 0
+        for s, mult in zip(self.resolutions, self.channel_mult):
+            ch, pixels = self.base_channels * mult, s * s
+            features += (3 * self.num_res_blocks + 2) * ch * pixels
+            if self._self_attn(s) or (self.mid_attention and s == self.resolutions[-1]):
+                attention = max(attention, ch // self.head_dim * pixels * pixels)
+        return 4 * batch * (features + attention)
+
+    def check_activations(self, batch: int) -> None:
+        """Refuse, before anything is built, a batch whose activations alone would exceed the cap."""
+        need = self.activation_bytes(batch)
+        if need > MAX_ACTIVATION_BYTES:
+            per = f"{batch} images" if batch > 1 else "one image"
+            raise MinidiffError(f"this U-Net would need about {need / 2**30:,.0f} GiB of activations for {per}, "
+                                f"more than the {MAX_ACTIVATION_BYTES >> 30} GiB allowed; use a smaller batch, "
+                                "fewer attention resolutions or fewer channels")
 
     def _self_attn(self, size: int) -> bool:
         return size in self.attention_resolutions
