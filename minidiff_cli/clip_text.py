@@ -324,6 +324,13 @@ class ClipTextConditioner(nn.Module):
         """Token ids [B, context_length]: start, BPE tokens, end, zero padding (long prompts are cut)."""
         return self.tokenizer(list(prompts))
 
+    def cut_words(self, prompt: str) -> str:
+        """The end of ``prompt`` that does not fit the context (start and end tokens take two); "" if it fits."""
+        tokenizer = self.tokenizer
+        ids = tokenizer.encode(prompt)
+        room = self.context_length - 2
+        return tokenizer.decode(ids[room:]).strip() if len(ids) > room else ""
+
     def encode_tokens(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(hidden states after ln_final [B, L, width], projected end-of-text state [B, embed_dim])."""
         x = self.token_embedding(tokens) + self.positional_embedding[: tokens.shape[1]]

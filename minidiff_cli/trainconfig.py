@@ -17,7 +17,8 @@ from typing import Any, Optional
 from minidiff_cli.errors import MinidiffError
 
 # Flags that may change when a run is resumed; anything else must stay as it was.
-RESUMABLE = ("max_steps", "save_every", "sample_every", "log_every", "quiet", "device", "threads", "out")
+RESUMABLE = ("max_steps", "save_every", "sample_every", "log_every", "quiet", "device", "threads", "out",
+             "description", "notice")
 
 
 @dataclass
@@ -75,6 +76,10 @@ class TrainConfig:
     log_every: int = 50
     sample_prompts: list[str] = field(default_factory=list)
     name: str = ""
+    # The model card stored in the file (shown by `info` and `models`): what it draws, and the
+    # attribution its training images ask for (e.g. a licence's NOTICE), if any.
+    description: str = ""
+    notice: str = ""
     quiet: bool = False
 
     def to_dict(self) -> dict[str, Any]:

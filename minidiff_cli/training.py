@@ -33,6 +33,8 @@ from minidiff_cli.errors import MinidiffError
 from minidiff_cli.fileio import atomic_write, ensure_writable_dir
 from minidiff_cli.model import DiffusionModel
 from minidiff_cli.trainconfig import RESUMABLE, TrainConfig
+from minidiff_cli.vocabulary import vocabulary
+from minidiff_cli.data import caption_set
 
 CHECKPOINT = "checkpoint.safetensors"
 MODEL = "model.safetensors"
@@ -390,6 +392,10 @@ class Trainer:
         ema_unet = self.ema.unet
         conditioner = self.ema.conditioner if self.ema.conditioner is not None else self.model.conditioner
         config = dict(self.model.config)
+        captions = caption_set(self.dataset)
+        if captions is not None:  # the words it trained on, so that generate can flag the others
+            config["vocabulary"] = vocabulary(captions)
+        config["card"] = model_card(self.cfg, captions)
         config["training"] = {"step": self.step, "data": self.cfg.data, "holdout": self.cfg.holdout,
                               "world_size": self.dist.world, "global_batch": self.cfg.batch_size,
                               "flags": self.cfg.to_dict(),
@@ -543,6 +549,17 @@ class Trainer:
     def _append_metrics(self, record: dict[str, Any]) -> None:
         with open(ensure_writable_dir(self.out) / METRICS, "a") as fh:
             fh.write(json.dumps({k: v for k, v in record.items() if v is not None}) + "\n")
+
+
+def model_card(cfg: TrainConfig, captions: list[str] | None) -> dict[str, Any]:
+    """What `info` and `models` say about a trained model: its description, example prompts, notice."""
+    import hashlib
+
+    examples = sorted((c for c in captions or [] if c), key=lambda c: hashlib.sha256(c.encode()).digest())[:6]
+    card: dict[str, Any] = {"description": cfg.description or f"trained on {cfg.data}", "examples": examples}
+    if cfg.notice:
+        card["notice"] = cfg.notice
+    return card
 
 
 def _record_step(line: str) -> float:

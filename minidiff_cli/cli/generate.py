@@ -297,8 +297,10 @@ def _load(model: str | None, device: str, dtype: str, from_image: Path | None):
 
 
 def _warn_about_prompt(pipe, params: dict[str, Any]) -> None:
-    if pipe.model.conditioner.name == "none" and params["prompt"]:
-        print("minidiff: warning: this model is unconditional; the prompt is ignored", file=sys.stderr)
+    from minidiff_cli.vocabulary import prompt_warnings
+
+    for note in prompt_warnings(params["prompt"] or "", pipe.model.config, pipe.model.conditioner):
+        print(f"minidiff: warning: {note}", file=sys.stderr)
 
 
 def _run(pipe, gen, num_images: int, batch_size: int | None, quiet: bool, recorder=None) -> list:

@@ -19,6 +19,7 @@ from typing import Any
 import typer
 
 from minidiff_cli.errors import MinidiffError
+from minidiff_cli.vocabulary import prompt_warnings
 
 
 @dataclass(frozen=True)
@@ -110,6 +111,9 @@ def _check_lines(pipe, jobs, path: Path) -> None:
                 pipe.check_prompt(*key)
             except MinidiffError as exc:
                 raise MinidiffError(f"{path}, line {job.line}: {exc}") from None
+            if pipe.model.conditioner.name != "none":
+                for note in prompt_warnings(job.gen.prompt, pipe.model.config, pipe.model.conditioner):
+                    print(f"minidiff: warning: {path}, line {job.line}: {note}", file=sys.stderr)
     if pipe.model.conditioner.name == "none":
         print("minidiff: warning: this model is unconditional; the prompts are ignored", file=sys.stderr)
 

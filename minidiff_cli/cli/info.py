@@ -108,6 +108,14 @@ def _print_model(summary: dict[str, Any]) -> None:
     ]
     if config.get("class_names"):
         rows.append(("classes", ", ".join(config["class_names"])))
+    card = config.get("card") if isinstance(config.get("card"), dict) else {}
+    for key in ("description", "notice"):
+        if isinstance(card.get(key), str) and card[key]:
+            rows.append((key, card[key]))
+    if isinstance(card.get("examples"), list) and card["examples"]:
+        rows.append(("example prompts", "; ".join(map(str, card["examples"]))))
+    if isinstance(config.get("vocabulary"), list):
+        rows.append(("vocabulary", _vocabulary_row(config["vocabulary"])))
     if config.get("training"):
         rows.append(("training", shortened_json(config["training"], TRAINING_CHARS)))
     for key, value in rows:
@@ -116,6 +124,14 @@ def _print_model(summary: dict[str, Any]) -> None:
 
 
 TRAINING_CHARS = 400  # the training record holds every flag; the table shows its start
+VOCABULARY_SHOWN = 60
+
+
+def _vocabulary_row(words: list) -> str:
+    """The words of the training captions; a long list is cut, with the way to see all of it."""
+    shown = ", ".join(map(str, words[:VOCABULARY_SHOWN]))
+    rest = len(words) - VOCABULARY_SHOWN
+    return f"{len(words):,} words: {shown}" + (f", ... ({rest:,} more: minidiff info --json)" if rest > 0 else "")
 
 
 def shortened_json(value: Any, limit: int) -> str:
