@@ -44,6 +44,54 @@ class Sampler(Protocol):
                generator=None, callback: Callback | None = None, **opts: Any) -> torch.Tensor: ...
 
 
+@runtime_checkable
+class PartialSampler(Sampler, Protocol):
+    """A sampler that can run part of the way: what image-to-image and inpainting need.
+
+    ``noise_levels(schedule, steps, **opts)`` gives the ``steps + 1`` noise levels of the grid
+    that ``sample(..., steps, **opts)`` walks, as alpha_bar: entry i is the level of x before
+    step i, the last one the level after the final step (1.0: clean data).
+
+    ``sample(..., start=i, stop=j)`` takes x to be x_t at level ``noise_levels[i]``
+    (sqrt(abar) x_0 + sqrt(1 - abar) eps, the same scaling as a whole run's x), takes steps
+    i to j - 1 of that same grid, and returns x at level ``noise_levels[j]``. The defaults,
+    ``start=0`` and ``stop=None`` (= steps), are the whole run, which must not change.
+    Callbacks keep the whole grid's step index ``i`` and ``steps``. A multistep method
+    starts its history afresh at ``start``. ``supports_partial`` tells which samplers do.
+    """
+
+    def noise_levels(self, schedule: NoiseSchedule, steps: int, **opts: Any) -> list[float]: ...
+
+
+def supports_partial(sampler) -> bool:
+    """Whether ``sampler`` follows ``PartialSampler``: a ``noise_levels`` method, and ``start``
+    and ``stop`` named in its ``sample`` (a ``**opts`` catch-all does not count)."""
+    import inspect
+
+    if not callable(getattr(sampler, "noise_levels", None)):
+        return False
+    try:
+        params = inspect.signature(sampler.sample).parameters
+    except (TypeError, ValueError):  # a builtin or C callable without a signature
+        return False
+    return all(name in params and params[name].kind in (params[name].KEYWORD_ONLY, params[name].POSITIONAL_OR_KEYWORD)
+               for name in ("start", "stop"))
+
+
+def step_range(start: int, stop: int | None, steps: int) -> range:
+    """The steps ``start`` .. ``stop - 1`` of a ``steps``-step grid, checked (``stop=None`` is ``steps``)."""
+    stop = steps if stop is None else stop
+    if not (isinstance(start, int) and isinstance(stop, int) and 0 <= start < stop <= steps):
+        raise MinidiffError(f"a partial run needs 0 <= start < stop <= steps={steps} (got start={start!r:.20}, "
+                            f"stop={stop!r:.20})")
+    return range(start, stop)
+
+
+def grid_levels(schedule: NoiseSchedule, ts: torch.Tensor) -> list[float]:
+    """alpha_bar at the timesteps ``ts``, then 1.0 (clean): ``noise_levels`` of a grid of timesteps."""
+    return schedule.alphas_cumprod[ts].tolist() + [1.0]
+
+
 def timesteps(num_timesteps: int, steps: int, spacing: str = "trailing") -> torch.Tensor:
     """The ``steps`` timesteps a sampler visits, descending, as a LongTensor.
 

@@ -62,22 +62,25 @@ class DDPM:
 
     Options: ``variance`` "beta-tilde" (default) or "beta"; ``spacing`` of the timesteps
     (see ``minidiff_cli.sampling.timesteps``); ``clip_x0`` clamps the predicted x_0 to
-    [-clip_x0, clip_x0] (default None: no clamp).
+    [-clip_x0, clip_x0] (default None: no clamp). ``start`` / ``stop`` run part of the grid
+    (``minidiff_cli.sampling.PartialSampler``).
     """
 
     name = "ddpm"
     default_steps = 1000
+    options = ("variance", "spacing", "clip_x0")
 
-    def sample(self, denoiser, x, schedule, steps, *, generator=None, callback=None,
+    def sample(self, denoiser, x, schedule, steps, *, generator=None, callback=None, start=0, stop=None,
                variance="beta-tilde", spacing="trailing", clip_x0=None, **unknown):
-        from minidiff_cli.sampling import alpha_bars, batch_t, noise_like, timesteps
+        from minidiff_cli.sampling import alpha_bars, batch_t, noise_like, step_range, timesteps
 
-        _no_unknown(self.name, unknown, ("variance", "spacing", "clip_x0"))
+        _no_unknown(self.name, unknown, self.options)
         if variance not in ("beta-tilde", "beta"):
             raise MinidiffError(f"sampler 'ddpm': variance must be 'beta-tilde' or 'beta' (got {variance!r})")
         clip = _clip_value(self.name, clip_x0)
         ts = timesteps(schedule.num_timesteps, steps, spacing)
-        for i, t in enumerate(ts.tolist()):
+        for i in step_range(start, stop, len(ts)):
+            t = int(ts[i])
             abar_t, abar_prev = alpha_bars(schedule, ts, i)
             x0 = x0_from_eps(x, denoiser(x, batch_t(t, x)), abar_t)
             if clip is not None:
@@ -88,28 +91,33 @@ class DDPM:
                 callback({"i": i, "steps": len(ts), "t": t, "x": x, "x0": x0})
         return x
 
+    def noise_levels(self, schedule, steps, *, spacing="trailing", **others):
+        return _grid_levels(self, schedule, steps, spacing, others)
+
 
 class DDIM:
     """Denoising diffusion implicit models (Song et al. 2021), deterministic at eta = 0.
 
     Options: ``eta`` in [0, 1] (default 0) scales the fresh noise per step, eta = 1 being
-    DDPM; ``spacing`` and ``clip_x0`` as for DDPM.
+    DDPM; ``spacing``, ``clip_x0``, ``start`` and ``stop`` as for DDPM.
     """
 
     name = "ddim"
     default_steps = 50
+    options = ("eta", "spacing", "clip_x0")
 
-    def sample(self, denoiser, x, schedule, steps, *, generator=None, callback=None,
+    def sample(self, denoiser, x, schedule, steps, *, generator=None, callback=None, start=0, stop=None,
                eta=0.0, spacing="trailing", clip_x0=None, **unknown):
-        from minidiff_cli.sampling import alpha_bars, batch_t, noise_like, timesteps
+        from minidiff_cli.sampling import alpha_bars, batch_t, noise_like, step_range, timesteps
 
-        _no_unknown(self.name, unknown, ("eta", "spacing", "clip_x0"))
+        _no_unknown(self.name, unknown, self.options)
         eta = _number(self.name, "eta", eta)
         if not 0 <= eta <= 1:
             raise MinidiffError(f"sampler 'ddim': eta must be between 0 and 1 (got {eta:g})")
         clip = _clip_value(self.name, clip_x0)
         ts = timesteps(schedule.num_timesteps, steps, spacing)
-        for i, t in enumerate(ts.tolist()):
+        for i in step_range(start, stop, len(ts)):
+            t = int(ts[i])
             abar_t, abar_prev = alpha_bars(schedule, ts, i)
             eps = denoiser(x, batch_t(t, x))
             x0 = x0_from_eps(x, eps, abar_t)
@@ -123,6 +131,17 @@ class DDIM:
             if callback is not None:
                 callback({"i": i, "steps": len(ts), "t": t, "x": x, "x0": x0})
         return x
+
+    def noise_levels(self, schedule, steps, *, spacing="trailing", **others):
+        return _grid_levels(self, schedule, steps, spacing, others)
+
+
+def _grid_levels(sampler, schedule, steps, spacing, others) -> list[float]:
+    """alpha_bar along the sampler's timesteps; its other options do not move the grid but must be its own."""
+    from minidiff_cli.sampling import grid_levels, timesteps
+
+    _no_unknown(sampler.name, {k: v for k, v in others.items() if k not in sampler.options}, sampler.options)
+    return grid_levels(schedule, timesteps(schedule.num_timesteps, steps, spacing))
 
 
 # -- option checks ---------------------------------------------------------------------

@@ -21,20 +21,21 @@ from __future__ import annotations
 import math
 
 
-def sample_dpmpp_2m(model, x, sigmas, lower_order_final=False, callback=None):
+def sample_dpmpp_2m(model, x, sigmas, lower_order_final=False, callback=None, steps=None):
     """DPM-Solver++(2M) over ``sigmas`` (descending, ending at 0); one model call per step.
 
     First order on the first step (there is no x0 before it) and on the step to sigma = 0,
     where lambda = +inf and the second-order term has no limit: that step is x = D, the
     model's own x0. ``lower_order_final`` makes the step before it first order as well.
+    ``steps`` (a range, default all) picks the steps to take; the first of them is first order.
     """
-    steps = len(sigmas) - 1
+    last = len(sigmas) - 2
     denoised_prev, h_prev = None, None
-    for i in range(steps):
+    for i in steps or range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         denoised, _ = model(x, sigma)
         h = math.log(sigma / sigma_next) if sigma_next > 0 else math.inf  # lambda_next - lambda
-        first_order = denoised_prev is None or sigma_next == 0 or (lower_order_final and i == steps - 2)
+        first_order = denoised_prev is None or sigma_next == 0 or (lower_order_final and i == last - 1)
         if first_order:
             d = denoised
         else:

@@ -244,9 +244,9 @@ def test_dpmpp_2m_takes_its_final_step_first_order_below_15_steps_on_grids_that_
     schedule = get_schedule("linear", 1000)
     seen, real = {}, dpm_solver.sample_dpmpp_2m
 
-    def spy(model, x, sigmas, lower_order_final=False, callback=None):
+    def spy(model, x, sigmas, lower_order_final=False, callback=None, **steps):
         seen["lower_order_final"] = lower_order_final
-        return real(model, x, sigmas, lower_order_final, callback=callback)
+        return real(model, x, sigmas, lower_order_final, callback=callback, **steps)
 
     monkeypatch.setattr(dpm_solver, "sample_dpmpp_2m", spy)
     for steps, opts, expected in ((10, {"spacing": "linspace"}, True), (14, {"karras": True}, True),
