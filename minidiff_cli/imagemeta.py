@@ -54,6 +54,9 @@ def format_parameters(p: dict[str, Any]) -> str:
               ("Model", p.get("model")), ("Model hash", p.get("model_hash"))]
     if p.get("eta") is not None:
         fields.append(("Eta", p["eta"]))
+    # Image-to-image: "Denoising strength" is AUTOMATIC1111's name for it; the hashes are minidiff's.
+    fields += [("Denoising strength", p.get("strength")), ("Init image hash", p.get("init_image_hash")),
+               ("Mask hash", p.get("mask_hash")), ("Resample", p.get("resample") or None)]
     lines.append(", ".join(f"{k}: {v}" for k, v in fields if v is not None))
     return "\n".join(lines)
 

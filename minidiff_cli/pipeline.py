@@ -34,7 +34,7 @@ MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed's range
 MAX_PROMPT_CHARS = 10_000
 MAX_IMAGES = 10_000
 # Arguments the pipeline passes to every sampler itself; an option cannot take their place.
-RESERVED_OPTIONS = ("denoiser", "x", "schedule", "steps", "generator", "callback")
+RESERVED_OPTIONS = ("denoiser", "x", "schedule", "steps", "generator", "callback", "start", "stop")
 
 
 def pick_device(device: str | torch.device = "auto") -> torch.device:
@@ -81,6 +81,11 @@ class Generation:
     seed: int = 0
     eta: float | None = None
     sampler_options: dict[str, Any] = field(default_factory=dict)
+    init: Any = None  # an img2img.settings.ImageStart: start from a picture, not pure noise
+
+    def steps_taken(self) -> int:
+        """Sampler steps per batch: fewer from an init image, more with resampling jumps."""
+        return self.steps if self.init is None else self.init.steps_taken(self.steps)
 
     def params(self, model_name: str, model_hash: str, size: int, index: int) -> dict[str, Any]:
         """The parameters of image ``index`` (its own seed) as stored in its PNG."""
@@ -89,6 +94,8 @@ class Generation:
                "width": size, "height": size, "model": model_name, "model_hash": model_hash}
         if self.sampler_options:
             out["sampler_options"] = self.sampler_options
+        if self.init is not None:
+            out.update(self.init.params())
         return out
 
 
@@ -116,15 +123,30 @@ class Pipeline:
     def device(self) -> torch.device:
         return self.model.device
 
+    def image_start(self, init_image, strength: float | None = None, mask=None, resample: int = 0):
+        """An init image (and mask) fitted to this model, for ``Generation.init``."""
+        from minidiff_cli.img2img.settings import image_start
+
+        return image_start(init_image, size=self.model.image_size, channels=self.model.channels,
+                           strength=strength, mask=mask, resample=resample)
+
     def generate(self, prompt: str, steps: int = 50, cfg: float = 3.0, sampler: str = "ddim", seed: int = 0,
                  num_images: int = 1, *, negative: str = "", eta: float | None = None,
                  batch_size: int | None = None, callback: Callable[[dict], None] | None = None,
+                 init_image=None, strength: float | None = None, mask=None, resample: int = 0,
                  **sampler_options: Any) -> list:
         """Images for ``prompt`` as PIL images; each carries its parameters in ``.info``.
 
+        ``init_image`` (a path or PIL image) starts from a picture (SDEdit): ``strength`` 0 keeps
+        it, 1 redraws it from noise (default 0.8). ``mask`` (white = repaint, black = keep) inpaints
+        (default strength 1); ``resample`` adds RePaint's jumps. See ``minidiff_cli.img2img``.
         Save them with ``Pipeline.save(image, path)``: PIL's own ``image.save`` drops ``.info``.
         """
         gen = Generation(prompt, negative or "", steps, float(cfg), sampler, seed, eta, sampler_options)
+        if init_image is not None:
+            gen.init = self.image_start(init_image, strength, mask, resample)
+        elif mask is not None or strength is not None or resample:
+            raise MinidiffError("strength, mask and resample need an init_image")
         return self.images(gen, num_images, batch_size=batch_size, callback=callback)
 
     def images(self, gen: Generation, num_images: int = 1, *, batch_size: int | None = None,
@@ -151,6 +173,11 @@ class Pipeline:
         """One image per (prompt, seed) pair, batched; ``gen`` gives everything else."""
         sampler = plugins.get_sampler(gen.sampler)
         self._check(gen, len(prompts))
+        if gen.init is not None:
+            from minidiff_cli.img2img.run import require_partial
+
+            require_partial(sampler, _who(gen.sampler))
+            gen.init.check_fits(self.model.channels, self.model.image_size)
         for prompt in prompts:
             check_text("prompt", prompt)
         for seed in seeds:
@@ -207,8 +234,17 @@ class Pipeline:
             if callback is not None:
                 callback({**info, "batch_start": start, "batch_size": n, "num_images": total})
 
+        def run(denoiser, x, opts):
+            return _run_sampler(sampler, gen.sampler, denoiser, x, model.schedule, gen.steps, generators, report, opts)
+
         with torch.inference_mode():
-            x0 = _run_sampler(sampler, gen.sampler, denoiser, x, model.schedule, gen.steps, generators, report, opts)
+            if gen.init is None:
+                x0 = run(denoiser, x, opts)
+            else:
+                from minidiff_cli.img2img.run import sample_from
+
+                x0 = sample_from(gen.init, sampler, _who(gen.sampler), denoiser, x, model.schedule, gen.steps,
+                                 generators, opts, run)
         return x0.float().clamp(-1, 1).cpu()
 
     def check_prompt(self, prompt: str, negative: str = "") -> None:
@@ -275,7 +311,7 @@ def _run_sampler(sampler, name: str, denoiser, x: torch.Tensor, schedule, steps:
     (a bug, or garbage from the plugin) becomes a PluginError; its traceback stays in ``__cause__``
     for ``--debug``.
     """
-    who = f"sampler '{name}' (plugin '{_owner(name)}')"
+    who = _who(name)
     in_model = []
 
     def watched(x_t, t):
@@ -300,6 +336,10 @@ def _run_sampler(sampler, name: str, denoiser, x: torch.Tensor, schedule, steps:
         bad = "NaN or infinite values" if x0.is_floating_point() else f"a {x0.dtype} tensor, not floats"
         raise PluginError(f"{who} returned {bad}")
     return x0
+
+
+def _who(name: str) -> str:
+    return f"sampler '{name}' (plugin '{_owner(name)}')"
 
 
 def _owner(name: str) -> str:

@@ -12,6 +12,7 @@ from typing import Any, Optional
 import typer
 
 from minidiff_cli.cli import completion
+from minidiff_cli.cli.generate_init import image_start, open_init_files
 from minidiff_cli.cli.app import app
 from minidiff_cli.cli.options import threads_option
 from minidiff_cli.threads import apply_threads
@@ -19,7 +20,7 @@ from minidiff_cli.errors import MinidiffError
 
 # Used when neither a flag nor --from gives a value.
 DEFAULTS = {"negative_prompt": "", "steps": 50, "cfg": 3.0, "sampler": "ddim", "seed": 0, "eta": None,
-            "sampler_options": None}
+            "sampler_options": None, "strength": None, "resample": None, "init_image_hash": None, "mask_hash": None}
 
 
 @app.command("generate")
@@ -53,6 +54,15 @@ def generate_command(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar and no terminal preview."),
     save_trajectory: bool = typer.Option(False, "--save-trajectory", help="Also save, next to each image, a strip "
                                          "and a GIF of x_t and the predicted x0 along the steps."),
+    init_image: Optional[Path] = typer.Option(None, "--init-image", help="Start from this picture (PNG, JPEG or "
+                                              "WebP; fitted to the model's size) instead of pure noise."),
+    strength: Optional[float] = typer.Option(None, "--strength", help="With --init-image: how much to redraw, 0 "
+                                             "keeps the picture, 1 starts from noise; runs the last strength x steps "
+                                             "[default: 0.8, with --mask 1]."),
+    mask: Optional[Path] = typer.Option(None, "--mask", help="With --init-image: inpaint; white repaints, black "
+                                        "keeps (exactly), grey blends. Same size as the init image."),
+    resample: Optional[int] = typer.Option(None, "--resample", help="With --mask: RePaint's resampling, N jumps "
+                                           "back per step for better seams (N + 1 times the model calls) [default: 0]."),
     sampler_option: Optional[list[str]] = typer.Option(None, "--sampler-option", "-O", help="A sampler option "
                                                        "KEY=VALUE, repeatable, e.g. -O spacing=leading -O karras=true."),
     prompts_file: Optional[Path] = typer.Option(None, "--prompts", help="A file of prompts, one a line, or JSON "
@@ -73,6 +83,10 @@ def generate_command(
 
       minidiff generate "a green triangle" --save-trajectory
 
+      minidiff generate "a green circle" --init-image in.png --strength 0.6
+
+      minidiff generate "a blue square" --init-image in.png --mask mask.png
+
       minidiff generate --prompts prompts.txt -o out/
     """
     apply_threads(threads)
@@ -80,11 +94,13 @@ def generate_command(
 
     given = {"prompt": prompt, "negative_prompt": negative, "steps": steps, "cfg": cfg, "sampler": sampler,
              "seed": seed, "eta": eta, "model": model,
-             "sampler_options": _sampler_options(sampler_option) if sampler_option else None}
+             "sampler_options": _sampler_options(sampler_option) if sampler_option else None,
+             "strength": strength, "resample": resample}
     if prompts_file is not None or _under_torchrun():
         given["prompt"] = _prompts_instead_of(prompt, prompts_file, save_trajectory)
     params = _resolve(given, from_image)
     _check_numbers(params, num_images, batch_size)
+    init_files = open_init_files(init_image, mask, strength, resample, prompts_file, params["sampler"])
     # A failed or interrupted run must not leave behind an empty folder that it made.
     ctx.call_on_close(_remove_if_empty(_missing_folders(output if not output.suffix else output.parent)))
     if prompts_file is not None:
@@ -101,6 +117,7 @@ def generate_command(
     _warn_about_prompt(pipe, params)
     gen = Generation(params["prompt"], params["negative_prompt"] or "", params["steps"], float(params["cfg"]),
                      params["sampler"], params["seed"], params["eta"], params["sampler_options"] or {})
+    gen.init = image_start(pipe, init_files, params, from_image)
     pipe.check_prompt(gen.prompt, gen.negative_prompt)
     recorder = None
     if save_trajectory:
@@ -173,8 +190,10 @@ def _resolve(given: dict[str, Any], from_image: Path | None) -> dict[str, Any]:
 
 # What each stored parameter must be; a PNG from a stranger may hold anything.
 TYPES = {"prompt": (str,), "negative_prompt": (str,), "model": (str,), "sampler": (str,), "steps": (int,),
-         "seed": (int,), "cfg": (int, float), "eta": (int, float, type(None)), "sampler_options": (dict, type(None))}
-OPTIONAL = ("negative_prompt", "model", "eta", "sampler_options")  # null means: not stored
+         "seed": (int,), "cfg": (int, float), "eta": (int, float, type(None)), "sampler_options": (dict, type(None)),
+         "strength": (int, float), "resample": (int,), "init_image_hash": (str,), "mask_hash": (str,)}
+# null means: not stored
+OPTIONAL = ("negative_prompt", "model", "eta", "sampler_options", "strength", "resample", "init_image_hash", "mask_hash")
 
 
 def _checked_types(stored: dict[str, Any], path: Path) -> dict[str, Any]:
@@ -308,7 +327,7 @@ def _run(pipe, gen, num_images: int, batch_size: int | None, quiet: bool, record
 
     size = batch_size or min(num_images, 16)
     batches = -(-num_images // size)
-    with step_progress(gen.steps * batches, f"sampling {num_images} image(s)", quiet) as advance:
+    with step_progress(gen.steps_taken() * batches, f"sampling {num_images} image(s)", quiet) as advance:
         def callback(info: dict) -> None:
             advance()
             if recorder is not None:
