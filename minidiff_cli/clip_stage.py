@@ -16,11 +16,12 @@ of the train config (any ``ClipRecipe`` field but those the diffusion stage shar
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 from typing import Callable, Optional
 
 from minidiff_cli.errors import MinidiffError
-from minidiff_cli.fileio import ensure_writable_dir
+from minidiff_cli.fileio import atomic_write, ensure_writable_dir
 
 CLIP_FILE = "clip.safetensors"
 # Shared with the diffusion stage, so not settable in the ``clip`` table.
@@ -75,6 +76,12 @@ def run_clip_stage(cfg, *, resume: bool, callback: Optional[Callable[[dict], Non
         raise MinidiffError(f"'{checkpoint}' holds an unfinished text-encoder stage; pass --resume to continue "
                             "it or choose another --out")
     def announce(step: int) -> None:
+        # The whole recipe, so that `train --out DIR --resume` can continue from here with no other flag.
+        from minidiff_cli.training import RUN_CONFIG
+
+        ensure_writable_dir(path.parent)
+        atomic_write(path.parent / RUN_CONFIG, lambda p: p.write_text(json.dumps(cfg.to_dict(), indent=2)),
+                     overwrite=True)
         start = f"from step {step} " if step else ""
         log(f"stage 1/2 (text encoder): training a CLIP on '{cfg.data}' {start}to step {recipe.steps} into {path}")
 

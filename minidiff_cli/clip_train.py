@@ -301,8 +301,10 @@ def _resume_clip(path: Optional[Path], model, optimizer, recipe: ClipRecipe) -> 
     meta, tensors = load_checkpoint(path)
     stored = dict(meta["train"])
     mine = dataclasses.asdict(recipe)
-    changed = sorted(k for k in mine if k not in ("device", "threads", "eval_images", "eval_images_per_class")
-                     and stored.get(k) != mine[k])
+    # The device, threads and length may change (a longer or shorter run goes on from here, on the
+    # learning-rate schedule of the new length); anything else would train another model.
+    free = ("device", "threads", "steps", "eval_images", "eval_images_per_class")
+    changed = sorted(k for k in mine if k not in free and stored.get(k) != mine[k])
     if changed:
         raise MinidiffError(f"'{path}' was made with other settings ({', '.join(changed)}); resume with the "
                             "same ones or remove it to start again")
@@ -429,7 +431,9 @@ def caption_retrieval(model, dataset, fraction: Optional[float], *, max_images: 
 def describe_accuracy(accuracy: dict) -> str:
     """The evaluation of ``evaluate`` in one line."""
     def pct(value):
-        return "n/a" if value is None else f"{100 * value:.1f}%"
+        if value is None:
+            return "n/a"
+        return f"{100 * value:.1f}%" if value == 0 or value >= 0.01 else f"{100 * value:.2g}%"
 
     if "seen_top1" in accuracy:  # caption retrieval on a folder
         return (f"caption retrieval among {accuracy['captions']} captions (chance {pct(accuracy['chance_top1'])}): "

@@ -18,7 +18,7 @@ from minidiff_cli.errors import MinidiffError
 
 # Flags that may change when a run is resumed; anything else must stay as it was.
 RESUMABLE = ("max_steps", "save_every", "sample_every", "log_every", "quiet", "device", "threads", "out",
-             "description", "notice")
+             "description", "notice", "clip_steps")
 
 
 @dataclass

@@ -34,7 +34,7 @@ ADDED = {
     "generate": [(("--steps",), "2")],
     "train": [(("--image-size",), "16"), (("--channel-mult",), "1,2"), (("--base-channels",), "16"),
               (("--batch-size",), "2"), (("--timesteps",), "100"), (("--warmup",), "1"),
-              (("--max-steps",), "2"), (("--device",), "cpu"), (("--quiet", "-q"), None)],
+              (("--max-steps",), "2"), (("--device",), "cpu"), (("--clip-steps",), "2"), (("--quiet", "-q"), None)],
     "eval": [(("-n", "--per-prompt"), "1"), (("--runs",), "ddim:2"), (("--device",), "cpu")],
     "clip train": [(("--steps",), "2"), (("--batch-size",), "4"), (("--width",), "16"), (("--heads",), "2"),
                    (("--layers",), "1"), (("--embed-dim",), "16"), (("--context-length",), "8"),
@@ -113,8 +113,9 @@ def provide_inputs(argv: list[str], folder: Path) -> None:
         elif Path(token).suffix == ".txt":
             (folder / token).write_text("a red circle\na blue square\n")
         elif argv[i - 1] == "--data" and token.startswith(("./", "../")):
-            for k in range(3):
+            for k in range(3):  # captioned, for the text-to-image commands
                 _picture(folder / token / f"image-{k}.png", k)
+                (folder / token / f"image-{k}.txt").write_text(f"picture number {k}")
 
 
 def _picture(path: Path, seed: int = 0) -> None:

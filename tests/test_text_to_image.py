@@ -155,3 +155,26 @@ def test_eval_on_a_folder_without_its_clip_says_how_to_get_one(folder, tmp_path)
     model = tiny_model_file(tmp_path / "m.safetensors", conditioner="clip")
     assert_one_line_error(run_cli("eval", "--model", str(model), "--data", str(folder)),
                           "--data needs the CLIP trained on that folder: pass --clip FILE")
+
+
+def test_a_run_stopped_in_stage_one_resumes_from_its_folder_alone(folder, tmp_path):
+    from minidiff_cli.clip_stage import run_clip_stage
+    from minidiff_cli.trainconfig import TrainConfig
+
+    out = tmp_path / "run"
+    cfg = TrainConfig(data=str(folder), image_size=16, holdout=HOLDOUT, conditioner="clip", clip_steps=6,
+                      clip={k: v for k, v in TINY_CLIP.items() if k not in ("device", "threads")},
+                      base_channels=8, channel_mult=[1, 2], head_dim=8, class_dim=16, batch_size=4, max_steps=2,
+                      out=str(out), threads=1).validate()
+
+    def stop_at_3(info):
+        if info["step"] == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_clip_stage(cfg, resume=False, callback=stop_at_3, log=lambda msg: None)
+    assert (out / "train_config.json").is_file() and checkpoint_path(out / "clip.safetensors").is_file()
+    result = run_cli("train", "--out", str(out), "--resume", "--clip-steps", "5", "--quiet")
+    assert result.returncode == 0, result.stderr
+    assert "from step 3 to step 5" in result.stderr and (out / "model.safetensors").is_file()
+    assert json.loads(safe_open(str(out / "clip.safetensors"), "pt").metadata()["training"])["steps"] == 5

@@ -79,19 +79,35 @@ def train_command(
     from minidiff_cli.trainconfig import load_toml, merge
 
     cfg = merge(flags, config)
-    if resume and not _stopped_in_text_stage(cfg):
+    if resume:
         given = {k for k, v in flags.items() if v is not None}
         given |= {k.replace("-", "_") for k in (load_toml(config) if config else {})}
-        cfg = _resumed_config(cfg, given)
+        cfg = _text_stage_config(cfg, given) or _resumed_config(cfg, given)
     _train(cfg, resume)
 
 
-def _stopped_in_text_stage(cfg) -> bool:
-    """True when the run in --out never reached the diffusion stage (it stopped in or after stage 1)."""
-    from minidiff_cli.clip_stage import needs_clip_stage
-    from minidiff_cli.training import CHECKPOINT
+def _text_stage_config(cfg, given: set[str]):
+    """The recipe of a run that stopped in (or right after) stage 1, before any diffusion checkpoint:
+    the one it stored at the start of stage 1, with the values given now; None for any other run."""
+    import json
 
-    return needs_clip_stage(cfg) and not (Path(cfg.out) / CHECKPOINT).is_file()
+    from minidiff_cli.clip_stage import needs_clip_stage
+    from minidiff_cli.trainconfig import TrainConfig
+    from minidiff_cli.training import CHECKPOINT, RUN_CONFIG, check_resume_flags
+
+    out = Path(cfg.out)
+    if (out / CHECKPOINT).is_file():
+        return None
+    stored_file = out / RUN_CONFIG
+    if not stored_file.is_file():
+        return cfg if needs_clip_stage(cfg) else None  # every setting given again, as on the first run
+    try:
+        stored = TrainConfig.from_dict(json.loads(stored_file.read_text(encoding="utf-8")), where=str(stored_file))
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise MinidiffError(f"'{stored_file}' is not a readable training config: {str(exc)[:80]}") from None
+    if not needs_clip_stage(stored):
+        return None
+    return check_resume_flags(stored, {k: v for k, v in cfg.to_dict().items() if k in given})
 
 
 def _int_list(text: str, key: str) -> list[int]:
@@ -125,10 +141,24 @@ def _resumed_config(cfg, given: set[str]):
 
 
 def _train(cfg, resume: bool) -> None:
+    """One run at a time in a folder that is this run's (see runfolder.py)."""
+    import os
+
     from minidiff_cli.clip_stage import needs_clip_stage
+    from minidiff_cli.runfolder import CHECKPOINT, check_contents, locked
+
+    out, stages = Path(cfg.out), needs_clip_stage(cfg)
+    # A run still in its first stage (the CLIP) has no checkpoint to resume yet.
+    check = lambda: check_contents(out, resume and (not stages or (out / CHECKPOINT).is_file()))  # noqa: E731
+    check()  # before the lock, so that a refused run does not touch the folder at all
+    with locked(out, main=int(os.environ.get("RANK", "0")) == 0):
+        check()  # again: another run may have finished into it meanwhile
+        _train_locked(cfg, resume, stages)
+
+
+def _train_locked(cfg, resume: bool, stages: bool) -> None:
     from minidiff_cli.training import CHECKPOINT, Trainer
 
-    stages = needs_clip_stage(cfg)
     if stages:
         cfg = dataclasses.replace(cfg, clip_weights=str(_text_stage(cfg, resume)))
         resume = resume and (Path(cfg.out) / CHECKPOINT).is_file()
@@ -174,7 +204,7 @@ def _text_stage(cfg, resume: bool) -> Path:
             return run_clip_stage(cfg, resume=resume, callback=report, log=log)
     except KeyboardInterrupt:
         print(f"interrupted in stage 1 (text encoder); saved. Continue with: minidiff train --out {cfg.out} "
-              "--resume", file=sys.stderr)
+              "--resume (--clip-steps N to change its length)", file=sys.stderr)
         sys.exit(130)
 
 
