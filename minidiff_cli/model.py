@@ -102,13 +102,20 @@ class DiffusionModel:
 
     # -- saving ---------------------------------------------------------------
     def tensors(self) -> dict[str, torch.Tensor]:
-        return _tensors(self.unet, self.conditioner)
+        return _tensors(self.unet, self.conditioner, unet_storage(self.config))
 
-    def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    def save(self, path: str | os.PathLike, *, overwrite: bool = False, unet_dtype: str | None = None) -> Path:
+        """Write the model file. ``unet_dtype="float16"`` stores the U-Net's weights in half precision
+        (half the bytes, for shipping; they are float32 again once loaded)."""
         config = dict(self.config)
         config["conditioner"] = {"name": self.conditioner.name, "config": self.conditioner.config()}
         config["unet"] = self.unet.config.to_dict()
-        return save_model_file(path, self.tensors(), config, overwrite=overwrite)
+        if unet_dtype is not None:
+            if unet_dtype not in UNET_STORAGE:
+                raise MinidiffError(f"unet_dtype must be one of {', '.join(UNET_STORAGE)} (got {unet_dtype!r})")
+            config["unet_storage"] = unet_dtype
+        tensors = _tensors(self.unet, self.conditioner, unet_storage(config))
+        return save_model_file(path, tensors, config, overwrite=overwrite)
 
 
 MAX_TIMESTEPS = 100_000  # far beyond any real schedule; a bigger T in a file is garbage
@@ -134,9 +141,20 @@ def _modules(config: dict[str, Any], conditioner: Any | None = None) -> tuple[UN
     return UNet(unet_config), conditioner
 
 
-def _tensors(unet: UNet, conditioner: Any) -> dict[str, torch.Tensor]:
+UNET_STORAGE = ("float32", "float16")  # how a model file may store its U-Net (config key unet_storage)
+
+
+def unet_storage(config: dict[str, Any]) -> str:
+    value = config.get("unet_storage", "float32")
+    if value not in UNET_STORAGE:
+        raise MinidiffError(f"unknown unet_storage {value!r:.40}; use {' or '.join(UNET_STORAGE)}")
+    return value
+
+
+def _tensors(unet: UNet, conditioner: Any, unet_dtype: str = "float32") -> dict[str, torch.Tensor]:
     """Every tensor of the model file, named and typed as it is stored."""
-    out = {f"unet.{k}": v for k, v in unet.state_dict().items()}
+    cast = getattr(torch, unet_dtype)
+    out = {f"unet.{k}": v.to(cast) if v.is_floating_point() else v for k, v in unet.state_dict().items()}
     storage = getattr(torch, getattr(conditioner, "storage_dtype", None) or "float32")
     for k, v in conditioner.state_dict().items():
         out[f"conditioner.{k}"] = v.to(storage) if v.is_floating_point() else v
@@ -164,7 +182,7 @@ def _checked(path: str | os.PathLike, build: bool) -> tuple[dict[str, Any], Nois
         schedule = _schedule(config)
         try:
             with torch.device("meta"):
-                expected = _tensors(*_modules(config))
+                expected = _tensors(*_modules(config), unet_storage(config))
         except (NotImplementedError, RuntimeError):  # a plugin conditioner that cannot live on meta
             expected = None
         if expected is not None:
@@ -175,7 +193,7 @@ def _checked(path: str | os.PathLike, build: bool) -> tuple[dict[str, Any], Nois
     except (MinidiffError, KeyError, TypeError, ValueError, AttributeError) as exc:
         raise ModelFileError(f"{where} has an invalid config: {_describe(exc)}") from None
     if expected is None:
-        _check_entries(where, _tensors(*modules), entries)
+        _check_entries(where, _tensors(*modules, unet_storage(config)), entries)
     return config, schedule, modules
 
 

@@ -299,3 +299,21 @@ def test_loaded_model_matches_the_predictions_of_a_saved_state(tmp_path):
     cond = Conditioning.cat(model.conditioner.encode(prompts))
     assert torch.equal(loaded.conditioner.encode(prompts).pooled, cond.pooled)
     assert os.path.getsize(path) > 4 * loaded.unet.num_parameters()
+
+
+def test_a_float16_unet_file_is_half_the_bytes_and_loads_as_float32(tmp_path):
+    from tinymodels import tiny_model
+
+    from minidiff_cli.model import DiffusionModel
+
+    model = tiny_model("class")
+    full = model.save(tmp_path / "full.safetensors")
+    half = model.save(tmp_path / "half.safetensors", unet_dtype="float16")
+    assert half.stat().st_size < 0.6 * full.stat().st_size
+    loaded = DiffusionModel.load(half)
+    assert loaded.config["unet_storage"] == "float16" and loaded.unet.conv_in.weight.dtype == torch.float32
+    for key, value in model.unet.state_dict().items():
+        assert torch.equal(loaded.unet.state_dict()[key], value.half().float()), key
+    bad = dict(loaded.config, unet_storage="int8")
+    with pytest.raises(MinidiffError, match="unknown unet_storage"):
+        DiffusionModel(loaded.unet, loaded.conditioner, loaded.schedule, bad).save(tmp_path / "bad.safetensors")
