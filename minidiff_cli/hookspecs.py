@@ -17,7 +17,13 @@ def register_schedules(register):
 
 @hookspec
 def register_samplers(register):
-    """Register samplers: ``register(sampler)``; see ``minidiff_cli.sampling.Sampler``."""
+    """Register samplers: ``register(sampler)``; see ``minidiff_cli.sampling.Sampler``.
+
+    A sampler that image-to-image and inpainting can use also follows
+    ``minidiff_cli.sampling.PartialSampler``: ``noise_levels(schedule, steps, **opts)`` gives
+    alpha_bar along its grid, and ``sample(..., start=i, stop=j)`` takes steps i..j-1 of it from
+    x noised to level i. Without them, --init-image and --mask refuse it by name.
+    """
 
 
 @hookspec
