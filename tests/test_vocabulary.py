@@ -48,3 +48,9 @@ def test_info_lists_the_vocabulary_and_the_card():
     assert result.returncode == 0
     assert "vocabulary" in result.stdout and "30 words: a, an, background" in result.stdout
     assert "example prompts" in result.stdout and "a red circle; a blue square" in result.stdout
+
+
+def test_models_shows_what_each_model_draws_and_prompts_to_try(tmp_path):
+    result = run_cli("models", cwd=tmp_path)
+    assert result.returncode == 0
+    assert "the built-in shapes world" in result.stdout and 'try: "a red circle", "a blue square"' in result.stdout

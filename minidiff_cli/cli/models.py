@@ -22,8 +22,8 @@ def models_command(as_json: bool = typer.Option(False, "--json", help="Print the
     """
     from minidiff_cli.models_dir import DEFAULT_MODEL, list_models, user_dir
 
-    rows = [{"name": name, "path": str(path), "where": where, "default": name == DEFAULT_MODEL and where == "shipped"}
-            for name, path, where in list_models()]
+    rows = [{"name": name, "path": str(path), "where": where, "default": name == DEFAULT_MODEL and where == "shipped",
+             **_card(path)} for name, path, where in list_models()]
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return
@@ -32,4 +32,27 @@ def models_command(as_json: bool = typer.Option(False, "--json", help="Print the
     for row in rows:
         mark = " (default)" if row["default"] else ""
         typer.echo(f"{row['name']}{mark}\t{row['where']}\t{row['path']}")
+        if row.get("description"):
+            typer.echo(f"    {row['description']}")
+        if row.get("examples"):
+            typer.echo("    try: " + ", ".join(json.dumps(e) for e in row["examples"][:4]))
     typer.echo(f"user folder: {user_dir()} (set MINIDIFF_MODELS_DIR to change it)")
+
+
+def _card(path) -> dict:
+    """A model file's description and example prompts, read from its header alone; {} when it has none."""
+    from minidiff_cli.errors import MinidiffError
+    from minidiff_cli.weights import read_config
+
+    try:
+        card = read_config(path).get("card")
+    except MinidiffError as exc:  # a damaged file in the user's folder: listed, with what is wrong
+        return {"description": f"(unreadable: {exc})"}
+    if not isinstance(card, dict):
+        return {}
+    out = {}
+    if isinstance(card.get("description"), str):
+        out["description"] = card["description"][:300]
+    if isinstance(card.get("examples"), list):
+        out["examples"] = [str(e)[:200] for e in card["examples"][:8]]
+    return out
