@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -59,7 +60,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None], *, over
     os.close(fd)
     tmp = Path(tmp_name)
     try:
-        write(tmp)
+        _call_writer(write, tmp)
         # mkstemp makes 0600, and some writers (safetensors) replace the file with their own:
         # set the mode after writing, so every output gets the same umask-based permissions.
         os.chmod(tmp, 0o666 & ~_umask())
@@ -80,8 +81,56 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None], *, over
     return path
 
 
+# Writers in Rust (safetensors) report a failed write as their own exception, whose text ends in the
+# OS error: "Error while serializing: I/O error: No space left on device (os error 28)".
+WRAPPED_OS_ERROR = re.compile(r"\(os error (\d{1,4})\)")
+
+
+def _call_writer(write: Callable[[Path], None], tmp: Path) -> None:
+    """``write(tmp)``, with an OS error wrapped in a library's own exception turned back into OSError."""
+    try:
+        write(tmp)
+    except OSError:
+        raise
+    except Exception as exc:
+        match = WRAPPED_OS_ERROR.search(str(exc))
+        if match is None:
+            raise
+        code = int(match.group(1))
+        raise OSError(code, os.strerror(code), str(tmp)) from exc
+
+
+def append_line(path: str | os.PathLike, line: str) -> None:
+    """Append one line whole or not at all: a failed write (disk full) is cut off again."""
+    with open(path, "a", encoding="utf-8") as fh:
+        start = fh.tell()
+        try:
+            fh.write(line.rstrip("\n") + "\n")
+            fh.flush()
+        except OSError:
+            fh.truncate(start)
+            raise
+
+
+def write_numbered(folder: str | os.PathLike, stem: str, suffix: str, write: Callable[[Path], None],
+                   start: int = 0) -> Path:
+    """Write to the first free ``folder/stem-NNNNN.suffix`` from ``start``, claiming the name as it is
+    published: if another process takes that name meanwhile, the next free one is used instead."""
+    index = start
+    while True:
+        path = next_free_path(folder, stem, suffix, index)
+        try:
+            return atomic_write(path, write, overwrite=False)
+        except NameTaken:
+            index = int(path.stem.rsplit("-", 1)[1]) + 1
+
+
+class NameTaken(MinidiffError):
+    """atomic_write(overwrite=False): the name exists, or appeared while writing."""
+
+
 def _exists(path: Path) -> MinidiffError:
-    return MinidiffError(f"'{path}' already exists; choose another name or remove it first")
+    return NameTaken(f"'{path}' already exists; choose another name or remove it first")
 
 
 def _reason(exc: BaseException) -> str:

@@ -63,12 +63,17 @@ def format_parameters(p: dict[str, Any]) -> str:
 
 def save_png(image, path: str | os.PathLike, params: dict[str, Any], *, overwrite: bool = False) -> Path:
     """Write ``image`` with its parameters, atomically, never replacing a file unless asked."""
+    return atomic_write(path, png_writer(image, params), overwrite=overwrite)
+
+
+def png_writer(image, params: dict[str, Any]):
+    """``write(path)``: ``image`` as a PNG with its parameters (for fileio's atomic writers)."""
     from PIL.PngImagePlugin import PngInfo
 
     info = PngInfo()
     info.add_text(TEXT_KEY, format_parameters(params))
     info.add_text(JSON_KEY, json.dumps(params, ensure_ascii=False))
-    return atomic_write(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info), overwrite=overwrite)
+    return lambda tmp: image.save(tmp, format="PNG", pnginfo=info)
 
 
 def read_parameters(path: str | os.PathLike) -> dict[str, Any]:

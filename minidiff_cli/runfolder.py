@@ -3,9 +3,10 @@
 - A new run (no ``--resume``) goes only into a folder that is missing, empty, or holds nothing but
   this run's own first stage (``clip.safetensors``, ``clip.checkpoint.safetensors``): a folder with
   someone's ``loss.png`` or ``metrics.jsonl`` in it is refused rather than replaced or appended to.
-- One run at a time: the folder is locked with ``flock`` on ``.minidiff.lock`` for as long as the
-  run lives. The kernel drops the lock when the process ends, however it ends, so a lock left by a
-  crash is stale by construction and the next run takes it; a second live run is refused at once.
+- One run at a time: the folder itself is locked with ``flock`` for as long as the run lives (no
+  lock file: a refused run leaves the folder byte for byte as it was). The kernel drops the lock
+  when the process ends, however it ends, so a crashed run leaves no stale lock behind; a second
+  live run is refused at once.
 - Hidden temporaries of this run's files (``.NAME.XXXXXXXX.tmp``, left when a write was killed) are
   removed when the lock is taken: no other writer can own them then.
 """
@@ -20,7 +21,6 @@ from typing import Iterator
 
 from minidiff_cli.errors import MinidiffError
 
-LOCK = ".minidiff.lock"
 CHECKPOINT = "checkpoint.safetensors"
 MODEL = "model.safetensors"
 STAGE_ONE = ("clip.safetensors", "clip.checkpoint.safetensors", "train_config.json")  # a run's own first stage (clip_stage.py writes its recipe too)
@@ -40,8 +40,7 @@ def check_contents(out: Path, resume: bool) -> None:
     if has_run:
         raise MinidiffError(f"'{out}' already holds a training run; pass --resume to continue it "
                             "or choose another --out")
-    foreign = sorted(name for name in _entries(out) if name not in STAGE_ONE and name != LOCK
-                     and not _own_temporary(name, RUN_FILES))
+    foreign = sorted(name for name in _entries(out) if name not in STAGE_ONE and not _own_temporary(name, RUN_FILES))
     if foreign:
         more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
         raise MinidiffError(f"'{out}' is not empty ('{foreign[0]}'{more}) and holds no run to resume; "
@@ -57,15 +56,14 @@ def locked(out: Path, main: bool = True) -> Iterator[None]:
     check_creatable(out)
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT, 0o666)
+    fd = os.open(out, os.O_RDONLY)
     try:
-        _lock(fd, out)  # the file is never written: a refused run leaves the folder byte for byte as it was
+        _lock(fd, out)
         remove_stale_temporaries(out)
         yield
     finally:
         os.close(fd)  # releases the lock
-        if created and _entries(out) == [LOCK]:  # a run that failed before writing anything
-            (out / LOCK).unlink(missing_ok=True)
+        if created:  # a run that failed before writing anything leaves no folder behind
             _rmdir_if_empty(out)
 
 

@@ -30,14 +30,15 @@ import torch.nn.functional as F
 from minidiff_cli import plugins
 from minidiff_cli.conditioning import Conditioning
 from minidiff_cli.errors import MinidiffError
-from minidiff_cli.fileio import atomic_write, ensure_writable_dir
+from minidiff_cli.fileio import append_line, atomic_write, ensure_writable_dir
 from minidiff_cli.model import DiffusionModel
 from minidiff_cli.trainconfig import RESUMABLE, TrainConfig
 from minidiff_cli.vocabulary import vocabulary
 from minidiff_cli.data import caption_set
 
-CHECKPOINT = "checkpoint.safetensors"
-MODEL = "model.safetensors"
+# The run folder's names live in runfolder.py (which checks whose a folder is); imported from here too.
+from minidiff_cli.runfolder import CHECKPOINT, MODEL, check_contents, check_creatable  # noqa: E402,F401
+
 RUN_CONFIG = "train_config.json"
 METRICS = "metrics.jsonl"
 
@@ -159,14 +160,9 @@ class Trainer:
 
     # -- set-up --------------------------------------------------------------------------
     def _check_run_dir(self, resume: bool) -> None:
-        has_run = (self.out / CHECKPOINT).exists() or (self.out / MODEL).exists()
-        if resume and not (self.out / CHECKPOINT).exists():
-            raise MinidiffError(f"nothing to resume: '{self.out / CHECKPOINT}' does not exist")
-        if not resume and has_run:
-            raise MinidiffError(f"'{self.out}' already holds a training run; pass --resume to continue it "
-                                "or choose another --out")
+        check_contents(self.out, resume)
         if self.dist.main:
-            _check_creatable(self.out)
+            check_creatable(self.out)
 
     def _dataset(self):
         from minidiff_cli.datasource import open_dataset
@@ -547,8 +543,7 @@ class Trainer:
             atomic_write(path, lambda p: p.write_text("".join(keep)))
 
     def _append_metrics(self, record: dict[str, Any]) -> None:
-        with open(ensure_writable_dir(self.out) / METRICS, "a") as fh:
-            fh.write(json.dumps({k: v for k, v in record.items() if v is not None}) + "\n")
+        append_line(ensure_writable_dir(self.out) / METRICS, json.dumps({k: v for k, v in record.items() if v is not None}))
 
 
 def model_card(cfg: TrainConfig, captions: list[str] | None) -> dict[str, Any]:
@@ -579,17 +574,6 @@ def weights_fingerprint(*modules: torch.nn.Module) -> int:
             digest.update(key.encode())
             digest.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return int.from_bytes(digest.digest()[:8], "little") >> 1
-
-
-def _check_creatable(folder: Path) -> None:
-    """Fail before training, not at the first save, if the run folder cannot be made."""
-    existing = folder
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir():
-        raise MinidiffError(f"'{existing}' is a file, not a folder; choose another --out")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise MinidiffError(f"'{existing}' is not writable; choose another --out")
 
 
 @contextmanager

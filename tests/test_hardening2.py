@@ -14,7 +14,7 @@ import pytest
 from safetensors.torch import save_file
 
 from conftest import run_in_process
-from test_hardening import assert_error  # exit 2, no traceback, exactly one line
+from test_hardening import assert_error, plugin_dir  # noqa: F401 (assert_error: exit 2, one line; a fixture)
 from tinymodels import CLASS_NAMES, TINY_CLIP, TINY_TRAIN, tiny_config, tiny_model
 
 
@@ -220,3 +220,185 @@ def test_the_projects_own_clip_configs_still_load():
     emoji = ClipRecipe(context_length=24, width=64, layers=4, heads=4)  # the emoji recipe's text tower
     check_clip_model_config(emoji.model_config())
     check_clip_model_config(ClipRecipe(vision="vit").model_config())
+
+
+# -- 3. run folders --------------------------------------------------------------------------------
+def train_args(toml: Path, out: Path, *more: str) -> list:
+    return ["train", "--data", "shapes", "--conditioner", "class", *TINY_TRAIN, "--config", toml,
+            "--sample-every", "1000", "--out", out, *more]
+
+
+@pytest.mark.parametrize("foreign", ["loss.png", "samples/step-0000002.png", "metrics.jsonl", "notes.txt"])
+def test_a_new_run_refuses_a_folder_holding_files_it_did_not_write(tmp_path, toml, foreign):
+    out = tmp_path / "run"
+    (out / foreign).parent.mkdir(parents=True)
+    (out / foreign).write_text("someone else's\n")
+    before = snapshot(out)
+    first = foreign.split("/")[0]
+    assert_error(timed_cli(*train_args(toml, out, "--max-steps", "2")), f"'{out}' is not empty ('{first}')",
+                 "choose a new or empty --out")
+    assert snapshot(out) == before
+
+
+def test_a_folder_holding_only_this_runs_first_stage_is_this_runs(tmp_path, toml):
+    from minidiff_cli.runfolder import check_contents
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "clip.safetensors").write_bytes(b"")
+    (out / "clip.checkpoint.safetensors").write_bytes(b"")
+    check_contents(out, resume=False)  # no error
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _locked_by_someone(path: Path) -> bool:
+    import fcntl
+    import os
+
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+def test_a_second_train_into_a_live_run_is_refused_and_a_crashed_runs_lock_is_stale(tmp_path, toml):
+    """A real run holds the folder; a second is refused in one line; after SIGKILL the lock is gone."""
+    import signal
+    import subprocess
+
+    from conftest import cli_command
+
+    out = tmp_path / "run"
+    args = [str(a) for a in train_args(toml, out, "--max-steps", "100000", "--save-every", "2", "--log-every", "1")]
+    first = subprocess.Popen([*cli_command(), *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not ((out / "checkpoint.safetensors").exists() and _locked_by_someone(out)):
+            assert first.poll() is None and time.monotonic() < deadline, "the first run did not get going"
+            time.sleep(0.2)
+        metrics = (out / "metrics.jsonl").read_bytes()
+        line = assert_error(timed_cli(*train_args(toml, out, "--max-steps", "100000", "--resume")),
+                            f"another minidiff train is writing into '{out}' (process {first.pid})")
+        assert "wait for it to end" in line
+        assert (out / "metrics.jsonl").read_bytes().startswith(metrics)  # only the first run's steps
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    from minidiff_cli.checkpoint import read_checkpoint_meta
+
+    step = read_checkpoint_meta(out / "checkpoint.safetensors")["step"]
+    rc, _, err = run_in_process("train", "--out", out, "--resume", "--max-steps", step + 1, "--quiet")
+    assert rc == 0, err
+
+
+def test_resume_removes_only_this_runs_stale_temporaries(tmp_path, toml, trained_run):
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(trained_run, out)
+    stale = [out / ".checkpoint.safetensors.k2j4h5g6.tmp", out / ".metrics.jsonl.abcd_123.tmp",
+             out / "samples" / ".step-0000004.png.zzzzzzzz.tmp"]
+    kept = [out / ".notes.txt.abcdefgh.tmp", out / "samples" / ".holiday.png.abcdefgh.tmp"]
+    for path in stale + kept:
+        path.write_bytes(b"half a file")
+    rc, _, err = run_in_process("train", "--out", out, "--resume", "--max-steps", "7", "--quiet")
+    assert rc == 0, err
+    assert not any(p.exists() for p in stale) and all(p.exists() for p in kept)
+
+
+SQUATTER = '''
+import os
+from pathlib import Path
+
+import minidiff_cli
+from minidiff_cli import plugins
+
+
+class Squatter:
+    """DDIM, but while it samples another process takes the name this run picked."""
+    name = "squatter"
+    default_steps = 2
+
+    def sample(self, denoiser, x, schedule, steps, **kwargs):
+        target = Path(os.environ["SQUAT"])
+        if not target.exists():
+            target.write_bytes(b"another run's image")
+        return plugins.get_sampler("ddim").sample(denoiser, x, schedule, steps, **kwargs)
+
+
+@minidiff_cli.hookimpl
+def register_samplers(register):
+    register(Squatter())
+'''
+
+
+def test_generate_claims_its_names_when_saving(tmp_path, monkeypatch, plugin_dir):
+    (plugin_dir / "squat.py").write_text(SQUATTER)
+    out = tmp_path / "out"
+    out.mkdir()
+    monkeypatch.setenv("SQUAT", str(out / "minidiff-00000.png"))
+    model = tmp_path / "tiny.safetensors"
+    tiny_model("class").save(model)
+    rc, stdout, err = run_in_process("generate", CLASS_NAMES[0], "--model", model, "--sampler", "squatter", "-n", "2",
+                                     "-o", out, "--quiet")
+    assert rc == 0, err
+    assert (out / "minidiff-00000.png").read_bytes() == b"another run's image"  # not replaced
+    assert sorted(p.name for p in out.iterdir()) == ["minidiff-00000.png", "minidiff-00001.png", "minidiff-00002.png"]
+
+
+# -- 4. disk full ----------------------------------------------------------------------------------
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 4 MiB filesystem (tmpfs), so that writes fail with a real ENOSPC; skipped where mount is not allowed."""
+    import subprocess
+
+    folder = tmp_path / "disk"
+    folder.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(folder)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root); a real full disk is what is tested")
+    yield folder
+    subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def fill(folder: Path, leave: int) -> None:
+    """Fill the filesystem of ``folder`` until ``leave`` bytes or fewer are free."""
+    import os
+
+    st = os.statvfs(folder)
+    free = st.f_bavail * st.f_frsize
+    with open(folder / "filler", "wb") as fh:
+        fh.write(b"\0" * max(0, free - leave))
+
+
+def test_train_on_a_full_disk_is_one_line_and_keeps_the_last_checkpoint(small_disk, toml):
+    out = small_disk / "run"
+    rc, _, err = run_in_process(*train_args(toml, out, "--max-steps", "2", "--quiet"))
+    assert rc == 0, err
+    fill(small_disk, leave=100_000)  # the checkpoint is about 850 kB
+    before = snapshot(out)
+    rc, _, err = timed_cli("train", "--out", out, "--resume", "--max-steps", "4", "--quiet", limit=60)
+    lines = err.strip().splitlines()  # train's start line ("training on cpu ..."), then the error
+    assert rc == 2 and "Traceback" not in err and len(lines) == 2, err
+    assert lines[1].startswith("Error: could not write") and "No space left on device" in lines[1]
+    after = snapshot(out)
+    assert after["checkpoint.safetensors"] == before["checkpoint.safetensors"]
+    assert not [name for name in after if name.endswith(".tmp")]
+    assert all(line.endswith("}") for line in (out / "metrics.jsonl").read_text().splitlines())
+
+
+def test_clip_train_on_a_full_disk_is_one_line_and_leaves_nothing(small_disk):
+    fill(small_disk, leave=50_000)  # the tiny CLIP file is about 1.7 MB
+    target = small_disk / "clip.safetensors"
+    assert_error(timed_cli("clip", "train", "--out", target, "--steps", "2", "--width", "16", "--heads", "2",
+                           "--layers", "1", "--embed-dim", "16", "--context-length", "12", "--vision-width", "8",
+                           "--batch-size", "16", "--threads", "1", "--device", "cpu", "--quiet", limit=60),
+                 "No space left on device")
+    assert sorted(p.name for p in small_disk.iterdir()) == ["filler"]

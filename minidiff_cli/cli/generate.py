@@ -127,7 +127,7 @@ def generate_command(
     images = _run(pipe, gen, num_images, batch_size, quiet, recorder)
     written = _save(images, targets, output, grid, overwrite)
     if recorder is not None:
-        written += _save_trajectories(recorder, targets, overwrite)
+        written += _save_trajectories(recorder, written[:len(images)], overwrite)  # named after the images saved
     if as_json:
         typer.echo(json.dumps({"images": [str(p) for p in written],
                                "parameters": [img.info["minidiff"] for img in images]}, indent=2))
@@ -396,16 +396,22 @@ def _save_trajectories(recorder, targets: list[Path], overwrite: bool = False) -
 
 
 def _save(images: list, targets: list[Path], output: Path, grid: bool, overwrite: bool = False) -> list[Path]:
-    from minidiff_cli.imagemeta import save_png
+    from minidiff_cli.fileio import write_numbered
+    from minidiff_cli.imagemeta import png_writer, save_png
 
-    written = [save_png(img, path, img.info["minidiff"], overwrite=overwrite) for img, path in zip(images, targets)]
+    numbered = not output.suffix  # names minidiff chose (never replaced): claimed as each is written
+    written = []
+    for img, path in zip(images, targets):
+        if numbered:  # another generate into the same folder may have taken this number since: take the next
+            start = int(path.stem.rsplit("-", 1)[1])
+            written.append(write_numbered(path.parent, "minidiff", ".png", png_writer(img, img.info["minidiff"]), start))
+        else:
+            written.append(save_png(img, path, img.info["minidiff"], overwrite=overwrite))
     if grid:
-        from minidiff_cli.fileio import next_free_path
-
         folder = output.parent if output.suffix else output
         sheet = make_grid(images)
         params = dict(images[0].info["minidiff"], grid=len(images))
-        written.append(save_png(sheet, next_free_path(folder, "grid", ".png"), params))
+        written.append(write_numbered(folder, "grid", ".png", png_writer(sheet, params)))
     return written
 
 
