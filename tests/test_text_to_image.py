@@ -144,9 +144,16 @@ def test_eval_on_a_folder_reports_every_metric_beside_the_real_images(run, folde
         figures = report[side]
         assert 0 <= figures["r_precision"] <= 1 and 0 <= figures["precision"] <= 1 and figures["fd_clip"] >= 0
     assert report["real"]["precision"] == 1.0  # the real images lie in their own manifold
+    grid = out.parent / "grid.png"
     text = run_cli("eval", "--model", str(out / "model.safetensors"), "--data", str(folder), "--captions", "8",
-                   "--runs", "ddim:2", "--quiet")
+                   "--runs", "ddim:2", "--quiet", "--grid", str(grid))
     assert "8 images for 8 captions" in text.stdout and "R-precision" in text.stdout
+    from PIL import Image
+
+    from minidiff_cli.captioned_grid import CELL
+
+    with Image.open(grid) as sheet:  # one row of 8 cells, each an enlarged image above its caption
+        assert sheet.width > 8 * CELL and CELL < sheet.height < 2 * CELL
 
 
 def test_eval_on_a_folder_without_its_clip_says_how_to_get_one(folder, tmp_path):

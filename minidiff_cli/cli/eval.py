@@ -28,7 +28,8 @@ def eval_command(
     dtype: str = typer.Option("auto", "--dtype", help="auto, float32, bfloat16 or float16 (as for generate)."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Also write the full report as JSON here."),
     grid: Optional[Path] = typer.Option(None, "--grid", help="Also save the first run's images as a grid PNG "
-                                        "(a row per colour, shapes side by side)."),
+                                        "(shapes: a row per colour, shapes side by side; --data: the first 32 "
+                                        "images with their captions, held-out ones starred)."),
     as_json: bool = typer.Option(False, "--json", help="Print the full report as JSON."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
     data: Optional[str] = typer.Option(None, "--data", help="A captioned folder: measure the model on it "
@@ -65,7 +66,7 @@ def eval_command(
     if data is not None:
         return _eval_folder(model, data, clip, captions, inception, n=n if n != 8 else 1, runs=runs, cfg=cfg,
                             seed=seed, batch_size=batch_size, device=device, dtype=dtype, output=output,
-                            as_json=as_json, quiet=quiet)
+                            grid=grid, as_json=as_json, quiet=quiet)
     from minidiff_cli.data import parse_holdout
     from minidiff_cli.evaluation import evaluate
     from minidiff_cli.pipeline import Pipeline
@@ -101,7 +102,7 @@ def eval_command(
 
 
 def _eval_folder(model, data, clip, captions, inception, *, n, runs, cfg, seed, batch_size, device, dtype,
-                 output, as_json, quiet) -> None:
+                 output, grid, as_json, quiet) -> None:
     from minidiff_cli.cli.display import step_progress
     from minidiff_cli.datasource import holdout_fraction, is_heldout, open_dataset
     from minidiff_cli.metrics.caption_eval import CaptionEvalSettings, describe, evaluate_captions
@@ -111,8 +112,9 @@ def _eval_folder(model, data, clip, captions, inception, *, n, runs, cfg, seed, 
     pairs = _parse_runs(runs)
     if len(pairs) != 1:
         raise MinidiffError("with --data, --runs takes one sampler:steps pair")
-    if output is not None and output.exists():
-        raise MinidiffError(f"'{output}' already exists; choose another file name")
+    for path in (output, grid):
+        if path is not None and path.exists():
+            raise MinidiffError(f"'{path}' already exists; choose another file name")
     if n < 1 or captions < 2:
         raise MinidiffError("-n must be at least 1 and --captions at least 2")
     pipe = Pipeline.load(model, device=device, dtype=dtype)
@@ -125,9 +127,10 @@ def _eval_folder(model, data, clip, captions, inception, *, n, runs, cfg, seed, 
                                    cfg=cfg, seed=seed, batch_size=batch_size)
     total = pairs[0][1] * -(-min(captions, len(dataset)) * n // batch_size)
     with step_progress(total, "evaluating", quiet) as advance:
-        report = evaluate_captions(pipe, dataset, features, settings, inception=extractor,
-                                   heldout=lambda c: bool(fraction) and is_heldout(c, fraction),
-                                   progress=lambda info: advance())
+        held = (lambda c: bool(fraction) and is_heldout(c, fraction))  # noqa: E731
+        report = evaluate_captions(pipe, dataset, features, settings, inception=extractor, heldout=held,
+                                   progress=lambda info: advance(),
+                                   on_images=(lambda x, c: _save_captioned_grid(grid, x, c, held)) if grid else None)
     report["model"] = {"name": pipe.name, "hash": pipe.model.hash}
     report["clip_file"] = str(clip_file)
     if output is not None:
@@ -135,6 +138,21 @@ def _eval_folder(model, data, clip, captions, inception, *, n, runs, cfg, seed, 
 
         atomic_write(output, lambda p: p.write_text(json.dumps(report, indent=2)), overwrite=False)
     typer.echo(json.dumps(report, indent=2) if as_json else "\n".join(describe(report)))
+
+
+GRID_IMAGES = 32
+
+
+def _save_captioned_grid(path: Path, images, captions: list[str], heldout) -> None:
+    """The first GRID_IMAGES images of the evaluation, each above its caption (held-out ones starred)."""
+    from minidiff_cli.captioned_grid import captioned_grid
+    from minidiff_cli.data import tensor_to_pil
+    from minidiff_cli.fileio import atomic_write
+
+    shown = list(range(min(GRID_IMAGES, len(captions))))
+    sheet = captioned_grid([tensor_to_pil(images[k]) for k in shown], [captions[k] for k in shown],
+                           heldout={c for c in captions if heldout(c)})
+    atomic_write(path, lambda p: sheet.save(p, format="PNG"), overwrite=False)
 
 
 def _default_clip(pipe) -> Path:

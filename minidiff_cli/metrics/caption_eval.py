@@ -87,8 +87,12 @@ def scores(images_f: torch.Tensor, rows: list[int], pool: torch.Tensor, settings
 
 def evaluate_captions(pipe, dataset, clip_features, settings: CaptionEvalSettings, *,
                       heldout: Callable[[str], bool] = lambda caption: False, inception=None,
-                      progress: Optional[Callable[[dict], None]] = None) -> dict[str, Any]:
-    """The full report for ``pipe``'s model on ``dataset`` (a captioned data set); see the module doc."""
+                      progress: Optional[Callable[[dict], None]] = None,
+                      on_images: Optional[Callable[[torch.Tensor, list[str]], None]] = None) -> dict[str, Any]:
+    """The full report for ``pipe``'s model on ``dataset`` (a captioned data set); see the module doc.
+
+    ``on_images(images, captions)`` receives the generated images (in [-1, 1]) and their captions.
+    """
     from minidiff_cli.metrics.distribution import frechet_distance
     from minidiff_cli.metrics.text_image import r_precision
     from minidiff_cli.pipeline import Generation
@@ -108,6 +112,8 @@ def evaluate_captions(pipe, dataset, clip_features, settings: CaptionEvalSetting
     seeds = [settings.seed + k for _ in chosen for k in range(settings.per_caption)]
     gen = Generation("", steps=settings.steps, cfg=settings.cfg, sampler=settings.sampler, seed=settings.seed)
     generated = pipe.sample_many(gen, prompts, seeds, batch_size=settings.batch_size, callback=progress).cpu()
+    if on_images is not None:
+        on_images(generated, prompts)
 
     reference_idx = list(range(len(item_captions)))[:: max(1, -(-len(item_captions) // settings.reference))]
     reference = _real_images(dataset, reference_idx)
