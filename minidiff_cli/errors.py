@@ -22,3 +22,12 @@ class ModelFileError(MinidiffError):
 
 class ImageMetadataError(MinidiffError):
     """A PNG without readable minidiff parameters."""
+
+
+def first_line(exc: BaseException | str, limit: int = 300) -> str:
+    """The first non-empty line of an error's text, at most ``limit`` characters: deep library errors
+    (torch's carry kilobytes of C++ stack after their first line) stay one readable line."""
+    for line in str(exc).splitlines():
+        if line.strip():
+            return line.strip()[:limit]
+    return ""

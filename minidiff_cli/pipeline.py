@@ -335,6 +335,8 @@ def _run_sampler(sampler, name: str, denoiser, x: torch.Tensor, schedule, steps:
     if not (x0.is_floating_point() and torch.isfinite(x0).all()):
         bad = "NaN or infinite values" if x0.is_floating_point() else f"a {x0.dtype} tensor, not floats"
         raise PluginError(f"{who} returned {bad}")
+    if x0.dtype != x.dtype:  # a float16 result would silently lose precision in what follows
+        raise PluginError(f"{who} returned a {x0.dtype} tensor, expected {x.dtype} like its input")
     return x0
 
 

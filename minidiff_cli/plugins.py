@@ -25,7 +25,8 @@ from typing import Any, Callable
 import pluggy
 
 from minidiff_cli import hookspecs
-from minidiff_cli.errors import MinidiffError, PluginError, UnknownNameError
+from minidiff_cli.errors import MinidiffError, PluginError, UnknownNameError, first_line
+from minidiff_cli.plugin_guard import PluginCodeExit, plugin_code
 
 ENTRY_POINT_GROUP = "minidiff"
 CORE_DISTRIBUTION = "minidiff"
@@ -74,12 +75,13 @@ def _env_flag(name: str) -> bool:
 
 
 def _one_line(exc: BaseException) -> str:
+    if isinstance(exc, PluginCodeExit):  # its text names the real exception already
+        return _first_line(exc)
     return f"{type(exc).__name__}: {_first_line(exc)}".rstrip(": ")
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:300] if text else ""
+    return first_line(exc)
 
 
 def _is_name(value: Any) -> bool:
@@ -120,6 +122,7 @@ class Registry:
         self.plugins: dict[str, PluginInfo] = {}
         self.entries: dict[str, dict[str, _Entry]] = {kind: {} for kind in KINDS}
         self._commands_added = False
+        self.code_roots: dict[str, str] = {}  # plugin name -> the folder or file its code lives in
 
     # -- discovery ---------------------------------------------------------------
     def discover(self) -> "Registry":
@@ -155,11 +158,15 @@ class Registry:
             info.name = f"{info.name}@{info.source}"
         self.plugins[info.name] = info
         try:
-            module = load_module()
+            with plugin_code(info.name):  # sys.exit, prints and hangs at import are contained (plugin_guard.py)
+                module = load_module()
             self.pm.register(module, name=info.name)
         except Exception as exc:  # a broken plugin must not take the program down
             self._fail(info, f"failed to load: {_one_line(exc)}")
             return
+        root = _code_root(module)
+        if root and info.distribution != CORE_DISTRIBUTION:  # the built-ins are minidiff's own code
+            self.code_roots[info.name] = root
         info.hooks = sorted(impl_name for impl_name in dir(module)
                             if impl_name.startswith("register_") and self._is_hookimpl(module, impl_name))
 
@@ -183,7 +190,8 @@ class Registry:
         for impl in hook.get_hookimpls():
             info = self.plugins[impl.plugin_name]
             try:
-                impl.function(register=self._registrar(kind, info))
+                with plugin_code(info.name, f"register_{kind} of"):
+                    impl.function(register=self._registrar(kind, info))
             except PluginError as exc:
                 if getattr(exc, "reported", False):  # strict mode: _fail raised it, naming the plugin
                     raise
@@ -216,14 +224,43 @@ class Registry:
         for impl in self.pm.hook.register_commands.get_hookimpls():
             info = self.plugins[impl.plugin_name]
             before = (len(cli.registered_commands), len(cli.registered_groups))
+            taken = {_command_name(c): c for c in cli.registered_commands + cli.registered_groups}
             try:
-                impl.function(cli=cli)
-                added = cli.registered_commands[before[0]:] + cli.registered_groups[before[1]:]
-                names = [getattr(c, "name", None) or getattr(getattr(c, "callback", None), "__name__", "?")
-                         for c in added]
-                info.registered.setdefault("commands", []).extend(names)
+                with plugin_code(info.name, "register_commands of"):
+                    impl.function(cli=cli)
             except Exception as exc:
                 self._fail(info, f"failed in register_commands: {_one_line(exc)}")
+                continue
+            for lists, start in ((cli.registered_commands, before[0]), (cli.registered_groups, before[1])):
+                for command in lists[start:]:
+                    name = _command_name(command)
+                    earlier = taken.get(name)
+                    if earlier is not None and getattr(earlier, "minidiff_plugin", None) == info.name:
+                        _remove(cli, earlier)  # the same plugin again (a new registry in this process)
+                    elif earlier is not None:  # like any other clash: the first keeps the name, built-ins first
+                        lists.remove(command)
+                        self._fail(info, f"command name '{name}' clashes: registered by both "
+                                         f"{self._command_owner(earlier)} and plugin '{info.name}'; rename one of them")
+                        continue
+                    taken[name] = command
+                    command.minidiff_plugin = info.name
+                    info.registered.setdefault("commands", []).append(name)
+
+    @staticmethod
+    def _command_owner(command: Any) -> str:
+        plugin = getattr(command, "minidiff_plugin", None)
+        return f"plugin '{plugin}'" if plugin else "minidiff itself"
+
+    def plugin_of(self, exc: BaseException) -> str | None:
+        """The plugin whose code raised ``exc`` (the innermost of its frames that is a plugin's), if any."""
+        tb, found = exc.__traceback__, None
+        while tb is not None:
+            filename = tb.tb_frame.f_code.co_filename
+            for name, root in self.code_roots.items():
+                if filename == root or filename.startswith(root + os.sep):
+                    found = name
+            tb = tb.tb_next
+        return found
 
     # -- look-ups ----------------------------------------------------------------
     def names(self, kind: str) -> list[str]:
@@ -238,6 +275,42 @@ class Registry:
             available = ", ".join(self.names(kind)) or "none"
             raise UnknownNameError(f"unknown {SINGULAR[kind]} '{name}'; available: {available}")
         return entry.value
+
+
+def _code_root(obj: Any) -> str | None:
+    """Where the code of a loaded plugin lives: its top-level package's folder, or its file."""
+    import inspect
+
+    module = inspect.getmodule(obj) if not inspect.ismodule(obj) else obj
+    if module is None:
+        return None
+    top = sys.modules.get(module.__name__.split(".")[0], module)
+    if top.__name__ == "minidiff_plugins_dir":  # files of --plugins-dir live under this private name
+        top = module
+    path = getattr(top, "__file__", None)
+    if not path:
+        return None
+    path = os.path.abspath(path)
+    return os.path.dirname(path) if os.path.basename(path) == "__init__.py" else path
+
+
+def loaded_plugin_of(exc: BaseException) -> str | None:
+    """``plugin_of`` of the registry, if one was built (never builds one)."""
+    return _registry.plugin_of(exc) if _registry is not None else None
+
+
+def _remove(cli: Any, command: Any) -> None:
+    for lists in (cli.registered_commands, cli.registered_groups):
+        if command in lists:
+            lists.remove(command)
+
+
+def _command_name(command: Any) -> str:
+    """The name Typer gives a registered command or group: its name, else its function's, dashed."""
+    name = getattr(command, "name", None) or getattr(getattr(command, "callback", None), "__name__", None)
+    if name is None and getattr(command, "typer_instance", None) is not None:
+        name = command.typer_instance.info.name
+    return str(name or "?").lower().replace("_", "-")
 
 
 def _import_file(path: Path) -> Any:

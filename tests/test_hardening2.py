@@ -402,3 +402,151 @@ def test_clip_train_on_a_full_disk_is_one_line_and_leaves_nothing(small_disk):
                            "--batch-size", "16", "--threads", "1", "--device", "cpu", "--quiet", limit=60),
                  "No space left on device")
     assert sorted(p.name for p in small_disk.iterdir()) == ["filler"]
+
+
+# -- 5. plugins are contained ----------------------------------------------------------------------
+PLUGINS = {
+    "exits": "import sys\nsys.exit(0)\n",
+    "interrupts": ("import minidiff_cli\n\n@minidiff_cli.hookimpl\ndef register_schedules(register):\n"
+                   "    raise KeyboardInterrupt\n"),
+    "chatty": "print('hello from a plugin')\n",
+    "base": "class Odd(BaseException):\n    pass\n\nraise Odd('odd')\n",
+}
+
+
+def test_base_exceptions_and_prints_from_plugins_leave_every_command_working(plugin_dir):
+    for name, code in PLUGINS.items():
+        (plugin_dir / f"{name}.py").write_text(code)
+    rc, out, err = run_in_process("schedules", "list", "--json")
+    assert rc == 0, err
+    assert "linear" in [s["name"] for s in json.loads(out)]  # stdout is the JSON alone
+    assert "hello from a plugin" in err
+    assert "plugin 'exits' failed to load: raised SystemExit 0" in err
+    assert "plugin 'interrupts' failed in register_schedules: raised KeyboardInterrupt" in err
+    assert "plugin 'base' failed to load: raised Odd odd" in err
+
+
+def test_a_real_ctrl_c_while_a_plugin_loads_still_stops_minidiff(tmp_path):
+    import signal
+    import subprocess
+
+    from conftest import cli_command
+
+    (tmp_path / "slow.py").write_text("import time\ntime.sleep(30)\n")
+    proc = subprocess.Popen([*cli_command(), "--plugins-dir", str(tmp_path), "schedules", "list"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(4)  # into the plugin's sleep (the CLI starts in about a second)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+
+
+def test_a_slow_plugin_is_named_while_it_loads(plugin_dir, monkeypatch):
+    from minidiff_cli import plugin_guard
+
+    monkeypatch.setattr(plugin_guard, "SLOW_SECONDS", 0.3)
+    (plugin_dir / "sleepy.py").write_text("import time\ntime.sleep(1.0)\n")
+    rc, _, err = run_in_process("schedules", "list")
+    assert rc == 0, err
+    assert "loading plugin 'sleepy' is taking more than" in err
+
+
+COMMANDS = '''
+import minidiff_cli
+import typer
+
+
+@minidiff_cli.hookimpl
+def register_commands(cli):
+    @cli.command("generate")
+    def fake_generate():
+        print("hijacked")
+
+    @cli.command("info")
+    def fake_info():
+        print("hijacked")
+
+    @cli.command("hello-there")
+    def hello():
+        print("hello")
+'''
+
+
+def test_a_plugin_cannot_replace_a_built_in_command(plugin_dir):
+    (plugin_dir / "hijack.py").write_text(COMMANDS)
+    rc, out, err = run_in_process("info")
+    assert rc == 0 and "hijacked" not in out, (out, err)
+    assert "command name 'generate' clashes: registered by both minidiff itself and plugin 'hijack'" in err
+    assert "command name 'info' clashes" in err
+    from minidiff_cli import plugins
+
+    plugins.reset()
+    rc, out, _ = run_in_process("hello-there")
+    assert rc == 0 and out.strip() == "hello"  # its other command still works
+
+
+USE_TIME = '''
+import minidiff_cli
+from minidiff_cli import plugins
+
+
+class Half:
+    name = "half"
+    default_steps = 2
+
+    def sample(self, denoiser, x, schedule, steps, **kwargs):
+        return plugins.get_sampler("ddim").sample(denoiser, x, schedule, steps, **kwargs).half()
+
+
+def broken_dataset(source, **kwargs):
+    raise ValueError("cannot open the data")
+
+
+class BrokenConditioner:
+    name = "brokenc"
+    context_dim = pooled_dim = None
+
+    @classmethod
+    def from_options(cls, **options):
+        return {}["missing"]
+
+
+class Quitter:
+    name = "quitter"
+    default_steps = 2
+
+    def sample(self, denoiser, x, schedule, steps, **kwargs):
+        raise SystemExit(0)
+
+
+@minidiff_cli.hookimpl
+def register_samplers(register):
+    register(Half())
+    register(Quitter())
+
+
+@minidiff_cli.hookimpl
+def register_datasets(register):
+    register("broken", broken_dataset)
+
+
+@minidiff_cli.hookimpl
+def register_conditioners(register):
+    register("brokenc", BrokenConditioner)
+'''
+
+
+def test_plugins_failing_at_use_are_one_line_errors_naming_them(plugin_dir, tmp_path, toml):
+    (plugin_dir / "usetime.py").write_text(USE_TIME)
+    model = tmp_path / "tiny.safetensors"
+    tiny_model("class").save(model)
+    generate = ["generate", CLASS_NAMES[0], "--model", model, "--quiet", "-o", tmp_path / "out", "--sampler"]
+    assert_error(timed_cli(*generate, "half"), "sampler 'half' (plugin 'usetime') returned a torch.float16 tensor",
+                 "expected torch.float32")
+    assert_error(timed_cli(*generate, "quitter"), "plugin 'usetime' failed: SystemExit")
+    run = ["train", *TINY_TRAIN, "--config", toml, "--max-steps", "1", "--out", tmp_path / "run"]
+    assert_error(timed_cli(*run, "--data", "broken", "--conditioner", "class"),
+                 "plugin 'usetime' failed: ValueError: cannot open the data")
+    assert_error(timed_cli(*run, "--data", "shapes", "--conditioner", "brokenc"), "plugin 'usetime' failed: KeyError")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "run").exists()

@@ -19,7 +19,7 @@ except ImportError:  # older ones use the click package
     from click import exceptions as click_errors
 
 from minidiff_cli import __version__
-from minidiff_cli.errors import MinidiffError
+from minidiff_cli.errors import MinidiffError, first_line
 
 app = typer.Typer(
     name="minidiff",
@@ -148,6 +148,17 @@ def main(argv: list[str] | None = None) -> None:
         if debug:
             raise
         _error("out of memory; use fewer or smaller images (e.g. --num-images, --batch-size)")
+    except (Exception, SystemExit) as exc:  # a plugin's code failing at use is the plugin's fault, in one line
+        plugin = None if debug else _plugin_of(exc)
+        if plugin is None:
+            raise  # minidiff's own bug (or a plain exit): the traceback is what helps
+        _error(f"plugin '{plugin}' failed: {type(exc).__name__}: {first_line(exc)}")
+
+
+def _plugin_of(exc: BaseException) -> str | None:
+    from minidiff_cli.plugins import loaded_plugin_of
+
+    return loaded_plugin_of(exc)
 
 
 def _error(message: str, code: int = 2, prefix: str = "Error: ") -> None:
