@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from minidiff_cli.errors import ModelFileError
+from minidiff_cli.trainconfig import MAX_STEPS
 from minidiff_cli.weights import FORMAT_VERSION, read_header, save_model_file
 
 CHECKPOINT_FORMAT = "minidiff-checkpoint"
@@ -54,8 +55,9 @@ def read_checkpoint_meta(path: str | os.PathLike) -> dict[str, Any]:
         raise ModelFileError(f"'{path}' comes from a newer minidiff; upgrade minidiff to resume it")
     if not isinstance(meta, dict) or not isinstance(meta.get("train"), dict) or "step" not in meta:
         raise ModelFileError(f"'{path}' is corrupt: its metadata lacks the step or the training config")
-    if not _is_count(meta["step"]):
-        raise ModelFileError(f"'{path}' is corrupt: its step is {meta['step']!r:.40}, not a whole number")
+    if not _is_count(meta["step"]) or meta["step"] > MAX_STEPS:
+        raise ModelFileError(f"'{path}' is corrupt: its step is {meta['step']!r:.40}, not a whole number "
+                             f"from 0 to {MAX_STEPS:,}")
     if not isinstance(meta.get("param_groups"), list) or not all(isinstance(g, dict) for g in meta["param_groups"]):
         raise ModelFileError(f"'{path}' is corrupt: its optimizer settings are missing or not a list")
     losses = meta.get("losses", [])

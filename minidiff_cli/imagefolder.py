@@ -117,14 +117,16 @@ def _read_metadata(root: Path) -> dict[Path, str]:
         return {}
     captions: dict[Path, str] = {}
     where = f"'{path}'"
-    with open(path, encoding="utf-8") as fh:
-        for number, line in enumerate(fh, start=1):
+    with open(path, encoding="utf-8", errors="strict") as fh:
+        for number, line in enumerate(_utf8_lines(fh, where), start=1):
             if not line.strip():
                 continue
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise MinidiffError(f"{where} line {number} is not valid JSON: {exc.msg}") from None
+            except RecursionError:  # a line of 100,000 nested brackets
+                raise MinidiffError(f"{where} line {number} is nested too deeply") from None
             if not isinstance(record, dict) or not isinstance(record.get("file_name"), str):
                 raise MinidiffError(f"{where} line {number} has no \"file_name\"; each line needs "
                                     "{\"file_name\": ..., \"text\": ...}")
@@ -175,3 +177,11 @@ def _classes(files: list[Path], root: Path) -> tuple[list[str], list[int]]:
     names = sorted({p[0] for p in parts})
     index = {name: k for k, name in enumerate(names)}
     return names, [index[p[0]] for p in parts]
+
+
+def _utf8_lines(fh, where: str):
+    """The file's lines; bytes that are not UTF-8 are one line naming the file."""
+    try:
+        yield from fh
+    except UnicodeDecodeError as exc:
+        raise MinidiffError(f"{where} is not UTF-8 text (byte {exc.start} of a block: {exc.reason})") from None

@@ -267,6 +267,16 @@ def printable(text: str) -> str:
                    else f"\\x{ord(c):02x}" if ord(c) < 256 else f"\\u{ord(c):04x}" for c in text)
 
 
+def json_printable(text: str) -> str:
+    """JSON text with the same characters escaped as JSON escapes (``\\uXXXX``), so it stays valid JSON."""
+    def escape(c: str) -> str:
+        if unicodedata.category(c) not in ("Cc", "Cf", "Cs", "Co") or c in "\n\t":
+            return c
+        units = c.encode("utf-16-le", "surrogatepass")
+        return "".join(f"\\u{int.from_bytes(units[i:i + 2], 'little'):04x}" for i in range(0, len(units), 2))
+    return "".join(escape(c) for c in text)
+
+
 def _cut(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[:limit - 3] + "..."
 

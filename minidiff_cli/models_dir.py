@@ -41,16 +41,21 @@ def list_models() -> list[tuple[str, Path, str]]:
     return found
 
 
-def resolve_model(model: str | os.PathLike | None) -> Path:
-    """The file for a model name or path; ``None`` is the shipped default."""
+def resolve_model(model: str | os.PathLike | None, *, installed_only: bool = False) -> Path:
+    """The file for a model name or path; ``None`` is the shipped default.
+
+    ``installed_only``: a name from a file (a PNG's model), looked up among the shipped and user
+    models alone, never as a path, so a file named like it in the working directory is not used.
+    """
     name = DEFAULT_MODEL if model is None else str(model)
     path = Path(name).expanduser()
-    if path.is_dir() and (path / RUN_MODEL).is_file():
-        return path / RUN_MODEL  # a run folder
-    if path.suffix == ".safetensors" or os.sep in name or path.exists():
-        return path  # a path: weights.py reports a missing or broken file
-    for stem, found, _ in list_models():
-        if stem == name:
+    if not installed_only:
+        if path.is_dir() and (path / RUN_MODEL).is_file():
+            return path / RUN_MODEL  # a run folder
+        if path.suffix == ".safetensors" or os.sep in name or path.exists():
+            return path  # a path: weights.py reports a missing or broken file
+    for stem, found, where in list_models():
+        if stem == name and (where != "run" or not installed_only):
             return found
     names = ", ".join(stem for stem, _, _ in list_models()) or "none installed"
     if model is None:

@@ -123,6 +123,7 @@ class TrainConfig:
             (self.image_size <= 512, f"--image-size {self.image_size} is too large for minidiff (at most 512)"),
             (self.batch_size <= MAX_BATCH,
              f"--batch-size {self.batch_size} is more than minidiff allows ({MAX_BATCH})"),
+            (self.max_steps <= MAX_STEPS, f"--max-steps {self.max_steps} is more than minidiff allows ({MAX_STEPS:,})"),
             (self.class_dim <= 65536, f"class_dim {self.class_dim} is more than minidiff allows (65536)"),
             (0 <= self.seed <= MAX_SEED, f"--seed must be a whole number from 0 to {MAX_SEED} (got {self.seed})"),
             (0 <= self.threads <= 1024, f"--threads must be from 0 (auto) to 1024 (got {self.threads})"),
@@ -173,6 +174,7 @@ class TrainConfig:
 
 
 MAX_BATCH = 65536
+MAX_STEPS = 1_000_000_000  # per-step seeds (seed, step, rank) must fit torch's 64-bit seed
 MAX_SEED = 2**32 - 1  # the trainer derives per-step seeds from it; they must fit torch's 64-bit seeds
 
 
@@ -204,6 +206,8 @@ def load_toml(path: str | Path) -> dict[str, Any]:
             data = tomllib.load(fh)
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise MinidiffError(f"config file '{path}' is not valid TOML: {exc}") from None
+    except RecursionError:  # tomllib recurses per nesting level: thousands of nested arrays
+        raise MinidiffError(f"config file '{path}' is nested too deeply to be a train config") from None
     # A [train] table is allowed, so the file can hold other sections later.
     table = data.get("train", data)
     if not isinstance(table, dict):

@@ -550,3 +550,129 @@ def test_plugins_failing_at_use_are_one_line_errors_naming_them(plugin_dir, tmp_
                  "plugin 'usetime' failed: ValueError: cannot open the data")
     assert_error(timed_cli(*run, "--data", "shapes", "--conditioner", "brokenc"), "plugin 'usetime' failed: KeyError")
     assert not (tmp_path / "out").exists() and not (tmp_path / "run").exists()
+
+
+# -- 6. tracebacks left ----------------------------------------------------------------------------
+def rewrite_checkpoint_config(path: Path, change) -> None:
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(path), "pt") as fh:
+        metadata = dict(fh.metadata())
+    config = json.loads(metadata["config"])
+    change(config)
+    save_file(load_file(str(path)), str(path), metadata={**metadata, "config": json.dumps(config)})
+
+
+def copied_run(trained_run: Path, tmp_path: Path) -> Path:
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(trained_run, out)
+    return out
+
+
+def test_a_checkpoint_step_beyond_any_run_is_one_line(tmp_path, trained_run):
+    out = copied_run(trained_run, tmp_path)
+    rewrite_checkpoint_config(out / "checkpoint.safetensors", lambda c: c.__setitem__("step", 2**62))
+    assert_error(timed_cli("train", "--out", out, "--resume", "--max-steps", "10"), "its step is 4611686018427387904")
+    assert_error(timed_cli("train", "--out", out, "--resume", "--max-steps", 2**62 + 2),
+                 "--max-steps 4611686018427387906 is more than minidiff allows (1,000,000,000)")
+
+
+@pytest.mark.parametrize("target", ["hostile", "fifo", "folder"])
+def test_init_from_in_a_checkpoint_pointing_at_a_hostile_file_is_one_line(tmp_path, trained_run, target):
+    import os
+
+    out = copied_run(trained_run, tmp_path)
+    path = tmp_path / target
+    if target == "hostile":
+        path.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{}" + b" " * 14)
+    elif target == "fifo":
+        os.mkfifo(path)
+    else:
+        path.mkdir()
+    rewrite_checkpoint_config(out / "checkpoint.safetensors", lambda c: c["train"].__setitem__("init_from", str(path)))
+    assert_error(timed_cli("train", "--out", out, "--resume", "--max-steps", "10"), str(path))
+
+
+def captioned_folder(tmp_path: Path, metadata: bytes) -> Path:
+    from PIL import Image
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    Image.new("RGB", (16, 16), "red").save(folder / "a.png")
+    (folder / "metadata.jsonl").write_bytes(metadata)
+    return folder
+
+
+@pytest.mark.parametrize("metadata, message", [
+    (b'{"file_name": "a.png", "text": "caf\xe9"}\n', "is not UTF-8 text"),
+    (b"[" * 100_000 + b"]" * 100_000 + b"\n", "line 1 is nested too deeply"),
+])
+def test_a_hostile_metadata_jsonl_is_one_line(tmp_path, toml, metadata, message):
+    data = captioned_folder(tmp_path, metadata)
+    assert_error(timed_cli("train", "--data", data, "--conditioner", "class", *TINY_TRAIN, "--config", toml,
+                           "--max-steps", "1", "--out", tmp_path / "run"), "metadata.jsonl", message)
+
+
+def test_a_deeply_nested_toml_is_one_line(tmp_path):
+    config = tmp_path / "deep.toml"
+    config.write_text("x = " + "[" * 5000 + "]" * 5000 + "\n")
+    assert_error(timed_cli("train", "--config", config, "--out", tmp_path / "run"), "nested too deeply", str(config))
+
+
+@pytest.fixture(scope="module")
+def shipped_png(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("png")
+    rc, stdout, err = run_in_process("generate", "a red circle", "--steps", "2", "-o", out / "a.png", "--quiet")
+    assert rc == 0, err
+    return out / "a.png"
+
+
+def png_with(source: Path, path: Path, **changes) -> Path:
+    from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
+
+    from minidiff_cli.imagemeta import JSON_KEY, TEXT_KEY, read_parameters
+
+    params = {**read_parameters(source), **changes}
+    info = PngInfo()  # ASCII JSON: a lone surrogate travels as the escape \ud800, as a stranger's file may hold it
+    info.add_text(TEXT_KEY, "a stranger's text")
+    info.add_text(JSON_KEY, json.dumps(params))
+    with Image.open(source) as image:
+        image.save(path, format="PNG", pnginfo=info)
+    return path
+
+
+def test_info_shows_a_pngs_escapes_nul_and_lone_surrogates_escaped(tmp_path, shipped_png):
+    png = png_with(shipped_png, tmp_path / "evil.png", prompt="a red circle\x1b[2J\x00\u202e\ud800")
+    for args in ([], ["--json"]):
+        rc, out, err = run_in_process("info", png, *args)
+        assert rc == 0, err
+        assert "\x1b" not in out and "\x00" not in out and "\u202e" not in out and "\ud800" not in out
+    assert json.loads(out)["prompt"] == "a red circle\x1b[2J\x00\u202e\ud800"  # the JSON still says exactly it
+    _, text, _ = run_in_process("info", png)
+    assert "\\x1b[2J\\x00\\u202e\\ud800" in text
+
+
+def test_errors_show_a_files_escapes_escaped_and_drop_torchs_cpp_stack(tmp_path, plugin_dir):
+    (plugin_dir / "deep.py").write_text(
+        "import minidiff_cli\nfrom minidiff_cli.errors import MinidiffError\n\n"
+        "def data(source, **kwargs):\n"
+        "    raise MinidiffError('bad \\x1b[31mred\\x00 data\\nException raised from foo at bar.cpp:12 '\n"
+        "                        '(most recent call first):\\nframe #0: ' + 'c10::Error ' * 200)\n\n"
+        "@minidiff_cli.hookimpl\ndef register_datasets(register):\n    register('deep', data)\n")
+    line = assert_error(timed_cli("train", "--data", "deep", "--out", tmp_path / "run"), "bad \\x1b[31mred\\x00 data")
+    assert "frame #0" not in line and "Exception raised from" not in line and len(line) < 200
+
+
+def test_a_model_name_from_a_png_never_resolves_to_a_file_in_the_working_directory(tmp_path, shipped_png,
+                                                                                   monkeypatch):
+    from minidiff_cli.imagemeta import read_parameters
+
+    name = read_parameters(shipped_png)["model"]
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / name).write_bytes(b"not the model you asked for")
+    rc, out, err = run_in_process("generate", "--from", shipped_png, "--steps", "2", "-o", tmp_path / "out", "--quiet")
+    assert rc == 0, err

@@ -163,7 +163,12 @@ def _plugin_of(exc: BaseException) -> str | None:
 
 def _error(message: str, code: int = 2, prefix: str = "Error: ") -> None:
     """Print ``Error: message`` as exactly one line on stderr and exit."""
-    line = " ".join(str(message).split()) or "unknown error"
+    from minidiff_cli.infotext import printable
+
+    text = str(message)
+    cut = text.find("Exception raised from ")  # torch's C++ context: kilobytes of stack after the message
+    text = text[:cut] if cut > 0 else text
+    line = printable(" ".join(text.split())) or "unknown error"  # a file's escapes never reach the terminal raw
     print(f"{prefix}{line}", file=sys.stderr)
     sys.exit(code)
 

@@ -307,6 +307,10 @@ def _load(model: str | None, device: str, dtype: str, from_image: Path | None):
     from minidiff_cli.pipeline import Pipeline
 
     try:
+        if from_image is not None and model is not None:  # a name from the PNG: installed models only
+            from minidiff_cli.models_dir import resolve_model
+
+            model = str(resolve_model(model, installed_only=True))
         return Pipeline.load(model, device=device, dtype=dtype)
     except UnknownNameError:
         if from_image is None or model is None:

@@ -40,13 +40,15 @@ def info_command(
 
 def _image_info(path: Path, as_json: bool) -> None:
     from minidiff_cli.imagemeta import format_parameters
-    from minidiff_cli.infotext import read_image
+    from minidiff_cli.infotext import json_printable, printable, read_image
 
     params, foreign = read_image(path)
     if foreign is not None:
         _foreign_info(path, foreign, as_json)
         return
-    typer.echo(json.dumps(params, indent=2, ensure_ascii=False) if as_json else format_parameters(params))
+    # A stranger's PNG may hold terminal escapes, NUL or lone surrogates in its prompt: shown escaped.
+    typer.echo(json_printable(json.dumps(params, indent=2, ensure_ascii=False)) if as_json
+               else printable(format_parameters(params)))
 
 
 def _foreign_info(path: Path, text: str, as_json: bool) -> None:
