@@ -21,7 +21,7 @@ from minidiff_cli.schedule import NoiseSchedule
 from minidiff_cli.unet import UNet, UNetConfig
 from minidiff_cli.weights import ModelFile, load_model_file, read_model_header, save_model_file
 
-PREDICTIONS = ("eps", "v")
+PREDICTIONS = ("eps", "v", "flow")  # what the network outputs; predict_eps turns each into eps
 
 
 @dataclass
@@ -92,12 +92,18 @@ class DiffusionModel:
 
         The network runs in its own dtype (bfloat16, say); what comes out is cast back, so the
         sampler's arithmetic stays in x's (float32) precision.
+        A flow model's network lives on the path (1 - t) x0 + t eps and outputs a velocity: x is
+        rescaled onto that path on the way in and the velocity turned into eps on the way out, so
+        that samplers, guidance and img2img see the same eps world for every model (design.md).
         """
         dtype = self.unet.conv_in.weight.dtype
         cond = cond.to(dtype=dtype)  # absent fields stay None
-        out = self.unet(x.to(dtype), t, context=cond.context, pooled=cond.pooled).to(x.dtype)
+        x_in = self.schedule.to_flow(x, t) if self.prediction == "flow" else x
+        out = self.unet(x_in.to(dtype), t, context=cond.context, pooled=cond.pooled).to(x.dtype)
         if self.prediction == "v":
             return self.schedule.eps_from_v(x, out, t)
+        if self.prediction == "flow":
+            return self.schedule.eps_from_flow(x, out, t)
         return out
 
     # -- saving ---------------------------------------------------------------
@@ -126,7 +132,11 @@ def _schedule(config: dict[str, Any]) -> NoiseSchedule:
     T = sched["num_timesteps"]
     if isinstance(T, int) and T > MAX_TIMESTEPS:
         raise MinidiffError(f"{T} timesteps is more than the {MAX_TIMESTEPS} minidiff allows")
-    return plugins.get_schedule(sched["name"], T, **sched.get("options", {}))
+    schedule = plugins.get_schedule(sched["name"], T, **sched.get("options", {}))
+    zero_snr = sched.get("zero_terminal_snr", False)
+    if not isinstance(zero_snr, bool):
+        raise MinidiffError(f"schedule.zero_terminal_snr must be true or false (got {zero_snr!r:.40})")
+    return schedule.with_zero_terminal_snr() if zero_snr else schedule
 
 
 def _modules(config: dict[str, Any], conditioner: Any | None = None) -> tuple[UNet, Any]:
@@ -136,7 +146,7 @@ def _modules(config: dict[str, Any], conditioner: Any | None = None) -> tuple[UN
         cond = config["conditioner"]
         conditioner = plugins.get_conditioner(cond["name"]).from_config(cond.get("config", {}))
     if config.get("prediction", "eps") not in PREDICTIONS:
-        raise MinidiffError(f"unknown prediction type '{config.get('prediction')}'; use eps or v")
+        raise MinidiffError(f"unknown prediction type '{config.get('prediction')!s:.40}'; use eps, v or flow")
     _check_dims(unet_config, conditioner)
     return UNet(unet_config), conditioner
 

@@ -170,6 +170,36 @@ def gaussian_denoiser(schedule: NoiseSchedule, mu: float = 0.5, s: float = 0.5) 
     return denoiser
 
 
+Velocity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # velocity(x on the flow path, t) -> eps - x0
+
+
+def flow_denoiser(velocity: Velocity, schedule: NoiseSchedule) -> Denoiser:
+    """A flow network's ``velocity(x, t)`` as the eps denoiser samplers take, by the schedule's rescaling.
+
+    The same conversion as ``DiffusionModel.predict_eps`` for a flow model: x_t goes onto the flow
+    path (``NoiseSchedule.to_flow``) and the velocity comes back as eps (``eps_from_flow``).
+    """
+    def denoiser(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return schedule.eps_from_flow(x, velocity(schedule.to_flow(x, t), t), t)
+
+    return denoiser
+
+
+def gaussian_velocity(schedule: NoiseSchedule, mu: float = 0.5, s: float = 0.5) -> Velocity:
+    """The exact flow velocity for data x0 ~ N(mu, s^2): ``gaussian_denoiser``'s counterpart.
+
+    On the path x = (1 - t) x0 + t eps, x is Gaussian with mean (1 - t) mu and variance
+    V = (1 - t)^2 s^2 + t^2, and u = eps - x0 is jointly Gaussian with it, Cov(u, x) = t - (1 - t) s^2;
+    so E[u | x] = -mu + (t - (1 - t) s^2) (x - (1 - t) mu) / V, with t the flow time of the index.
+    """
+    def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        tau = schedule.flow_time(t).to(device=x.device, dtype=x.dtype).view(-1, *([1] * (x.dim() - 1)))
+        var = (1 - tau) ** 2 * s * s + tau ** 2
+        return -mu + (tau - (1 - tau) * s * s) * (x - (1 - tau) * mu) / var
+
+    return velocity
+
+
 def sample(denoiser: Denoiser, shape: Sequence[int], *, schedule: str | NoiseSchedule = "cosine",
            sampler: str | Sampler = "ddim", steps: int | None = None, seed: int = 0,
            num_timesteps: int = 1000, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,

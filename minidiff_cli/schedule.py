@@ -72,6 +72,39 @@ class NoiseSchedule:
         abar = self._at(self.alphas_cumprod, t)
         return _bcast((1 - abar).sqrt(), x_t) * x_t + _bcast(abar.sqrt(), x_t) * v
 
+    # -- rectified flow (Liu et al. 2022; Lipman et al. 2022; Esser et al. 2024, "SD3") -----
+    # The flow path x = (1 - t) x0 + t eps is Gaussian, so it is this VP path rescaled: with
+    # alpha = sqrt(alpha_bar), sigma = sqrt(1 - alpha_bar), x_t = (alpha + sigma) x and
+    # t = sigma / (alpha + sigma). A flow network sees x and predicts the velocity u = eps - x0;
+    # these three turn its world into the eps view every sampler works in, at any schedule.
+    def flow_time(self, t) -> torch.Tensor:
+        """The flow time in [0, 1) of timestep index t: sigma / (alpha + sigma), float64 on the CPU."""
+        alpha, sigma = self._alpha_sigma(t)
+        return sigma / (alpha + sigma)
+
+    def to_flow(self, x_t: torch.Tensor, t) -> torch.Tensor:
+        """The flow model's input x = x_t / (alpha + sigma) = (1 - t) x0 + t eps, from the VP x_t."""
+        alpha, sigma = self._alpha_sigma(t)
+        return x_t / _bcast(alpha + sigma, x_t)
+
+    def eps_from_flow(self, x_t: torch.Tensor, u: torch.Tensor, t) -> torch.Tensor:
+        """eps = x + (1 - t) u with x = to_flow(x_t): x = (1 - t) x0 + t eps and u = eps - x0 solved for eps."""
+        alpha, sigma = self._alpha_sigma(t)
+        return x_t / _bcast(alpha + sigma, x_t) + _bcast(alpha / (alpha + sigma), x_t) * u
+
+    def flow_from_eps(self, x_t: torch.Tensor, eps: torch.Tensor, t) -> torch.Tensor:
+        """u = eps - x0, with x0 from eq. 4: what a flow model predicts where an eps model says ``eps``."""
+        return eps - self.predict_x0(x_t, eps, t)
+
+    def _alpha_sigma(self, t) -> tuple[torch.Tensor, torch.Tensor]:
+        abar = self._at(self.alphas_cumprod, t)
+        return abar.sqrt(), (1 - abar).sqrt()
+
+    # -- zero terminal SNR (Lin et al. 2023, "Common Diffusion Noise Schedules ... are Flawed") --
+    def with_zero_terminal_snr(self) -> "NoiseSchedule":
+        """This schedule rescaled so that its last step holds (almost) no signal; see ``zero_terminal_snr``."""
+        return NoiseSchedule(name=self.name, betas=zero_terminal_snr(self.betas))
+
     # -- signal-to-noise ratio ----------------------------------------------------
     def snr(self, t=None) -> torch.Tensor:
         """SNR(t) = alpha_bar_t / (1 - alpha_bar_t) (Kingma et al. 2021), float64 on the CPU; all T if t is None."""
@@ -102,6 +135,23 @@ class NoiseSchedule:
             raise MinidiffError(f"timesteps must lie in [0, {self.num_timesteps - 1}] "
                                 f"(got {t.min().item()}..{t.max().item()})")
         return values[t]
+
+
+def zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
+    """Lin et al. 2023, Algorithm 1: shift and scale sqrt(alpha_bar) so it runs from its first value to 0.
+
+    The exact zero would need beta_{T-1} = 1, where no sampler can recover x0 from eps (x0 =
+    (x_t - eps) / 0): the last beta is capped at MAX_BETA instead, like the cosine schedule's, so
+    alpha_bar_{T-1} = 0.001 alpha_bar_{T-2} (about 1e-12 for linear at T = 1000: the signal is far
+    below 8-bit resolution). Training and sampling use this same capped schedule. A v or flow
+    model learns there to predict x0 from pure noise, which is the point; an eps model cannot.
+    """
+    root = torch.cumprod(1.0 - betas.to(torch.float64), dim=0).sqrt()
+    first, last = root[0].clone(), root[-1].clone()
+    root = (root - last) * first / (first - last)
+    abar = root ** 2
+    alphas = torch.cat([abar[:1], abar[1:] / abar[:-1]])
+    return (1.0 - alphas).clamp(max=MAX_BETA)
 
 
 def _bcast(coef: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from minidiff_cli.errors import MinidiffError
+from minidiff_cli.timestep_sampling import TIMESTEP_SAMPLING
 
 # Flags that may change when a run is resumed; anything else must stay as it was.
 RESUMABLE = ("max_steps", "save_every", "sample_every", "log_every", "quiet", "device", "threads", "out",
@@ -48,10 +49,16 @@ class TrainConfig:
     cross_attention_resolutions: Optional[list[int]] = None
     head_dim: int = 32
     dropout: float = 0.0
-    schedule: str = "cosine"
+    schedule: Optional[str] = None  # None: "flow" for --prediction flow, else "cosine"
     timesteps: int = 1000
-    prediction: str = "eps"  # or "v"
+    prediction: str = "eps"  # or "v", or "flow" (rectified flow's velocity, see schedule.py)
     min_snr_gamma: float = 0.0  # 0 turns min-SNR weighting off; 5 is the paper's choice
+    # Which timesteps training draws (timestep_sampling.py): None is "logit-normal" for flow, else "uniform".
+    timestep_sampling: Optional[str] = None
+    logit_mean: float = 0.0  # SD3's m and s of the logit-normal; (0, 1) is their best
+    logit_std: float = 1.0
+    shift: float = 1.0  # the flow schedule's timestep shift (SD3 / Flux); 1 is none
+    zero_terminal_snr: bool = False  # rescale a VP schedule to end at zero SNR (Lin et al. 2023); v or flow
     init_from: Optional[str] = None  # a model file whose (EMA) weights start training
     # optimisation
     max_steps: int = 2000
@@ -116,8 +123,9 @@ class TrainConfig:
             (0 <= self.ema_decay < 1, f"--ema-decay must be in [0, 1) (got {self.ema_decay})"),
             (0 <= self.cfg_dropout < 1, f"--cfg-dropout must be in [0, 1) (got {self.cfg_dropout})"),
             (self.mixed_precision in ("no", "bf16", "fp16"), "--mixed-precision must be no, bf16 or fp16"),
-            (self.prediction in ("eps", "v"), f"--prediction must be eps or v (got {self.prediction})"),
+            (self.prediction in PREDICTIONS, f"--prediction must be eps, v or flow (got {self.prediction})"),
             (self.min_snr_gamma >= 0, "--min-snr-gamma must be 0 (off) or positive"),
+            *self._objective_checks(),
             (self.grad_clip >= 0, "--grad-clip must be 0 (off) or positive"),
             (0 <= self.dropout < 1, "--dropout must be in [0, 1)"),
             (self.image_size <= 512, f"--image-size {self.image_size} is too large for minidiff (at most 512)"),
@@ -133,6 +141,24 @@ class TrainConfig:
                 raise MinidiffError(message)
         return self
 
+    def _objective_checks(self) -> list[tuple[bool, str]]:
+        """The flow matching and zero-SNR settings, which only make sense in some combinations."""
+        return [
+            (self.timestep_sampling in TIMESTEP_SAMPLING,
+             f"--timestep-sampling must be uniform or logit-normal (got {self.timestep_sampling})"),
+            (abs(self.logit_mean) <= 10, f"--logit-mean must be from -10 to 10 (got {self.logit_mean})"),
+            (0 < self.logit_std <= 10, f"--logit-std must be above 0 and at most 10 (got {self.logit_std})"),
+            (0 < self.shift <= 100, f"--shift must be above 0 and at most 100 (got {self.shift})"),
+            (self.shift == 1 or self.schedule == "flow", "--shift is the flow schedule's; add --schedule flow"),
+            (not (self.prediction == "flow" and self.min_snr_gamma),
+             "--min-snr-gamma weights eps and v losses; flow matching uses --timestep-sampling instead"),
+            (not (self.zero_terminal_snr and self.prediction == "eps"),
+             "--zero-terminal-snr needs --prediction v or flow: at zero SNR the noise is x_t itself, "
+             "and an eps model cannot recover x0 from it"),
+            (not (self.zero_terminal_snr and self.schedule == "flow"),
+             "--zero-terminal-snr rescales VP schedules; the flow schedule already ends at pure noise"),
+        ]
+
     def lowest_resolution(self) -> int:
         """The side of the U-Net's smallest feature map: image_size halved once per extra level."""
         return max(1, self.image_size >> max(0, len(self.channel_mult) - 1))
@@ -142,6 +168,11 @@ class TrainConfig:
         for name in ("attention_resolutions", "cross_attention_resolutions"):
             if getattr(self, name) is None:
                 setattr(self, name, [self.lowest_resolution()])
+        flow = self.prediction == "flow"
+        if self.schedule is None:
+            self.schedule = "flow" if flow else "cosine"
+        if self.timestep_sampling is None:
+            self.timestep_sampling = "logit-normal" if flow else "uniform"
 
     def _check_types(self) -> None:
         """Each field holds what its annotation says; ints are accepted (and kept) for floats."""
@@ -175,6 +206,7 @@ class TrainConfig:
 
 MAX_BATCH = 65536
 MAX_STEPS = 1_000_000_000  # per-step seeds (seed, step, rank) must fit torch's 64-bit seed
+PREDICTIONS = ("eps", "v", "flow")  # model.PREDICTIONS; not imported from there, which needs torch
 MAX_SEED = 2**32 - 1  # the trainer derives per-step seeds from it; they must fit torch's 64-bit seeds
 
 

@@ -32,6 +32,7 @@ from minidiff_cli.conditioning import Conditioning
 from minidiff_cli.errors import MinidiffError
 from minidiff_cli.fileio import append_line, atomic_write, ensure_writable_dir
 from minidiff_cli.model import DiffusionModel
+from minidiff_cli.timestep_sampling import draw_timesteps
 from minidiff_cli.trainconfig import RESUMABLE, TrainConfig
 from minidiff_cli.vocabulary import vocabulary
 from minidiff_cli.data import caption_set
@@ -221,7 +222,7 @@ class Trainer:
                      "cross_attention_resolutions": list(cfg.cross_attention_resolutions),
                      "context_dim": conditioner.context_dim, "pooled_dim": conditioner.pooled_dim,
                      "head_dim": cfg.head_dim, "dropout": cfg.dropout},
-            "schedule": {"name": cfg.schedule, "num_timesteps": cfg.timesteps, "options": {}},
+            "schedule": schedule_entry(cfg),
             "conditioner": {"name": conditioner.name, "config": conditioner.config()},
             "prediction": cfg.prediction,
             "class_names": list(self.dataset.class_names),
@@ -305,17 +306,25 @@ class Trainer:
         g = torch.Generator().manual_seed((cfg.seed * 1_000_003 + step) * 1_009 + self.dist.rank)
         b = x0.shape[0]
         schedule = self.model.schedule
-        t = torch.randint(0, schedule.num_timesteps, (b,), generator=g).to(self.device)
+        t = draw_timesteps(cfg.timestep_sampling, schedule.num_timesteps, b, g, cfg.logit_mean,
+                           cfg.logit_std).to(self.device)
         noise = torch.randn(x0.shape, generator=g).to(self.device)
         keep = (torch.rand(b, generator=g) >= cfg.cfg_dropout).to(self.device)
-        x_t = schedule.add_noise(x0, noise, t)
+        x_in, target = self._input_and_target(x0, noise, t)
         kwargs = self._condition_inputs(captions, labels, keep)
         autocast = self._autocast()
         with autocast:
-            out = self.ddp(x_t, t, **kwargs)
-        target = schedule.v_target(x0, noise, t) if self.model.prediction == "v" else noise
+            out = self.ddp(x_in, t, **kwargs)
         per_row = F.mse_loss(out.float(), target, reduction="none").mean(dim=(1, 2, 3))
         return (per_row * self._weights(t)).mean()
+
+    def _input_and_target(self, x0, noise, t) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the network sees at timestep t and what it should answer, per prediction type."""
+        schedule, prediction = self.model.schedule, self.model.prediction
+        x_t = schedule.add_noise(x0, noise, t)
+        if prediction == "flow":  # x = (1 - t) x0 + t eps and its velocity eps - x0 (schedule.py)
+            return schedule.to_flow(x_t, t), noise - x0
+        return x_t, schedule.v_target(x0, noise, t) if prediction == "v" else noise
 
     def _condition_inputs(self, captions, labels, keep) -> dict[str, Any]:
         name = self.model.conditioner.name
@@ -544,6 +553,16 @@ class Trainer:
 
     def _append_metrics(self, record: dict[str, Any]) -> None:
         append_line(ensure_writable_dir(self.out) / METRICS, json.dumps({k: v for k, v in record.items() if v is not None}))
+
+
+def schedule_entry(cfg: TrainConfig) -> dict[str, Any]:
+    """The model file's schedule: the flow schedule's shift, and zero terminal SNR only when asked for."""
+    entry: dict[str, Any] = {"name": cfg.schedule, "num_timesteps": cfg.timesteps, "options": {}}
+    if cfg.schedule == "flow":
+        entry["options"]["shift"] = cfg.shift
+    if cfg.zero_terminal_snr:
+        entry["zero_terminal_snr"] = True
+    return entry
 
 
 def model_card(cfg: TrainConfig, captions: list[str] | None) -> dict[str, Any]:

@@ -22,7 +22,7 @@ def minidiff(*args, cwd=None):
 def test_list_shows_every_builtin_schedule_and_its_plugin():
     result = minidiff("schedules", "list")
     assert result.returncode == 0, result.stderr
-    for name in ("linear", "cosine", "scaled-linear", "sigmoid"):
+    for name in ("linear", "cosine", "scaled-linear", "sigmoid", "flow"):
         assert name in result.stdout
     assert "minidiff.schedules" in result.stdout
     assert "alpha_bar(T/2)" in result.stdout
@@ -70,7 +70,7 @@ def test_unknown_schedule_is_one_line_and_exit_code_2(args, tmp_path):
     result = minidiff("schedules", *args, cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and "Traceback" not in result.stderr
-    assert "unknown schedule 'zigzag'; available: cosine, linear, scaled-linear, sigmoid" in result.stderr
+    assert "unknown schedule 'zigzag'; available: cosine, flow, linear, scaled-linear, sigmoid" in result.stderr
     assert not (tmp_path / "never.png").exists()
 
 

@@ -10,7 +10,7 @@ from minidiff_cli.errors import MinidiffError
 from minidiff_cli.plugins import get_schedule
 from minidiff_cli.schedule import NoiseSchedule
 
-NAMES = ["linear", "cosine", "scaled-linear", "sigmoid"]
+NAMES = ["linear", "cosine", "scaled-linear", "sigmoid", "flow"]
 
 
 # -- the built-in schedules ---------------------------------------------------------

@@ -57,6 +57,34 @@ def sigmoid(num_timesteps: int, **opts):
     return torch.sigmoid(x) * (o["beta_end"] - o["beta_start"]) + o["beta_start"]
 
 
+def flow(num_timesteps: int, **opts):
+    """Rectified flow's path x = (1 - t) x0 + t eps as a VP schedule (Esser et al. 2024, "SD3").
+
+    Index i is flow time t_i = shift(u) with u = (i + 1) / T, and shift(u) = s u / (1 + (s - 1) u),
+    SD3's and Flux's timestep shift (their eq. 23; s = 1 is none, s > 1 spends more steps at high
+    noise). Scaled by 1 / sqrt((1 - t)^2 + t^2) the path is variance preserving with alpha_bar(t) =
+    (1 - t)^2 / ((1 - t)^2 + t^2). At t = 1 alpha_bar is 0, which no sampler's eps view can hold;
+    the last beta is capped at 0.999 as the cosine schedule's is (t = 1 - 3e-5 at T = 1000).
+    """
+    import torch
+
+    T, o = _options("flow", num_timesteps, opts, shift=1.0)
+    if not 0 < o["shift"] <= MAX_SHIFT:
+        raise MinidiffError(f"schedule 'flow': shift must be in (0, {MAX_SHIFT}] (got {o['shift']})")
+    t = shifted(torch.arange(1, T + 1, dtype=torch.float64) / T, o["shift"])
+    abar = (1 - t) ** 2 / ((1 - t) ** 2 + t ** 2)
+    previous = torch.cat([torch.ones(1, dtype=torch.float64), abar[:-1]])
+    return (1 - abar / previous).clamp(min=1e-12, max=0.999)
+
+
+MAX_SHIFT = 100.0  # SD3 samples 1024 px at 3, Flux's resolution-dependent shift stays below 10
+
+
+def shifted(u, shift: float):
+    """SD3's timestep shift: s u / (1 + (s - 1) u), which maps [0, 1] onto itself."""
+    return shift * u / (1 + (shift - 1) * u)
+
+
 def _options(name: str, num_timesteps, opts: dict, **defaults: float) -> tuple[int, dict]:
     """Check T and the options against the defaults; return T and the options with defaults filled in."""
     try:
@@ -84,3 +112,4 @@ def register_schedules(register):
     register("cosine", cosine)
     register("scaled-linear", scaled_linear)
     register("sigmoid", sigmoid)
+    register("flow", flow)

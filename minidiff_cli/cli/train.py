@@ -43,9 +43,19 @@ def train_command(
     quiet: Optional[bool] = typer.Option(None, "--quiet", "-q", help="Log lines instead of a live display."),
     log_every: Optional[int] = typer.Option(None, "--log-every", help="Log line / metrics record every N steps [default: 50]."),
     holdout: Optional[str] = typer.Option(None, "--holdout", help="Colour-shape pairs to leave out, e.g. \"purple triangle,orange square\"."),
-    prediction: Optional[str] = typer.Option(None, "--prediction", help="eps or v [default: eps]."),
+    prediction: Optional[str] = typer.Option(None, "--prediction", help="eps, v or flow (rectified flow's velocity, "
+                                             "as Flux and SD3 train) [default: eps]."),
     min_snr_gamma: Optional[float] = typer.Option(None, "--min-snr-gamma", help="Min-SNR loss weighting, 0 is off [default: 0]."),
-    schedule: Optional[str] = typer.Option(None, "--schedule", autocompletion=completion.schedules, help="Noise schedule [default: cosine]."),
+    timestep_sampling: Optional[str] = typer.Option(None, "--timestep-sampling", help="Training timesteps: uniform "
+                                                    "or logit-normal (SD3) [default: logit-normal for flow, else uniform]."),
+    logit_mean: Optional[float] = typer.Option(None, "--logit-mean", help="Logit-normal mean m [default: 0]."),
+    logit_std: Optional[float] = typer.Option(None, "--logit-std", help="Logit-normal spread s [default: 1]."),
+    shift: Optional[float] = typer.Option(None, "--shift", help="The flow schedule's timestep shift (SD3/Flux); "
+                                          "above 1 spends more steps at high noise [default: 1]."),
+    zero_terminal_snr: Optional[bool] = typer.Option(None, "--zero-terminal-snr", help="Rescale the schedule to end "
+                                                     "at zero SNR (Lin et al. 2023); needs --prediction v or flow."),
+    schedule: Optional[str] = typer.Option(None, "--schedule", autocompletion=completion.schedules, help="Noise schedule "
+                                           "[default: flow for --prediction flow, else cosine]."),
     timesteps: Optional[int] = typer.Option(None, "--timesteps", help="Diffusion timesteps T [default: 1000]."),
     base_channels: Optional[int] = typer.Option(None, "--base-channels", help="U-Net width at full resolution [default: 64]."),
     channel_mult: Optional[str] = typer.Option(None, "--channel-mult", help="Width multipliers per level [default: 1,2,2]."),
