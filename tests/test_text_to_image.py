@@ -185,3 +185,14 @@ def test_a_run_stopped_in_stage_one_resumes_from_its_folder_alone(folder, tmp_pa
     assert result.returncode == 0, result.stderr
     assert "from step 3 to step 5" in result.stderr and (out / "model.safetensors").is_file()
     assert json.loads(safe_open(str(out / "clip.safetensors"), "pt").metadata()["training"])["steps"] == 5
+
+
+def test_the_fixed_evaluation_captions_hold_seen_and_held_out_ones_in_proportion():
+    from minidiff_cli.datasource import is_heldout
+    from minidiff_cli.metrics.caption_eval import fixed_captions
+
+    captions = [f"caption number {k}" for k in range(4000)]
+    chosen = fixed_captions(captions, 200)
+    assert len(chosen) == 200 and fixed_captions(list(reversed(captions)), 200) == chosen
+    held = sum(is_heldout(c, 0.05) for c in chosen)
+    assert 2 <= held <= 22  # about 5% of 200, not all of them first

@@ -114,11 +114,11 @@ def generate_command(
         _check_free([p for target in targets for p in _trajectory_paths(target)])
 
     pipe = _load(params["model"], device, dtype, from_image if model is None else None)
-    _warn_about_prompt(pipe, params)
     gen = Generation(params["prompt"], params["negative_prompt"] or "", params["steps"], float(params["cfg"]),
                      params["sampler"], params["seed"], params["eta"], params["sampler_options"] or {})
     gen.init = image_start(pipe, init_files, params, from_image)
-    pipe.check_prompt(gen.prompt, gen.negative_prompt)
+    pipe.check_prompt(gen.prompt, gen.negative_prompt)  # a prompt it refuses: the error alone, no warning
+    _warn_about_prompt(pipe, params)
     recorder = None
     if save_trajectory:
         from minidiff_cli.trajectory import TrajectoryRecorder

@@ -1,7 +1,7 @@
 """The evaluation of a text-to-image model on a captioned folder (``minidiff eval --data DIR``).
 
 1. A fixed set of the folder's captions: the first ``captions`` of all captions ordered
-   by their SHA-256, so the set depends on the folder alone (not on a seed, nor on the
+   by a (salted) SHA-256 of each, so the set depends on the folder alone (not on a seed, nor on the
    order of metadata.jsonl), and holds seen and held-out captions in their proportion.
 2. One generated image per caption and seed (``per_caption`` seeds).
 3. Their CLIP image embeddings (the CLIP trained on that folder) against
@@ -42,7 +42,9 @@ PR_NEIGHBOURS = 3  # k of precision / recall, the paper's choice
 
 
 def caption_key(caption: str) -> bytes:
-    return hashlib.sha256(caption.encode("utf-8", "surrogatepass")).digest()
+    # Salted: an unsalted SHA-256 is also what decides a caption holdout (datasource.is_heldout),
+    # and ordering by it would put every held-out caption first.
+    return hashlib.sha256(b"minidiff-eval\0" + caption.encode("utf-8", "surrogatepass")).digest()
 
 
 def fixed_captions(captions: list[str], count: int) -> list[str]:
