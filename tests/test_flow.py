@@ -189,6 +189,8 @@ def test_a_flow_model_stores_its_objective(flow_run):
     assert (flags["timestep_sampling"], flags["logit_mean"], flags["logit_std"]) == ("logit-normal", 0.0, 1.0)
     model = DiffusionModel.load(flow_run / "run" / "model.safetensors")
     assert torch.allclose(model.schedule.alphas_cumprod, get_schedule("flow", 100, shift=2.0).alphas_cumprod)
+    code, out, _ = run_in_process("info", flow_run / "run" / "model.safetensors")
+    assert code == 0 and "flow over 100 steps, shift 2.0" in out and "│ flow" in out.split("prediction")[1][:40]
 
 
 @pytest.mark.parametrize("sampler", SAMPLERS)
@@ -223,6 +225,7 @@ def test_v_prediction_trains_on_a_zero_terminal_snr_schedule(tmp_path):
     assert result.returncode == 0, result.stderr
     model = DiffusionModel.load(tmp_path / "run" / "model.safetensors")
     assert model.config["schedule"]["zero_terminal_snr"] is True
+    assert "zero terminal SNR" in run_in_process("info", tmp_path / "run" / "model.safetensors")[1]
     want = get_schedule("linear", 100).with_zero_terminal_snr()
     assert torch.equal(model.schedule.alphas_cumprod, want.alphas_cumprod)
 

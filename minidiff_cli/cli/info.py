@@ -104,7 +104,7 @@ def _print_model(summary: dict[str, Any]) -> None:
         ("parameters", ", ".join(f"{k} {v / 1e6:.2f} M" for k, v in summary["parameters"].items())),
         ("image", f"{config.get('unet', {}).get('image_size')}px, {config.get('unet', {}).get('in_channels')} channels"),
         ("prediction", config.get("prediction", "eps")),
-        ("schedule", f"{config.get('schedule', {}).get('name')} over {config.get('schedule', {}).get('num_timesteps')} steps"),
+        ("schedule", _schedule_row(config.get("schedule", {}))),
         ("conditioner", config.get("conditioner", {}).get("name", "")),
         ("unet", json.dumps(config.get("unet", {}))),
     ]
@@ -127,6 +127,15 @@ def _print_model(summary: dict[str, Any]) -> None:
 
 TRAINING_CHARS = 400  # the training record holds every flag; the table shows its start
 VOCABULARY_SHOWN = 60
+
+
+def _schedule_row(schedule: dict) -> str:
+    """"flow over 1000 steps, shift 3.0", with its options and zero terminal SNR when the file has them."""
+    parts = [f"{schedule.get('name')} over {schedule.get('num_timesteps')} steps"]
+    parts += [f"{key} {value}" for key, value in (schedule.get("options") or {}).items()]
+    if schedule.get("zero_terminal_snr"):
+        parts.append("zero terminal SNR")
+    return ", ".join(parts)
 
 
 def _vocabulary_row(words: list) -> str:
