@@ -209,6 +209,9 @@ class Trainer:
             if names is not None and list(names) != list(self.dataset.class_names):
                 raise MinidiffError("the --init-from model was trained on other classes than the data has; "
                                     "its class labels would mean other things")
+            if model.prediction == "flow" and cfg.min_snr_gamma:
+                raise MinidiffError("--min-snr-gamma weights eps and v losses, and the --init-from model "
+                                    "predicts a flow velocity")
             model.config["init_from"] = {"file": str(cfg.init_from), "hash": model.hash}
             return model
         torch.manual_seed(cfg.seed)  # the same initial weights (class embeddings too) on every rank and every run

@@ -267,3 +267,10 @@ def test_a_hostile_flow_model_file_is_refused_in_one_line(flow_run, tmp_path, ch
     with pytest.raises(ModelFileError, match=message):
         DiffusionModel.load(bad)
     assert_one_line_error(run_cli("info", str(bad)), message)
+
+
+def test_fine_tuning_a_flow_model_with_min_snr_weights_is_refused(flow_run, tmp_path):
+    result = run_cli("train", *TINY_TRAIN, "--config", str(flow_run / "tiny.toml"), "--init-from",
+                     str(flow_run / "run" / "model.safetensors"), "--min-snr-gamma", "5", "--max-steps", "1",
+                     "--out", str(tmp_path / "run"))
+    assert_one_line_error(result, "--min-snr-gamma", "predicts a flow velocity")

@@ -181,6 +181,11 @@ def _schedule(schedule, stored: dict) -> dict[str, Any]:
 
 
 # -- printing ---------------------------------------------------------------------------
+# What the U-Net outputs for each prediction type (model.PREDICTIONS).
+OUTPUTS = {"eps": "the noise eps", "v": "v = sqrt(abar) eps - sqrt(1-abar) x0",
+           "flow": "the velocity eps - x0 on the path (1 - t) x0 + t eps"}
+
+
 def _print(report: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.tree import Tree
@@ -204,8 +209,7 @@ def _print(report: dict[str, Any]) -> None:
     console.print(f"schedule {s['name']} over T = {s['num_timesteps']} steps; alpha_bar {abar}; log-SNR {snr}",
                   highlight=False)
     console.print(f"prediction: {report['prediction']} (the U-Net's output is "
-                  f"{'the noise eps' if report['prediction'] == 'eps' else 'v = sqrt(abar) eps - sqrt(1-abar) x0'})",
-                  highlight=False)
+                  f"{OUTPUTS.get(report['prediction'], report['prediction'])})", highlight=False)
 
 
 def _grow(tree, children: list[dict]) -> None:
