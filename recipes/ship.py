@@ -1,0 +1,37 @@
+"""Copy a finished run into the package as a shipped model (what was done for the emoji model).
+
+    python recipes/ship.py runs/emoji emoji
+
+writes minidiff_cli/models/NAME.safetensors (the run's EMA model, its U-Net stored in float16:
+half the bytes, float32 again once loaded) and, when the run trained its own CLIP (stage 1 of
+`train --conditioner clip`), minidiff_cli/models/clip/NAME.safetensors: the CLIP with its image
+tower, which `minidiff eval --model NAME --data DIR` judges the model with. Existing files are
+replaced only with --overwrite.
+"""
+
+import argparse
+import shutil
+from pathlib import Path
+
+from minidiff_cli.model import DiffusionModel
+
+MODELS = Path(__file__).resolve().parents[1] / "minidiff_cli" / "models"
+
+parser = argparse.ArgumentParser(description="Ship a run's model in the package.")
+parser.add_argument("run", type=Path, help="the run folder (holds model.safetensors)")
+parser.add_argument("name", help="the shipped model's name (--model NAME)")
+parser.add_argument("--overwrite", action="store_true")
+args = parser.parse_args()
+
+model = DiffusionModel.load(args.run / "model.safetensors")
+model.config["name"] = args.name
+out = model.save(MODELS / f"{args.name}.safetensors", overwrite=args.overwrite, unet_dtype="float16")
+print(f"{out}: {out.stat().st_size / 1e6:.1f} MB")
+clip = args.run / "clip.safetensors"
+if clip.is_file():
+    target = MODELS / "clip" / f"{args.name}.safetensors"
+    if target.exists() and not args.overwrite:
+        raise SystemExit(f"{target} exists; pass --overwrite")
+    target.parent.mkdir(exist_ok=True)
+    shutil.copyfile(clip, target)
+    print(f"{target}: {target.stat().st_size / 1e6:.1f} MB")
