@@ -10,8 +10,8 @@ in the folder, one JSON object a line with ``file_name`` (relative to the
 folder) and ``text``; else a ``.txt`` file with the same stem next to the
 image; else the empty caption.
 
-Classes: when every image lies in a first-level subfolder, the subfolder names
-(sorted) are the classes, as in ``cat/1.png``, ``dog/2.png``. With
+Classes: when every image lies in a first-level subfolder, and there are at least
+two of them, the subfolder names (sorted) are the classes, as in ``cat/1.png``, ``dog/2.png``. With
 ``require_classes=True`` a folder without them is an error.
 
 Each file is checked up front (``PIL.Image.verify``, which reads headers and
@@ -170,11 +170,14 @@ def _caption(path: Path, root: Path, metadata: dict[Path, str]) -> str:
 
 
 def _classes(files: list[Path], root: Path) -> tuple[list[str], list[int]]:
-    """Class names from first-level subfolders, when every image is in one; else none (labels -1)."""
+    """Class names from first-level subfolders, when every image is in one and there are at least two;
+    else none (labels -1). One subfolder is a layout (``images/`` beside metadata.jsonl), not classes."""
     parts = [path.relative_to(root).parts for path in files]
     if any(len(p) < 2 for p in parts):
         return [], [-1] * len(files)
     names = sorted({p[0] for p in parts})
+    if len(names) < 2:
+        return [], [-1] * len(files)
     index = {name: k for k, name in enumerate(names)}
     return names, [index[p[0]] for p in parts]
 

@@ -196,3 +196,12 @@ def test_the_fixed_evaluation_captions_hold_seen_and_held_out_ones_in_proportion
     assert len(chosen) == 200 and fixed_captions(list(reversed(captions)), 200) == chosen
     held = sum(is_heldout(c, 0.05) for c in chosen)
     assert 2 <= held <= 22  # about 5% of 200, not all of them first
+
+
+def test_one_subfolder_beside_metadata_is_a_layout_not_a_class(folder):
+    dataset = open_dataset(str(folder), image_size=16)  # images/*.png with metadata.jsonl
+    assert dataset.class_names == [] and {dataset[i]["label"] for i in range(len(dataset))} == {-1}
+    from minidiff_cli.evaluation import default_prompts
+
+    prompts = default_prompts(open_dataset(str(folder), image_size=16, holdout=HOLDOUT), HOLDOUT)
+    assert prompts[-2:] == ["green square", "red circle"] and len(prompts) == 8  # captions, held-out last
