@@ -104,3 +104,15 @@ def test_the_inception_loader_refuses_other_files_in_one_line(tmp_path):
     (tmp_path / "pickle.pt").write_bytes(b"\x80\x04K\x01.")
     with pytest.raises(ModelFileError, match="is not a safetensors file"):
         load_inception(tmp_path / "pickle.pt")
+
+
+def test_r_precision_of_a_subset_is_the_share_of_its_images_in_the_whole():
+    pool = torch.nn.functional.normalize(torch.randn(300, 16, generator=torch.Generator().manual_seed(1)), dim=1)
+    images = torch.nn.functional.normalize(pool + 0.35 * torch.randn(300, 16, generator=torch.Generator()
+                                                                       .manual_seed(2)), dim=1)
+    rows = list(range(300))
+    whole = r_precision(images, pool, pool, rows)
+    first, second = r_precision(images[:100], pool[:100], pool, rows[:100]), \
+        r_precision(images[100:], pool[100:], pool, rows[100:])
+    assert 0.05 < whole < 0.95
+    assert whole == pytest.approx((100 * first + 200 * second) / 300)
