@@ -102,7 +102,8 @@ def sample_and_score(model, prompts: list[str], path: Path, *, shapes: bool, per
 
 def evaluate(pipe: Pipeline, *, colours, shapes, holdout: list[tuple[str, str]], n: int = 8,
              runs: list[tuple[str, int]] = (("ddim", 50),), cfg: float = 3.0, seed: int = 0,
-             batch_size: int = 64, progress=None, grid_path: Path | None = None) -> dict[str, Any]:
+             batch_size: int = 64, progress=None, grid_path: Path | None = None,
+             overwrite: bool = False) -> dict[str, Any]:
     """The full report: per sampler/steps, per prompt, seen and held-out.
 
     With ``grid_path``, the first run's images are also saved as a grid: one row per
@@ -125,17 +126,17 @@ def evaluate(pipe: Pipeline, *, colours, shapes, holdout: list[tuple[str, str]],
         report["runs"].append({"sampler": sampler, "steps": steps, "seconds": round(time.time() - start, 1),
                                **summarise(per_prompt), "per_prompt": per_prompt})
         if grid_path is not None and len(report["runs"]) == 1:
-            save_grid(x, columns=n * len(shapes), path=grid_path)
+            save_grid(x, columns=n * len(shapes), path=grid_path, overwrite=overwrite)
     return report
 
 
-def save_grid(x: torch.Tensor, columns: int, path: Path) -> None:
+def save_grid(x: torch.Tensor, columns: int, path: Path, overwrite: bool = False) -> None:
     from minidiff_cli.cli.generate import make_grid
     from minidiff_cli.data import tensor_to_pil
     from minidiff_cli.fileio import atomic_write
 
     grid = make_grid([tensor_to_pil(img) for img in x], columns=columns)
-    atomic_write(path, lambda p: grid.save(p, format="PNG"), overwrite=False)
+    atomic_write(path, lambda p: grid.save(p, format="PNG"), overwrite=overwrite)
 
 
 def summarise(per_prompt: dict[str, dict[str, Any]]) -> dict[str, Any]:

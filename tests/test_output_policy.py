@@ -104,3 +104,14 @@ def test_clip_train_progress_bar_ends_on_the_summary_loss(tmp_path):
     assert bar and summary, (result.stdout, result.stderr)
     assert bar[-1] == summary.group(2)  # the same quantity, to the digit
     assert float(summary.group(1)) > 0
+
+
+def test_eval_replaces_its_report_and_grid_only_with_overwrite(tmp_path):
+    report, grid = tmp_path / "report.json", tmp_path / "grid.png"
+    args = ["eval", "-n", "1", "--runs", "ddim:1", "-q", "-o", str(report), "--grid", str(grid)]
+    assert run_cli(*args).returncode == 0
+    report.write_text("mine"), grid.write_bytes(b"mine")
+    assert_one_line_error(run_cli(*args), "already exists; choose another file name or pass --overwrite")
+    assert report.read_text() == "mine" and grid.read_bytes() == b"mine"
+    assert run_cli(*args, "--overwrite").returncode == 0
+    assert report.read_text().startswith("{") and grid.read_bytes()[:4] == b"\x89PNG"

@@ -18,7 +18,8 @@ from minidiff_cli.errors import MinidiffError
 @app.command("eval")
 def eval_command(
     model: Optional[str] = typer.Option(None, "--model", "-m", autocompletion=completion.models, help="Model name or path [default: the shipped model]."),
-    n: int = typer.Option(8, "-n", "--per-prompt", help="Images per prompt."),
+    n: Optional[int] = typer.Option(None, "-n", "--per-prompt", help="Images per prompt [default: 8 on shapes, "
+                                    "1 per caption with --data]."),
     runs: str = typer.Option("ddim:50", "--runs", help="Sampler:steps pairs, e.g. \"ddim:50,ddim:20,ddpm:100\"."),
     cfg: float = typer.Option(3.0, "--cfg", help="Guidance scale."),
     seed: int = typer.Option(0, "--seed", help="Seed of the first image of each prompt."),
@@ -31,6 +32,7 @@ def eval_command(
                                         "(shapes: a row per colour, shapes side by side; --data: the first 32 "
                                         "images with their captions, held-out ones starred)."),
     as_json: bool = typer.Option(False, "--json", help="Print the full report as JSON."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the -o and --grid files if they exist."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
     data: Optional[str] = typer.Option(None, "--data", help="A captioned folder: measure the model on it "
                                        "(CLIP score, R-precision, Frechet distance, KID, precision/recall) "
@@ -64,9 +66,10 @@ def eval_command(
     """
     apply_threads(threads)
     if data is not None:
-        return _eval_folder(model, data, clip, captions, inception, n=n if n != 8 else 1, runs=runs, cfg=cfg,
+        return _eval_folder(model, data, clip, captions, inception, n=1 if n is None else n, runs=runs, cfg=cfg,
                             seed=seed, batch_size=batch_size, device=device, dtype=dtype, output=output,
-                            grid=grid, as_json=as_json, quiet=quiet)
+                            grid=grid, as_json=as_json, quiet=quiet, overwrite=overwrite)
+    n = 8 if n is None else n
     from minidiff_cli.data import parse_holdout
     from minidiff_cli.evaluation import evaluate
     from minidiff_cli.pipeline import Pipeline
@@ -74,8 +77,8 @@ def eval_command(
 
     pairs = _parse_runs(runs)
     for path in (output, grid):
-        if path is not None and path.exists():
-            raise MinidiffError(f"'{path}' already exists; choose another file name")
+        if path is not None and path.exists() and not overwrite:
+            raise MinidiffError(f"'{path}' already exists; choose another file name or pass --overwrite")
     if n < 1:
         raise MinidiffError(f"-n must be at least 1 (got {n})")
     pipe = Pipeline.load(model, device=device, dtype=dtype)
@@ -89,12 +92,13 @@ def eval_command(
 
     with step_progress(total, "evaluating", quiet) as advance:
         report = evaluate(pipe, colours=colours, shapes=shapes, holdout=held, n=n, runs=pairs, cfg=cfg,
-                          seed=seed, batch_size=batch_size, progress=lambda info: advance(), grid_path=grid)
+                          seed=seed, batch_size=batch_size, progress=lambda info: advance(), grid_path=grid,
+                          overwrite=overwrite)
     report["model"] = {"name": pipe.name, "hash": pipe.model.hash}
     if output is not None:
         from minidiff_cli.fileio import atomic_write
 
-        atomic_write(output, lambda p: p.write_text(json.dumps(report, indent=2)), overwrite=False)
+        atomic_write(output, lambda p: p.write_text(json.dumps(report, indent=2)), overwrite=overwrite)
     if as_json:
         typer.echo(json.dumps(report, indent=2))
     else:
@@ -102,7 +106,7 @@ def eval_command(
 
 
 def _eval_folder(model, data, clip, captions, inception, *, n, runs, cfg, seed, batch_size, device, dtype,
-                 output, grid, as_json, quiet) -> None:
+                 output, grid, as_json, quiet, overwrite) -> None:
     from minidiff_cli.cli.display import step_progress
     from minidiff_cli.datasource import holdout_fraction, is_heldout, open_dataset
     from minidiff_cli.metrics.caption_eval import CaptionEvalSettings, describe, evaluate_captions
@@ -113,8 +117,8 @@ def _eval_folder(model, data, clip, captions, inception, *, n, runs, cfg, seed, 
     if len(pairs) != 1:
         raise MinidiffError("with --data, --runs takes one sampler:steps pair")
     for path in (output, grid):
-        if path is not None and path.exists():
-            raise MinidiffError(f"'{path}' already exists; choose another file name")
+        if path is not None and path.exists() and not overwrite:
+            raise MinidiffError(f"'{path}' already exists; choose another file name or pass --overwrite")
     if n < 1 or captions < 2:
         raise MinidiffError("-n must be at least 1 and --captions at least 2")
     pipe = Pipeline.load(model, device=device, dtype=dtype)
@@ -130,20 +134,20 @@ def _eval_folder(model, data, clip, captions, inception, *, n, runs, cfg, seed, 
         held = (lambda c: bool(fraction) and is_heldout(c, fraction))  # noqa: E731
         report = evaluate_captions(pipe, dataset, features, settings, inception=extractor, heldout=held,
                                    progress=lambda info: advance(),
-                                   on_images=(lambda x, c: _save_captioned_grid(grid, x, c, held)) if grid else None)
+                                   on_images=(lambda x, c: _save_captioned_grid(grid, x, c, held, overwrite)) if grid else None)
     report["model"] = {"name": pipe.name, "hash": pipe.model.hash}
     report["clip_file"] = str(clip_file)
     if output is not None:
         from minidiff_cli.fileio import atomic_write
 
-        atomic_write(output, lambda p: p.write_text(json.dumps(report, indent=2)), overwrite=False)
+        atomic_write(output, lambda p: p.write_text(json.dumps(report, indent=2)), overwrite=overwrite)
     typer.echo(json.dumps(report, indent=2) if as_json else "\n".join(describe(report)))
 
 
 GRID_IMAGES = 32
 
 
-def _save_captioned_grid(path: Path, images, captions: list[str], heldout) -> None:
+def _save_captioned_grid(path: Path, images, captions: list[str], heldout, overwrite: bool) -> None:
     """The first GRID_IMAGES images of the evaluation, each above its caption (held-out ones starred)."""
     from minidiff_cli.captioned_grid import captioned_grid
     from minidiff_cli.data import tensor_to_pil
@@ -152,7 +156,7 @@ def _save_captioned_grid(path: Path, images, captions: list[str], heldout) -> No
     shown = list(range(min(GRID_IMAGES, len(captions))))
     sheet = captioned_grid([tensor_to_pil(images[k]) for k in shown], [captions[k] for k in shown],
                            heldout={c for c in captions if heldout(c)})
-    atomic_write(path, lambda p: sheet.save(p, format="PNG"), overwrite=False)
+    atomic_write(path, lambda p: sheet.save(p, format="PNG"), overwrite=overwrite)
 
 
 def _default_clip(pipe) -> Path:
