@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minidiff_cli.clip_config import POOL_TYPES, TOKENIZER_VOCAB, check_clip_config
+from minidiff_cli.clip_config import CUSTOM_BLOCK_KEYS, POOL_TYPES, TOKENIZER_VOCAB, check_clip_config
 from minidiff_cli.conditioning import Conditioning, module_device
 from minidiff_cli.errors import MinidiffError, ModelFileError
 
@@ -490,13 +490,12 @@ TOWER_KEYS = {"context_length", "vocab_size", "width", "heads", "layers", "mlp_r
               "norm_kwargs"}
 OTHER_KEYS = {"tokenizer_kwargs", "tokenizer_mode", "hf_tokenizer_name", "hf_model_name", "hf_model_pretrained",
               "hf_proj_type", "hf_pooler_type", "embed_cls", "output_tokens", "final_ln_after_pool", "block_type"}
-CUSTOM_BLOCK_KEYS = {"qk_norm", "scaled_cosine_attn", "scale_heads", "scale_attn_inner", "scale_attn", "scale_fc"}
 
 
 def build_text_tower(embed_dim: int, text_cfg: dict[str, Any], quick_gelu: bool = False) -> nn.Module:
     """The text tower of an open_clip CLIP with this config: ``TextTower`` where it can, else open_clip's own."""
     custom = text_cfg.get("block_type") not in (None, "default") or any(text_cfg.get(k) for k in CUSTOM_BLOCK_KEYS)
-    if not custom and set(text_cfg) <= TOWER_KEYS | OTHER_KEYS | CUSTOM_BLOCK_KEYS:
+    if not custom and set(text_cfg) <= TOWER_KEYS | OTHER_KEYS | set(CUSTOM_BLOCK_KEYS):
         return TextTower(embed_dim, quick_gelu=quick_gelu, **{k: v for k, v in text_cfg.items() if k in TOWER_KEYS})
     from open_clip.model import _build_text_tower  # imports open_clip's model zoo: seconds
 
