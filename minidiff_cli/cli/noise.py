@@ -49,7 +49,6 @@ def noise_command(
 
       minidiff noise photo.jpg --timesteps 0,50,100,200 --schedule linear -o linear.png
     """
-    apply_threads(threads)
     from minidiff_cli import plugins
 
     # Every check that needs no torch comes first, so that a typo is reported at once.
@@ -62,6 +61,7 @@ def noise_command(
     if output.exists() and not overwrite:  # atomic_write checks again when it writes
         raise MinidiffError(f"'{output}' already exists; pass --overwrite or choose another file with -o")
     picture = _read_image(image, image_size)
+    apply_threads(threads)  # imports torch: after the checks that need none
 
     from minidiff_cli.data import pil_to_tensor
 
