@@ -18,7 +18,7 @@ import torch
 
 from minidiff_cli.errors import ModelFileError
 from minidiff_cli.trainconfig import MAX_STEPS
-from minidiff_cli.weights import FORMAT_VERSION, read_header, save_model_file
+from minidiff_cli.weights import FORMAT_VERSION, load_finite_tensors, read_header, save_model_file
 
 CHECKPOINT_FORMAT = "minidiff-checkpoint"
 
@@ -68,19 +68,9 @@ def read_checkpoint_meta(path: str | os.PathLike) -> dict[str, Any]:
 
 def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """(metadata, tensors) of a checkpoint, after checking its framing and format."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     path = Path(path)
     meta = read_checkpoint_meta(path)
-    try:
-        tensors = load_file(str(path), device="cpu")
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise ModelFileError(f"'{path}' is corrupt: {_first_line(exc)}") from None
-    for key, value in tensors.items():
-        if value.is_floating_point() and not torch.isfinite(value).all():
-            raise ModelFileError(f"'{path}' is corrupt: {key} holds NaN or infinite values")
-    return meta, tensors
+    return meta, load_finite_tensors(path)
 
 
 def restore(meta: dict[str, Any], tensors: dict[str, torch.Tensor], path: Path, *,

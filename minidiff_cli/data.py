@@ -179,3 +179,29 @@ def check_dataset(dataset, name: str = "dataset") -> dict[str, Any]:
             (label == -1) != (not dataset.class_names):
         fail(f"'label' {label!r} must be an int index into class_names (-1 only when there are no classes)")
     return item
+
+
+class EpochShuffle:
+    """Which items step ``s`` of a run trains on: a fresh permutation per epoch, seeded by
+    (seed, epoch), walked ``size`` positions a step. Stateless: step s gives the same items in
+    every run, which is what makes a resumed run equal an uninterrupted one."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed = int(n), int(seed)
+        self._cache: tuple[int, Any] | None = None
+
+    def batch(self, step: int, size: int, rank: int = 0, world: int = 1) -> list[int]:
+        """This rank's share (every world-th row from rank) of the global batch of ``step``."""
+        out = []
+        for i in range(rank, size, world):
+            epoch, offset = divmod(step * size + i, self.n)
+            out.append(int(self._permutation(epoch)[offset]))
+        return out
+
+    def _permutation(self, epoch: int):
+        import torch
+
+        if self._cache is None or self._cache[0] != epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._cache = (epoch, torch.randperm(self.n, generator=g))
+        return self._cache[1]

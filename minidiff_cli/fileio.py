@@ -125,6 +125,13 @@ def write_numbered(folder: str | os.PathLike, stem: str, suffix: str, write: Cal
             index = int(path.stem.rsplit("-", 1)[1]) + 1
 
 
+def refuse_existing(paths, overwrite: bool) -> None:
+    """Before any work: an output file that exists is an error unless ``overwrite`` (--overwrite)."""
+    for path in paths:
+        if path is not None and Path(path).exists() and not overwrite:
+            raise MinidiffError(f"'{path}' already exists; choose another file name or pass --overwrite")
+
+
 class NameTaken(MinidiffError):
     """atomic_write(overwrite=False): the name exists, or appeared while writing."""
 

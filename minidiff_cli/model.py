@@ -31,21 +31,22 @@ class DiffusionModel:
     schedule: NoiseSchedule
     config: dict[str, Any]
     hash: str = ""
+    latent: Any = None  # a vae.latent_space.LatentSpace for a latent model: the U-Net works on its latents
 
     # -- building -------------------------------------------------------------
     @classmethod
     def build(cls, config: dict[str, Any], conditioner: Any | None = None) -> "DiffusionModel":
         """Fresh weights for ``config``; pass ``conditioner`` to reuse one already built."""
         schedule = _schedule(config)
-        unet, conditioner = _modules(config, conditioner)
-        return cls(unet, conditioner, schedule, config)
+        unet, conditioner, latent = _modules(config, conditioner)
+        return cls(unet, conditioner, schedule, config, latent=latent)
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> "DiffusionModel":
         """Load and check a model file; a mismatch names the file and the problem."""
-        config, schedule, (unet, conditioner) = _checked(path, build=True)
+        config, schedule, (unet, conditioner, latent) = _checked(path, build=True)
         mf = load_model_file(path)
-        model = cls(unet, conditioner, schedule, config)
+        model = cls(unet, conditioner, schedule, config, latent=latent)
         _check_finite(mf)
         model._load_tensors(mf)
         model.hash = mf.hash
@@ -59,6 +60,8 @@ class DiffusionModel:
     def _load_tensors(self, mf: ModelFile) -> None:
         for prefix, module in (("unet", self.unet), ("conditioner", self.conditioner)):
             module.load_state_dict(mf.section(prefix), strict=True)
+        if self.latent is not None:
+            self.latent.autoencoder.load_state_dict(mf.section("vae"), strict=True)
 
     # -- using ----------------------------------------------------------------
     @property
@@ -67,11 +70,29 @@ class DiffusionModel:
 
     @property
     def image_size(self) -> int:
-        return self.unet.config.image_size
+        """The side of the pictures it draws, in pixels (a latent model's U-Net works smaller)."""
+        factor = self.latent.factor if self.latent is not None else 1
+        return self.unet.config.image_size * factor
 
     @property
     def channels(self) -> int:
-        return self.unet.config.in_channels
+        """Channels of the pictures it draws (3 for RGB)."""
+        return self.latent.image_channels if self.latent is not None else self.unet.config.in_channels
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        """[C, H, W] of what the sampler works on: the picture itself, or a latent model's latent."""
+        size = self.unet.config.image_size
+        return (self.unet.config.in_channels, size, size)
+
+    def encode(self, images: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """Pictures [B, C, H, W] in [-1, 1] -> what the U-Net works on (a latent model's normalised
+        latents: a posterior sample with ``noise``, else the mean; the pictures themselves otherwise)."""
+        return images if self.latent is None else self.latent.encode(images, noise)
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """What the sampler produced -> pictures in [-1, 1] (a latent model decodes with its VAE)."""
+        return x if self.latent is None else self.latent.decode(x.float())
 
     @property
     def device(self) -> torch.device:
@@ -80,11 +101,15 @@ class DiffusionModel:
     def to(self, device: str | torch.device, dtype: torch.dtype | None = None) -> "DiffusionModel":
         self.unet.to(device=device, dtype=dtype)
         self.conditioner.to(device=device)
+        if self.latent is not None:  # the VAE stays float32: it is small, and decodes once per image
+            self.latent.autoencoder.to(device=device)
         return self
 
     def eval(self) -> "DiffusionModel":
         self.unet.eval()
         self.conditioner.eval()
+        if self.latent is not None:
+            self.latent.autoencoder.eval()
         return self
 
     def predict_eps(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
@@ -108,7 +133,7 @@ class DiffusionModel:
 
     # -- saving ---------------------------------------------------------------
     def tensors(self) -> dict[str, torch.Tensor]:
-        return _tensors(self.unet, self.conditioner, unet_storage(self.config))
+        return _tensors(self.unet, self.conditioner, unet_storage(self.config), self.latent)
 
     def save(self, path: str | os.PathLike, *, overwrite: bool = False, unet_dtype: str | None = None) -> Path:
         """Write the model file. ``unet_dtype="float16"`` stores the U-Net's weights in half precision
@@ -116,11 +141,16 @@ class DiffusionModel:
         config = dict(self.config)
         config["conditioner"] = {"name": self.conditioner.name, "config": self.conditioner.config()}
         config["unet"] = self.unet.config.to_dict()
+        if self.latent is not None:
+            old = config.get("vae") or {}
+            config["vae"] = self.latent.entry(old.get("hash", ""), old.get("name", ""))
+        else:
+            config.pop("vae", None)
         if unet_dtype is not None:
             if unet_dtype not in UNET_STORAGE:
                 raise MinidiffError(f"unet_dtype must be one of {', '.join(UNET_STORAGE)} (got {unet_dtype!r})")
             config["unet_storage"] = unet_dtype
-        tensors = _tensors(self.unet, self.conditioner, unet_storage(config))
+        tensors = _tensors(self.unet, self.conditioner, unet_storage(config), self.latent)
         return save_model_file(path, tensors, config, overwrite=overwrite)
 
 
@@ -139,8 +169,9 @@ def _schedule(config: dict[str, Any]) -> NoiseSchedule:
     return schedule.with_zero_terminal_snr() if zero_snr else schedule
 
 
-def _modules(config: dict[str, Any], conditioner: Any | None = None) -> tuple[UNet, Any]:
-    """The U-Net and the conditioner ``config`` describes, with fresh weights."""
+def _modules(config: dict[str, Any], conditioner: Any | None = None) -> tuple[UNet, Any, Any]:
+    """The U-Net, the conditioner and the latent space (None for a pixel model) ``config`` describes,
+    with fresh weights."""
     unet_config = UNetConfig.from_dict(config["unet"])  # validated: an absurd size fails here
     if conditioner is None:
         cond = config["conditioner"]
@@ -148,7 +179,25 @@ def _modules(config: dict[str, Any], conditioner: Any | None = None) -> tuple[UN
     if config.get("prediction", "eps") not in PREDICTIONS:
         raise MinidiffError(f"unknown prediction type '{config.get('prediction')!s:.40}'; use eps, v or flow")
     _check_dims(unet_config, conditioner)
-    return UNet(unet_config), conditioner
+    return UNet(unet_config), conditioner, _latent_space(config.get("vae"), unet_config)
+
+
+def _latent_space(entry: Any, unet_config: UNetConfig):
+    """A latent model's LatentSpace from its config's ``vae`` entry (fresh weights), checked against
+    the U-Net: it must work on exactly the VAE's latent channels."""
+    if entry is None:
+        return None
+    from minidiff_cli.vae.autoencoder import Autoencoder, VAEConfig
+    from minidiff_cli.vae.latent_space import LatentSpace, check_normalisation
+
+    if not isinstance(entry, dict):
+        raise MinidiffError("vae must be a JSON object")
+    vae_config = VAEConfig.from_dict(entry.get("config"))
+    shift, scale = check_normalisation(entry)
+    channels = vae_config.latent_channels
+    if unet_config.in_channels != channels or unet_config.out_channels != channels:
+        raise MinidiffError(f"the U-Net takes {unet_config.in_channels} channels but the VAE's latents have {channels}")
+    return LatentSpace(Autoencoder(vae_config), shift, scale)
 
 
 UNET_STORAGE = ("float32", "float16")  # how a model file may store its U-Net (config key unet_storage)
@@ -161,13 +210,16 @@ def unet_storage(config: dict[str, Any]) -> str:
     return value
 
 
-def _tensors(unet: UNet, conditioner: Any, unet_dtype: str = "float32") -> dict[str, torch.Tensor]:
-    """Every tensor of the model file, named and typed as it is stored."""
+def _tensors(unet: UNet, conditioner: Any, unet_dtype: str = "float32", latent: Any = None) -> dict[str, torch.Tensor]:
+    """Every tensor of the model file, named and typed as it is stored (a latent model's VAE as
+    "vae.encoder.*" and "vae.decoder.*", float32)."""
     cast = getattr(torch, unet_dtype)
     out = {f"unet.{k}": v.to(cast) if v.is_floating_point() else v for k, v in unet.state_dict().items()}
     storage = getattr(torch, getattr(conditioner, "storage_dtype", None) or "float32")
     for k, v in conditioner.state_dict().items():
         out[f"conditioner.{k}"] = v.to(storage) if v.is_floating_point() else v
+    if latent is not None:
+        out.update({f"vae.{k}": v for k, v in latent.autoencoder.state_dict().items()})
     return out
 
 
@@ -192,18 +244,20 @@ def _checked(path: str | os.PathLike, build: bool) -> tuple[dict[str, Any], Nois
         schedule = _schedule(config)
         try:
             with torch.device("meta"):
-                expected = _tensors(*_modules(config), unet_storage(config))
+                unet, conditioner, latent = _modules(config)
+                expected = _tensors(unet, conditioner, unet_storage(config), latent)
         except (NotImplementedError, RuntimeError):  # a plugin conditioner that cannot live on meta
             expected = None
         if expected is not None:
-            _check_entries(where, expected, entries)
+            check_entries(where, expected, entries)
         modules = _modules(config) if build or expected is None else None
     except ModelFileError:
         raise
     except (MinidiffError, KeyError, TypeError, ValueError, AttributeError) as exc:
         raise ModelFileError(f"{where} has an invalid config: {_describe(exc)}") from None
     if expected is None:
-        _check_entries(where, _tensors(*modules, unet_storage(config)), entries)
+        unet, conditioner, latent = modules
+        check_entries(where, _tensors(unet, conditioner, unet_storage(config), latent), entries)
     return config, schedule, modules
 
 
@@ -212,7 +266,7 @@ DTYPE_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16",
                torch.uint8: "U8", torch.bool: "BOOL"}  # safetensors' names
 
 
-def _check_entries(where: str, expected: dict[str, torch.Tensor], entries: dict[str, dict]) -> None:
+def check_entries(where: str, expected: dict[str, torch.Tensor], entries: dict[str, dict]) -> None:
     """The file's header lists exactly the tensors the config implies, with their shapes and dtypes."""
     missing = sorted(set(expected) - set(entries))
     extra = sorted(set(entries) - set(expected))

@@ -222,7 +222,7 @@ class Pipeline:
 
     def _sample_batch(self, gen, sampler, prompts, seeds, opts, callback, start, total) -> torch.Tensor:
         model, n = self.model, len(seeds)
-        shape = (n, model.channels, model.image_size, model.image_size)
+        shape = (n, *model.latent_shape)  # a latent model samples latents, decoded at the end
         generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
         # The sampler's state stays float32 whatever the network's dtype: near t = 0, 1 - alpha_bar
         # is below bfloat16's resolution at 1, and the update would divide by zero.
@@ -230,21 +230,26 @@ class Pipeline:
         cond, uncond = self._conditionings(prompts, gen.negative_prompt)
         denoiser = guided_denoiser(model, cond, uncond, gen.cfg)
 
+        decode = {"decode": model.decode} if model.latent is not None else {}  # for callbacks that show x
+
         def report(info: dict) -> None:
             if callback is not None:
-                callback({**info, "batch_start": start, "batch_size": n, "num_images": total})
+                callback({**info, **decode, "batch_start": start, "batch_size": n, "num_images": total})
 
         def run(denoiser, x, opts):
             return _run_sampler(sampler, gen.sampler, denoiser, x, model.schedule, gen.steps, generators, report, opts)
 
         with torch.inference_mode():
             if gen.init is None:
-                x0 = run(denoiser, x, opts)
+                x0 = model.decode(run(denoiser, x, opts))
             else:
+                from minidiff_cli.img2img.latent import from_latents, to_latents
                 from minidiff_cli.img2img.run import sample_from
 
-                x0 = sample_from(gen.init, sampler, _who(gen.sampler), denoiser, x, model.schedule, gen.steps,
+                start_at = to_latents(gen.init, model)
+                z0 = sample_from(start_at, sampler, _who(gen.sampler), denoiser, x, model.schedule, gen.steps,
                                  generators, opts, run)
+                x0 = from_latents(z0, gen.init, model)
         return x0.float().clamp(-1, 1).cpu()
 
     def check_prompt(self, prompt: str, negative: str = "") -> None:

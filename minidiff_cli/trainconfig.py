@@ -60,6 +60,7 @@ class TrainConfig:
     shift: float = 1.0  # the flow schedule's timestep shift (SD3 / Flux); 1 is none
     zero_terminal_snr: bool = False  # rescale a VP schedule to end at zero SNR (Lin et al. 2023); v or flow
     init_from: Optional[str] = None  # a model file whose (EMA) weights start training
+    vae: Optional[str] = None  # a VAE file (`minidiff vae train`): train a latent model on its latents
     # optimisation
     max_steps: int = 2000
     batch_size: int = 64
@@ -160,8 +161,14 @@ class TrainConfig:
         ]
 
     def lowest_resolution(self) -> int:
-        """The side of the U-Net's smallest feature map: image_size halved once per extra level."""
-        return max(1, self.image_size >> max(0, len(self.channel_mult) - 1))
+        """The side of the U-Net's smallest feature map: image_size (divided by a --vae's factor) halved
+        once per extra level."""
+        size = self.image_size
+        if self.vae:
+            from minidiff_cli.vae.vae_file import vae_factor
+
+            size = max(1, size // vae_factor(self.vae))
+        return max(1, size >> max(0, len(self.channel_mult) - 1))
 
     def _fill_derived_defaults(self) -> None:
         """Attention sizes the user did not set follow the image size (see the field comment)."""

@@ -35,12 +35,13 @@ from minidiff_cli.model import DiffusionModel
 from minidiff_cli.timestep_sampling import draw_timesteps
 from minidiff_cli.trainconfig import RESUMABLE, TrainConfig
 from minidiff_cli.vocabulary import vocabulary
-from minidiff_cli.data import caption_set
+from minidiff_cli.data import EpochShuffle, caption_set
 
 # The run folder's names live in runfolder.py (which checks whose a folder is); imported from here too.
 from minidiff_cli.runfolder import CHECKPOINT, MODEL, check_contents, check_creatable  # noqa: E402,F401
 
 RUN_CONFIG = "train_config.json"
+POSTERIOR_CACHE_BYTES = 512 * 1024**2  # a latent model's posteriors of every item, kept if they fit
 METRICS = "metrics.jsonl"
 
 
@@ -199,6 +200,8 @@ class Trainer:
     def _model(self) -> DiffusionModel:
         cfg = self.cfg
         if cfg.init_from:
+            if cfg.vae:
+                raise MinidiffError("the --init-from model brings its own latent space (or none); drop --vae")
             model = DiffusionModel.load(cfg.init_from)
             if model.image_size != cfg.image_size:
                 raise MinidiffError(f"--init-from model is {model.image_size}px but --image-size is {cfg.image_size}")
@@ -214,12 +217,16 @@ class Trainer:
                                     "predicts a flow velocity")
             model.config["init_from"] = {"file": str(cfg.init_from), "hash": model.hash}
             return model
+        latent, vae_entry = self._latent_space()
         torch.manual_seed(cfg.seed)  # the same initial weights (class embeddings too) on every rank and every run
         conditioner = self._conditioner()
+        size, channels = cfg.image_size, self.dataset.channels
+        if latent is not None:  # the U-Net works on the VAE's latents
+            size, channels = size // latent.factor, latent.channels
         config = {
             "name": cfg.name or self.out.name,
-            "unet": {"image_size": cfg.image_size, "in_channels": self.dataset.channels,
-                     "out_channels": self.dataset.channels, "base_channels": cfg.base_channels,
+            "unet": {"image_size": size, "in_channels": channels,
+                     "out_channels": channels, "base_channels": cfg.base_channels,
                      "channel_mult": list(cfg.channel_mult), "num_res_blocks": cfg.num_res_blocks,
                      "attention_resolutions": list(cfg.attention_resolutions),
                      "cross_attention_resolutions": list(cfg.cross_attention_resolutions),
@@ -230,7 +237,38 @@ class Trainer:
             "prediction": cfg.prediction,
             "class_names": list(self.dataset.class_names),
         }
-        return DiffusionModel.build(config, conditioner=conditioner)
+        if vae_entry is not None:
+            config["vae"] = vae_entry
+        model = DiffusionModel.build(config, conditioner=conditioner)
+        if latent is not None:
+            model.latent = latent  # the trained VAE, not the fresh one build() made from its config
+        return model
+
+    def _latent_space(self):
+        """(LatentSpace, its config entry) of --vae, its shift and scale measured on the data; (None, None)
+        for a pixel model."""
+        cfg = self.cfg
+        if not cfg.vae:
+            return None, None
+        from minidiff_cli.vae.latent_space import LatentSpace, measure
+        from minidiff_cli.vae.vae_file import load_vae
+
+        vae = load_vae(cfg.vae, self.device)
+        vae.autoencoder.check_size(cfg.image_size)
+        if vae.config.in_channels != self.dataset.channels:
+            raise MinidiffError(f"the VAE takes {vae.config.in_channels}-channel pictures but the data has "
+                                f"{self.dataset.channels} channels")
+        order = EpochShuffle(len(self.dataset), cfg.seed).batch(0, min(len(self.dataset), 512))
+
+        def images(start: int, stop: int) -> torch.Tensor:
+            return torch.stack([self.dataset[i]["image"] for i in order[start:stop]]).to(self.device)
+
+        shift, scale, count = measure(vae.autoencoder, images, len(order), seed=cfg.seed)
+        latent = LatentSpace(vae.autoencoder, shift, scale)
+        if self.dist.main:
+            self.log(f"latent space of {cfg.vae}: {latent.channels} channels at 1/{latent.factor} of the side; "
+                     f"shift {shift:.4f}, scale {scale:.4f} (1 / std), measured on {count} training images")
+        return latent, latent.entry(vae.hash, str(vae.meta.get("name", "")))
 
     def _ema_copy(self) -> TrainNet:
         import copy
@@ -264,27 +302,64 @@ class Trainer:
     # -- data ----------------------------------------------------------------------------
     def batch_indices(self, step: int) -> list[int]:
         """This rank's share of the global batch of ``step``: epoch-wise shuffles, stateless."""
-        n, size = len(self.dataset), self.cfg.batch_size
-        out = []
-        for i in range(self.dist.rank, size, self.dist.world):
-            position = step * size + i
-            epoch, offset = divmod(position, n)
-            out.append(int(self._permutation(epoch)[offset]))
-        return out
-
-    def _permutation(self, epoch: int) -> torch.Tensor:
-        cache = getattr(self, "_perm_cache", None)
-        if cache is None or cache[0] != epoch:
-            g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch)
-            cache = (epoch, torch.randperm(len(self.dataset), generator=g))
-            self._perm_cache = cache
-        return cache[1]
+        if not hasattr(self, "_shuffle"):
+            self._shuffle = EpochShuffle(len(self.dataset), self.cfg.seed)
+        return self._shuffle.batch(step, self.cfg.batch_size, self.dist.rank, self.dist.world)
 
     def load_batch(self, step: int) -> tuple[torch.Tensor, list[str], torch.Tensor]:
-        items = [self.dataset[i] for i in self.batch_indices(step)]
-        images = torch.stack([it["image"] for it in items]).to(self.device)
+        """(what the U-Net learns to draw, captions, labels) of ``step``: the images, or a latent model's
+        latents of them."""
+        indices = self.batch_indices(step)
+        items = [self.dataset[i] for i in indices]
         labels = torch.tensor([it["label"] for it in items], device=self.device)
-        return images, [it["caption"] for it in items], labels
+        captions = [it["caption"] for it in items]
+        if self.model.latent is not None and self._posterior_table() is not None:
+            return self._latents(step, indices, None), captions, labels
+        images = torch.stack([it["image"] for it in items]).to(self.device)
+        if self.model.latent is not None:
+            return self._latents(step, indices, images), captions, labels
+        return images, captions, labels
+
+    def _latents(self, step: int, indices: list[int], images: torch.Tensor | None) -> torch.Tensor:
+        """Posterior samples of the batch's latents, normalised. Their noise has its own generator, so a
+        pixel model's stream of timesteps and noise is the same with or without this code."""
+        from minidiff_cli.vae.autoencoder import Posterior
+
+        latent = self.model.latent
+        table = self._posterior_table()
+        with torch.no_grad():
+            if table is not None:
+                rows = torch.tensor(indices, device=table.mean.device)
+                posterior = Posterior(table.mean[rows], table.logvar[rows])
+            else:
+                posterior = latent.autoencoder.encode(images)
+            g = torch.Generator().manual_seed((self.cfg.seed * 1_000_003 + step) * 1_013 + self.dist.rank + 7)
+            noise = torch.randn(posterior.mean.shape, generator=g).to(posterior.mean)
+            return (posterior.sample(noise) - latent.shift) * latent.scale
+
+    def _posterior_table(self):
+        """Every item's posterior (mean, log-variance), encoded once per run in fixed batches, where that
+        pays: the run sees each item at least twice (over its fixed decay horizon) and the latents fit in
+        POSTERIOR_CACHE_BYTES. None otherwise: each batch is encoded at its step."""
+        if hasattr(self, "_posteriors"):
+            return self._posteriors
+        self._posteriors = None
+        n, (c, h, w) = len(self.dataset), self.model.latent_shape
+        if n * c * h * w * 8 > POSTERIOR_CACHE_BYTES or 2 * n > self.cfg.lr_decay_steps * self.cfg.batch_size:
+            return None
+        from minidiff_cli.vae.autoencoder import Posterior
+
+        if self.dist.main:
+            self.log(f"encoding the {n:,} training images into latents once for the run")
+        means, logvars = [], []
+        with torch.no_grad():
+            for start in range(0, n, 64):
+                x = torch.stack([self.dataset[i]["image"] for i in range(start, min(n, start + 64))]).to(self.device)
+                posterior = self.model.latent.autoencoder.encode(x)
+                means.append(posterior.mean)
+                logvars.append(posterior.logvar)
+        self._posteriors = Posterior(torch.cat(means), torch.cat(logvars))
+        return self._posteriors
 
     def encode_captions(self, captions: list[str]) -> Conditioning:
         """A frozen conditioner's output, each distinct caption encoded once per run.
@@ -408,7 +483,7 @@ class Trainer:
                               "world_size": self.dist.world, "global_batch": self.cfg.batch_size,
                               "flags": self.cfg.to_dict(),
                               "final_loss": self.smoothed_loss()}
-        return DiffusionModel(ema_unet, conditioner, self.model.schedule, config)
+        return DiffusionModel(ema_unet, conditioner, self.model.schedule, config, latent=self.model.latent)
 
     def smoothed_loss(self) -> float | None:
         recent = [loss for _, loss in self.losses[-100:]]
@@ -517,15 +592,7 @@ class Trainer:
         return last
 
     def _any_rank(self, flag: bool) -> bool:
-        """True on every rank if it is True on one: ranks must stop at the same step, or the
-        others would wait forever in the next gradient all-reduce."""
-        if self.dist.world == 1:
-            return flag
-        import torch.distributed as dist
-
-        value = torch.tensor([int(flag)], device=self.device)
-        dist.all_reduce(value, op=dist.ReduceOp.MAX)
-        return bool(value.item())
+        return any_rank(flag, self.dist, self.device)
 
     def check_replicas(self) -> None:
         """DDP keeps every rank's weights identical; check it, so that a silent divergence cannot
@@ -556,6 +623,18 @@ class Trainer:
 
     def _append_metrics(self, record: dict[str, Any]) -> None:
         append_line(ensure_writable_dir(self.out) / METRICS, json.dumps({k: v for k, v in record.items() if v is not None}))
+
+
+def any_rank(flag: bool, dist_info: Dist, device: torch.device) -> bool:
+    """True on every rank if it is True on one: ranks must stop at the same step, or the
+    others would wait forever in the next gradient all-reduce."""
+    if dist_info.world == 1:
+        return flag
+    import torch.distributed as dist
+
+    value = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
 
 
 def schedule_entry(cfg: TrainConfig) -> dict[str, Any]:

@@ -1,7 +1,8 @@
 """Watching a sampler work: x_t and the predicted x0 at every step, as a strip and a GIF.
 
 A ``TrajectoryRecorder`` is a sampler callback: after each step it keeps a CPU copy of
-the current sample x_t and of the model's estimate of the clean image x0. Early on, x_t
+the current sample x_t and of the model's estimate of the clean image x0 (for a latent model,
+what they decode to). Early on, x_t
 is almost pure noise while x0 is already a blurry guess of the final picture; the strip
 shows how both converge.
 """
@@ -23,8 +24,11 @@ class TrajectoryRecorder:
 
     def __call__(self, info: dict[str, Any]) -> None:
         start = info.get("batch_start", 0)
-        x0 = info.get("x0", info["x"])
-        self.steps.setdefault(start, []).append((int(info["t"]), info["x"].float().cpu(), x0.float().cpu()))
+        x, x0 = info["x"], info.get("x0", info["x"])
+        decode = info.get("decode")
+        if decode is not None:  # a latent model: show what the latents decode to (x_t's noise included)
+            x, x0 = decode(x), decode(x0)
+        self.steps.setdefault(start, []).append((int(info["t"]), x.float().cpu(), x0.float().cpu()))
 
     def frames(self, index: int) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
         """(t, x_t, x0) of image ``index`` (its position among all images), one per step."""

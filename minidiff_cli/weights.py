@@ -107,14 +107,17 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
     return read_model_header(path)[0]
 
 
-def read_model_header(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, dict]]:
-    """(config, tensor entries) of a minidiff model file, after checking format and version;
-    no tensor data is read."""
+def read_model_header(path: str | os.PathLike, format: str = FORMAT,
+                      kind: str = "minidiff model") -> tuple[dict[str, Any], dict[str, dict]]:
+    """(config, tensor entries) of a minidiff model file (or of another ``format``, such as a VAE
+    file), after checking format and version; no tensor data is read."""
     path = Path(path)
     metadata, entries = read_header(path)
-    if metadata.get("format") != FORMAT:
-        raise ModelFileError(f"'{path}' is a safetensors file but not a minidiff model "
-                             "(no 'format: minidiff' in its metadata)")
+    if metadata.get("format") != format:
+        found = metadata.get("format")
+        hint = f"; it is a '{found!s:.40}' file" if isinstance(found, str) and found.startswith("minidiff") else ""
+        raise ModelFileError(f"'{path}' is a safetensors file but not a {kind} "
+                             f"(no 'format: {format}' in its metadata{hint})")
     try:
         version = int(metadata.get("format_version", ""))
     except (TypeError, ValueError):  # ValueError: not a number, or one of 4300+ digits
@@ -145,6 +148,22 @@ def load_model_file(path: str | os.PathLike) -> ModelFile:
     except (SafetensorError, OSError, ValueError) as exc:
         raise ModelFileError(f"'{path}' could not be read: {exc}") from None
     return ModelFile(path=path, config=config, tensors=tensors, hash=file_hash(path))
+
+
+def load_finite_tensors(path: Path) -> dict[str, Any]:
+    """Every tensor of a (checked) safetensors file, on the CPU; an unreadable file or a NaN or
+    infinite value is a one-line ModelFileError naming the file and the tensor."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ModelFileError(f"'{path}' is corrupt: {str(exc).strip().splitlines()[0] if str(exc).strip() else exc!r}") from None
+    for key, value in tensors.items():
+        if value.is_floating_point() and not value.isfinite().all():
+            raise ModelFileError(f"'{path}' is corrupt: {key} holds NaN or infinite values")
+    return tensors
 
 
 def save_model_file(path: str | os.PathLike, tensors: dict[str, Any], config: dict[str, Any],

@@ -13,6 +13,7 @@ from minidiff_cli.cli.app import app
 from minidiff_cli.cli.options import threads_option
 from minidiff_cli.threads import apply_threads
 from minidiff_cli.errors import MinidiffError
+from minidiff_cli.fileio import refuse_existing
 
 
 @app.command("eval")
@@ -76,7 +77,7 @@ def eval_command(
     from minidiff_cli.shapes import COLOURS, DEFAULT_SHAPES
 
     pairs = _parse_runs(runs)
-    _refuse_existing((output, grid), overwrite)
+    refuse_existing((output, grid), overwrite)
     if n < 1:
         raise MinidiffError(f"-n must be at least 1 (got {n})")
     pipe = Pipeline.load(model, device=device, dtype=dtype)
@@ -114,7 +115,7 @@ def _eval_folder(model, data, clip, captions, inception, *, n, runs, cfg, seed, 
     pairs = _parse_runs(runs)
     if len(pairs) != 1:
         raise MinidiffError("with --data, --runs takes one sampler:steps pair")
-    _refuse_existing((output, grid), overwrite)
+    refuse_existing((output, grid), overwrite)
     if n < 1 or captions < 2:
         raise MinidiffError("-n must be at least 1 and --captions at least 2")
     pipe = Pipeline.load(model, device=device, dtype=dtype)
@@ -164,13 +165,6 @@ def _default_clip(pipe) -> Path:
             return candidate
     raise MinidiffError("--data needs the CLIP trained on that folder: pass --clip FILE (from `minidiff clip "
                         "train --data DIR`, or clip.safetensors in the run folder)")
-
-
-def _refuse_existing(paths, overwrite: bool) -> None:
-    """Before any work: an output file that exists is an error unless --overwrite."""
-    for path in paths:
-        if path is not None and path.exists() and not overwrite:
-            raise MinidiffError(f"'{path}' already exists; choose another file name or pass --overwrite")
 
 
 def _parse_runs(text: str) -> list[tuple[str, int]]:

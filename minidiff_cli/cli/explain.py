@@ -64,7 +64,7 @@ def explain(model, depth: int = 1) -> dict[str, Any]:
     unet, T = model.unet, model.schedule.num_timesteps
     with torch.inference_mode():
         cond = model.conditioner.null(1)
-        x = torch.zeros(1, model.channels, model.image_size, model.image_size)
+        x = torch.zeros(1, *model.latent_shape)  # a latent model's U-Net works on latents
         t = torch.full((1,), T // 2, dtype=torch.long)
         shapes = _trace(unet, x, t, cond)
     tree = _node(unet, "unet", shapes, depth - 1)

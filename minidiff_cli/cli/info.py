@@ -70,14 +70,55 @@ def _model_info(target: str | None, as_json: bool) -> None:
     from minidiff_cli.weights import file_hash, read_header
 
     path = resolve_model(target)
+    metadata, entries = read_header(path)
+    if metadata.get("format") == "minidiff-vae":
+        _vae_info(path, entries, as_json)
+        return
     config = DiffusionModel.check_file(path)  # the same checks as loading, without reading the weights
-    _, entries = read_header(path)
     summary = {"file": str(path), "hash": file_hash(path), "bytes": path.stat().st_size,
                "tensors": len(entries), "parameters": _count(entries), "config": config}
     if as_json:
         typer.echo(json.dumps(summary, indent=2))
         return
     _print_model(summary)
+
+
+def _image_row(config: dict[str, Any]) -> str:
+    unet = config.get("unet", {})
+    size, channels = unet.get("image_size"), unet.get("in_channels")
+    vae = config.get("vae")
+    if not isinstance(vae, dict):
+        return f"{size}px, {channels} channels"
+    factor = 2 ** (len(vae.get("config", {}).get("channel_mult", [0])) - 1)
+    return (f"{size * factor}px RGB, drawn as {channels}x{size}x{size} latents of its VAE (factor {factor}; "
+            f"shift {vae.get('shift'):.4f}, scale {vae.get('scale'):.4f}; VAE hash {vae.get('hash') or '-'})")
+
+
+def _vae_info(path: Path, entries: dict[str, Any], as_json: bool) -> None:
+    """A VAE file from `minidiff vae train`: its autoencoder and training."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from minidiff_cli.vae.vae_file import check_vae_file
+    from minidiff_cli.weights import file_hash
+
+    cfg, meta = check_vae_file(path)
+    summary = {"file": str(path), "hash": file_hash(path), "bytes": path.stat().st_size, "tensors": len(entries),
+               "parameters": _count(entries), "config": meta}
+    if as_json:
+        typer.echo(json.dumps(summary, indent=2))
+        return
+    size = meta.get("image_size")
+    side = f"{size}x{size} -> {cfg.latent_channels}x{size // cfg.factor}x{size // cfg.factor}" if size else ""
+    table = Table(show_header=False, title=f"VAE {path}")
+    for key, value in (("name", meta.get("name", "")), ("hash", summary["hash"]),
+                       ("size", f"{summary['bytes'] / 1e6:.1f} MB, {summary['tensors']} tensors"),
+                       ("parameters", ", ".join(f"{k} {v / 1e6:.2f} M" for k, v in summary["parameters"].items())),
+                       ("latents", f"{cfg.latent_channels} channels at 1/{cfg.factor} of the side; {side}"),
+                       ("vae", json.dumps(cfg.to_dict())),
+                       ("training", shortened_json(meta.get("training", {}), TRAINING_CHARS))):
+        table.add_row(key, str(value))
+    Console().print(table)
 
 
 def _count(entries: dict[str, Any]) -> dict[str, int]:
@@ -102,7 +143,7 @@ def _print_model(summary: dict[str, Any]) -> None:
         ("hash", summary["hash"]),
         ("size", f"{summary['bytes'] / 1e6:.1f} MB, {summary['tensors']} tensors"),
         ("parameters", ", ".join(f"{k} {v / 1e6:.2f} M" for k, v in summary["parameters"].items())),
-        ("image", f"{config.get('unet', {}).get('image_size')}px, {config.get('unet', {}).get('in_channels')} channels"),
+        ("image", _image_row(config)),
         ("prediction", config.get("prediction", "eps")),
         ("schedule", _schedule_row(config.get("schedule", {}))),
         ("conditioner", config.get("conditioner", {}).get("name", "")),

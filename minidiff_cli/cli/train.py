@@ -68,6 +68,8 @@ def train_command(
     clip_arch: Optional[str] = typer.Option(None, "--clip-arch", help="open_clip architecture, with --clip-pretrained."),
     clip_pretrained: Optional[str] = typer.Option(None, "--clip-pretrained", help="open_clip pretrained tag or local weights file."),
     init_from: Optional[str] = typer.Option(None, "--init-from", help="Start from a model file's weights (fine-tuning)."),
+    vae: Optional[str] = typer.Option(None, "--vae", help="A VAE file (`minidiff vae train`): train a latent model, "
+                                      "whose U-Net works on the VAE's latents; the model file holds the VAE."),
     name: Optional[str] = typer.Option(None, "--name", help="Model name stored in the file [default: the run folder's name]."),
 ) -> None:
     """Train a diffusion model; files land in --out, and Ctrl-C saves before stopping.
@@ -77,6 +79,8 @@ def train_command(
       minidiff train --data shapes --conditioner class --max-steps 2000 --out runs/shapes
 
       minidiff train --data ./my_images --image-size 64 --out runs/mine
+
+      minidiff train --data ./my_images --image-size 64 --vae vae.safetensors --out runs/latent
 
       minidiff train --out runs/shapes --resume --max-steps 4000
 
