@@ -79,9 +79,9 @@ def train_command(
     if "channel_mult" in flags:
         flags["channel_mult"] = _int_list(flags["channel_mult"])
     cfg = VAETrainConfig.from_dict(flags)
+    check_new_run(cfg, resume)
     if resume:
         cfg = resumed_config(cfg, set(flags) - {"out", "run_dir"})
-    check_new_run(cfg, resume)
     _train(cfg, resume)
 
 
