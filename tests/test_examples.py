@@ -29,7 +29,7 @@ def run_example(name: str, out: Path) -> subprocess.CompletedProcess:
 def test_there_is_one_example_per_concept():
     assert SCRIPTS == ["01_forward_process.py", "02_unet_layers.py", "03_schedules.py", "04_training_loop.py",
                        "05_samplers.py", "06_guidance.py", "07_text_conditioning.py", "08_img2img.py",
-                       "09_flow_matching.py"]
+                       "09_flow_matching.py", "10_latent_space.py"]
 
 
 @pytest.mark.parametrize("name", SCRIPTS)

@@ -28,6 +28,7 @@ REPLACED = {
     "train": {"--max-steps": lambda v: str(max(2, int(v) // 1000))},
     "eval": {"-n": lambda v: "1", "--per-prompt": lambda v: "1", "--runs": lambda v: "ddim:2"},
     "clip train": {"--steps": lambda v: "2"},
+    "vae train": {"--max-steps": lambda v: "2", "--image-size": lambda v: "16"},
 }
 # Settings added where the README does not give them: (the option and its aliases, value).
 ADDED = {
@@ -39,14 +40,18 @@ ADDED = {
     "clip train": [(("--steps",), "2"), (("--batch-size",), "4"), (("--width",), "16"), (("--heads",), "2"),
                    (("--layers",), "1"), (("--embed-dim",), "16"), (("--context-length",), "8"),
                    (("--device",), "cpu"), (("--quiet", "-q"), None)],
+    "vae train": [(("--max-steps",), "2"), (("--batch-size",), "2"), (("--base-channels",), "8"),
+                  (("--channel-mult",), "1,2"), (("--device",), "cpu"), (("--quiet", "-q"), None)],
+    "vae eval": [(("--holdout",), ""), (("--device",), "cpu")],  # the test's folder has 3 pictures
+    "vae reconstruct": [(("--device",), "cpu")],
 }
 # Commands that train or evaluate: they run in a test of their own (about 50 s), after their training runs.
-SLOW = ("train", "eval", "clip train")
+SLOW = ("train", "eval", "clip train", "vae train", "vae eval", "vae reconstruct")
 # Commands a test machine cannot run, by their first word, with the reason.
 SKIPPED = {"torchrun": "several processes (and for --nnodes 2, two machines); tests/test_training.py's "
                        "slow DDP test runs `torchrun --nproc-per-node 2 -m minidiff_cli train` on CPU, and "
                        "tests/test_prompts_file.py runs `generate --prompts` under torchrun"}
-OUTPUT_OPTIONS = ("-o", "--output", "--out", "--grid")
+OUTPUT_OPTIONS = ("-o", "--output", "--out", "--grid", "--latents")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 
