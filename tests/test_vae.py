@@ -314,3 +314,43 @@ def test_flow_matching_on_latents(tmp_path, cli, vae_run, toml):
     assert result.returncode == 0, result.stderr
     model = DiffusionModel.load(out / "model.safetensors")
     assert model.prediction == "flow" and model.latent is not None
+
+
+def test_unconditional_latent_model(tmp_path, cli, vae_run, toml):
+    out = tmp_path / "none"
+    flags = [*without(TINY_TRAIN, "--attention-resolutions", "--cross-attention-resolutions"), "--config", str(toml)]
+    result = cli("train", "--data", "shapes", "--conditioner", "none", *flags, "--vae", str(vae_run),
+                 "--max-steps", "2", "--sample-every", "1000", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    picture = tmp_path / "any.png"
+    assert cli("generate", "", "-m", str(out / "model.safetensors"), "--steps", "3", "-o", str(picture),
+               "-q").returncode == 0
+    assert Image.open(picture).size == (16, 16)
+
+
+def torchrun(*args: str, timeout: float = 600):
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    runner = shutil.which("torchrun")
+    launcher = [runner] if runner else [sys.executable, "-m", "torch.distributed.run"]
+    return subprocess.run([*launcher, "--standalone", "--nproc-per-node", "2", "-m", "minidiff_cli", *args],
+                          capture_output=True, text=True, timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+@pytest.mark.slow
+def test_vae_train_and_latent_train_under_torchrun(tmp_path, toml):
+    vae = tmp_path / "vae.safetensors"
+    result = torchrun("vae", "train", "--data", "shapes", *TINY_VAE, "--max-steps", "4", "--save-every", "2",
+                      "--sample-every", "4", "--out", str(vae))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "cpu x2" in result.stderr and load_vae(vae).meta["training"]["step"] == 4
+    flags = [*without(TINY_TRAIN, "--attention-resolutions", "--cross-attention-resolutions"), "--config", str(toml)]
+    out = tmp_path / "latent"
+    result = torchrun("train", "--data", "shapes", *flags, "--vae", str(vae), "--max-steps", "4",
+                      "--sample-every", "1000", "--out", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "checked: all 2 processes hold identical weights" in result.stderr
+    assert DiffusionModel.load(out / "model.safetensors").latent is not None
