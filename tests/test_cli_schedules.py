@@ -65,6 +65,15 @@ def test_plot_writes_a_png_and_never_overwrites_it(tmp_path):
     assert [p.name for p in out.parent.iterdir()] == ["x.png"]  # no temporary file left behind
 
 
+def test_plot_draws_the_flow_path_at_each_shift(tmp_path):
+    out = tmp_path / "shifts.png"
+    result = minidiff("schedules", "plot", "flow", "cosine", "--shift", "1", "--shift", "3", "-o", str(out))
+    assert result.returncode == 0, result.stderr
+    assert "flow (shift 1)" in result.stdout and "flow (shift 3)" in result.stdout and out.is_file()
+    refused = minidiff("schedules", "plot", "cosine", "--shift", "3", "-o", str(tmp_path / "no.png"))
+    assert refused.returncode == 2 and "flow schedule's" in refused.stderr and not (tmp_path / "no.png").exists()
+
+
 @pytest.mark.parametrize("args", [["show", "zigzag"], ["plot", "cosine", "zigzag", "-o", "never.png"]])
 def test_unknown_schedule_is_one_line_and_exit_code_2(args, tmp_path):
     result = minidiff("schedules", *args, cwd=tmp_path)

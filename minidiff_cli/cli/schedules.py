@@ -121,12 +121,16 @@ def plot_command(
     output: Path = typer.Option(Path("schedules.png"), "--output", "-o", help="PNG file to write."),
     timesteps: int = TIMESTEPS,
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the output file if it exists."),
+    shift: List[float] = typer.Option([], "--shift", help="Draw the flow schedule at this timestep shift "
+                                      "(SD3/Flux; repeat for several) [default: 1]."),
 ) -> None:
     """Plot alpha_bar(t), sqrt(1 - alpha_bar(t)) and log-SNR(t) to a PNG, and alpha_bar in the terminal.
 
-    Example:
+    Examples:
 
       minidiff schedules plot cosine linear -o schedules.png
+
+      minidiff schedules plot flow cosine --shift 1 --shift 3 -o shifts.png
     """
     from rich.console import Console
 
@@ -139,7 +143,20 @@ def plot_command(
         reg.get("schedules", name)  # unknown names fail here, before torch is imported
     if output.exists() and not overwrite:  # fail before the slow part; atomic_write checks again
         raise MinidiffError(f"'{output}' already exists; pass --overwrite or choose another file with -o")
-    schedules = [plugins.get_schedule(name, timesteps) for name in names]
+    if shift and "flow" not in names:
+        raise MinidiffError("--shift is the flow schedule's; name flow among the schedules to plot")
+    for value in shift:
+        if not 0 < value <= 100:
+            raise MinidiffError(f"--shift must be above 0 and at most 100 (got {value:g})")
+    schedules = []
+    for name in names:
+        if name == "flow" and shift:  # one curve per shift, named by it
+            for value in dict.fromkeys(shift):
+                schedule = plugins.get_schedule(name, timesteps, shift=value)
+                schedule.name = f"flow (shift {value:g})"
+                schedules.append(schedule)
+        else:
+            schedules.append(plugins.get_schedule(name, timesteps))
     atomic_write(output, lambda tmp: _save_plot(schedules, tmp), overwrite=overwrite)
     console = Console()
     _terminal_chart(console, schedules)
