@@ -143,6 +143,7 @@ class Trainer:
             raise MinidiffError(f"--batch-size {cfg.batch_size} is smaller than the {self.dist.world} processes; "
                                 "each needs at least one image per step")
         self._check_run_dir(resume)
+        self.resuming = resume
         self.dataset = self._dataset()
         self.model = self._model()
         self.model.unet.config.check_activations(max(1, cfg.batch_size // self.dist.world))  # before a step runs
@@ -254,6 +255,7 @@ class Trainer:
         from minidiff_cli.vae.vae_file import load_vae
 
         vae = load_vae(cfg.vae, self.device)
+        self._check_same_vae(vae.hash)
         vae.autoencoder.check_size(cfg.image_size)
         if vae.config.in_channels != self.dataset.channels:
             raise MinidiffError(f"the VAE takes {vae.config.in_channels}-channel pictures but the data has "
@@ -298,6 +300,18 @@ class Trainer:
             raise MinidiffError(f"the run in '{self.out}' already reached step {self.step}; "
                                 f"raise --max-steps above it to train further")
         self._forget_metrics_after(self.step)
+
+    def _check_same_vae(self, vae_hash: str) -> None:
+        """A latent run resumes only with the VAE it started with: another one with the same shapes
+        would load without complaint and make the U-Net's latents mean something else."""
+        if not self.resuming or not (self.out / MODEL).is_file():
+            return
+        from minidiff_cli.weights import read_config
+
+        before = (read_config(self.out / MODEL).get("vae") or {}).get("hash")
+        if before and before != vae_hash:
+            raise MinidiffError(f"--vae {self.cfg.vae} is not the VAE this run started with (hash {vae_hash}, "
+                                f"the run's is {before}); restore that file, or start a new run")
 
     # -- data ----------------------------------------------------------------------------
     def batch_indices(self, step: int) -> list[int]:

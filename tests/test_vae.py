@@ -354,3 +354,19 @@ def test_vae_train_and_latent_train_under_torchrun(tmp_path, toml):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "checked: all 2 processes hold identical weights" in result.stderr
     assert DiffusionModel.load(out / "model.safetensors").latent is not None
+
+
+def test_a_latent_run_resumes_only_with_its_own_vae(tmp_path, cli, vae_run, toml):
+    import shutil
+
+    vae = tmp_path / "vae.safetensors"
+    shutil.copy(vae_run, vae)
+    flags = ["train", "--data", "shapes", *without(TINY_TRAIN, "--attention-resolutions", "--cross-attention-resolutions"),
+             "--config", str(toml), "--vae", str(vae), "--sample-every", "1000", "--out", str(tmp_path / "run")]
+    assert cli(*flags, "--max-steps", "2").returncode == 0
+    assert cli("train", "--out", str(tmp_path / "run"), "--resume", "--max-steps", "3").returncode == 0
+    other = tiny_vae(7)
+    vae.unlink()
+    save_vae(vae, other, {"image_size": 16})  # the same shapes, other weights
+    assert_one_line_error(cli("train", "--out", str(tmp_path / "run"), "--resume", "--max-steps", "4"),
+                          "not the VAE this run started with")
