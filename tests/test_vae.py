@@ -370,3 +370,21 @@ def test_a_latent_run_resumes_only_with_its_own_vae(tmp_path, cli, vae_run, toml
     save_vae(vae, other, {"image_size": 16})  # the same shapes, other weights
     assert_one_line_error(cli("train", "--out", str(tmp_path / "run"), "--resume", "--max-steps", "4"),
                           "not the VAE this run started with")
+
+
+def test_the_patchgan_term_trains_saves_and_resumes(tmp_path, cli):
+    from minidiff_cli.checkpoint import load_checkpoint
+
+    out = tmp_path / "gan.safetensors"
+    flags = ["vae", "train", "--data", "shapes", *TINY_VAE, "--disc-start", "2", "--save-every", "3",
+             "--sample-every", "100", "--log-every", "1", "--out", str(out)]
+    assert cli(*flags, "--max-steps", "3").returncode == 0
+    meta, tensors = load_checkpoint(out.with_name("gan-run") / "checkpoint.safetensors")
+    assert any(k.startswith("disc.") for k in tensors)
+    records = [json.loads(line) for line in (out.with_name("gan-run") / "metrics.jsonl").read_text().splitlines()]
+    assert "g" not in records[0] and "d" not in records[0]  # step 1 (index 0): before --disc-start
+    assert math.isfinite(records[-1]["g"]) and records[-1]["d"] >= 0  # hinge losses are never negative
+    resumed = cli("vae", "train", "--out", str(out), "--resume", "--max-steps", "5", "-q")
+    assert resumed.returncode == 0, resumed.stderr
+    assert load_vae(out).meta["training"]["step"] == 5
+    assert not any(k.startswith("disc") for k in load_vae(out).autoencoder.state_dict())  # the VAE file has no critic
