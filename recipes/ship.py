@@ -5,8 +5,10 @@
 writes minidiff_cli/models/NAME.safetensors (the run's EMA model, its U-Net stored in float16:
 half the bytes, float32 again once loaded) and, when the run trained its own CLIP (stage 1 of
 `train --conditioner clip`), minidiff_cli/models/clip/NAME.safetensors: the CLIP with its image
-tower, which `minidiff eval --model NAME --data DIR` judges the model with. Existing files are
-replaced only with --overwrite.
+tower, which `minidiff eval --model NAME --data DIR` judges the model with; --judge FILE ships
+another CLIP as the judge instead (one trained at the resolution the model draws, say).
+--description replaces the model card's description. Existing files are replaced only with
+--overwrite.
 """
 
 import argparse
@@ -20,14 +22,18 @@ MODELS = Path(__file__).resolve().parents[1] / "minidiff_cli" / "models"
 parser = argparse.ArgumentParser(description="Ship a run's model in the package.")
 parser.add_argument("run", type=Path, help="the run folder (holds model.safetensors)")
 parser.add_argument("name", help="the shipped model's name (--model NAME)")
+parser.add_argument("--judge", type=Path, help="the CLIP (with its image tower) to ship as the judge")
+parser.add_argument("--description", help="the model card's description")
 parser.add_argument("--overwrite", action="store_true")
 args = parser.parse_args()
 
 model = DiffusionModel.load(args.run / "model.safetensors")
 model.config["name"] = args.name
+if args.description:
+    model.config.setdefault("card", {})["description"] = args.description
 out = model.save(MODELS / f"{args.name}.safetensors", overwrite=args.overwrite, unet_dtype="float16")
 print(f"{out}: {out.stat().st_size / 1e6:.1f} MB")
-clip = args.run / "clip.safetensors"
+clip = args.judge or args.run / "clip.safetensors"
 if clip.is_file():
     target = MODELS / "clip" / f"{args.name}.safetensors"
     if target.exists() and not args.overwrite:
