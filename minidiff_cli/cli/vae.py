@@ -143,7 +143,7 @@ def _int_list(text: str) -> list[int]:
 @vae_app.command("reconstruct")
 def reconstruct_command(
     images: list[Path] = typer.Argument(..., help="Pictures to send through the VAE and back."),
-    vae: str = typer.Option(..., "--vae", help="A VAE file, or a latent model (whose VAE is used)."),
+    vae: str = typer.Option(..., "--vae", help="A VAE file, or a latent model's file or name (whose VAE is used)."),
     out: Path = typer.Option(..., "--out", "-o", help="PNG: the originals on top, the reconstructions below."),
     latents: Optional[Path] = typer.Option(None, "--latents", help="Also a PNG of the latents, one row per picture, "
                                            "each channel as a grey image."),
@@ -215,14 +215,17 @@ def load_any_vae(source: str, device):
     from minidiff_cli.weights import read_header
 
     path = Path(source)
+    if not path.exists():  # a model's name (emoji), or a run folder's
+        from minidiff_cli.models_dir import resolve_model
+
+        path = resolve_model(source)
     metadata, _ = read_header(path)
     if metadata.get("format") == VAE_FORMAT:
         loaded = load_vae(path, device)
         return loaded.autoencoder, loaded.meta.get("image_size") or 64
     from minidiff_cli.model import DiffusionModel
-    from minidiff_cli.models_dir import resolve_model
 
-    model = DiffusionModel.load(resolve_model(source), device=device)
+    model = DiffusionModel.load(path, device=device)
     if model.latent is None:
         raise MinidiffError(f"'{source}' is a pixel model, with no VAE; pass a VAE file or a latent model")
     return model.latent.autoencoder, model.image_size
