@@ -1,4 +1,5 @@
-"""The second shipped model: text-to-image on Noto emoji at 16x16, with the CLIP that judges it.
+"""The second shipped model: text-to-image on Noto emoji at 64x64 (a latent model), with the CLIP
+that judges it.
 
 A fast regression guard on 12 real emoji copied into tests/data (the folder itself is not
 needed): the file is what the recipe says, carries its attribution, knows its words, and
@@ -32,10 +33,14 @@ def test_the_emoji_model_is_shipped_small_with_its_clip_and_notice():
 def test_its_config_is_the_recipe_and_its_card_carries_the_attribution():
     config = read_config(MODEL)
     recipe = load_toml(ROOT / "recipes" / "emoji.toml")
-    assert config["unet"]["image_size"] == recipe["image_size"] == 16
+    text_encoder = load_toml(ROOT / "recipes" / "emoji16.toml")  # its stage 1 made the text tower
+    factor = 2 ** (len(config["vae"]["config"]["channel_mult"]) - 1)
+    assert config["unet"]["image_size"] * factor == recipe["image_size"] == 64
+    assert config["unet"]["image_size"] == 16 and config["unet"]["in_channels"] == 4  # 4x16x16 latents
     assert config["unet"]["base_channels"] == recipe["base_channels"]
     assert config["unet_storage"] == "float16" and config["conditioner"]["name"] == "clip"
-    assert config["conditioner"]["config"]["text_cfg"]["context_length"] == recipe["clip"]["context_length"]
+    assert config["conditioner"]["config"]["text_cfg"]["context_length"] == text_encoder["clip"]["context_length"]
+    assert 0 < config["vae"]["scale"] and config["vae"]["hash"]
     assert "Noto Emoji" in config["card"]["notice"] and "Apache" in config["card"]["notice"]
     assert {"red", "apple", "flag", "skin", "tone"} <= set(config["vocabulary"])
     info = run_cli("info", "emoji")
@@ -49,7 +54,7 @@ def test_it_draws_a_red_apple_without_a_warning(tmp_path):
     from PIL import Image
 
     with Image.open(tmp_path / "a.png") as image:
-        assert image.size == (16, 16)
+        assert image.size == (64, 64)
 
 
 @pytest.fixture(scope="module")
