@@ -19,7 +19,7 @@ from minidiff_cli.conditioning import Conditioning
 from minidiff_cli.errors import MinidiffError, ModelFileError
 from minidiff_cli.schedule import NoiseSchedule
 from minidiff_cli.unet import UNet, UNetConfig
-from minidiff_cli.weights import ModelFile, load_model_file, read_model_header, save_model_file
+from minidiff_cli.weights import ModelFile, check_finite, load_model_file, read_model_header, save_model_file
 
 PREDICTIONS = ("eps", "v", "flow")  # what the network outputs; predict_eps turns each into eps
 
@@ -47,7 +47,7 @@ class DiffusionModel:
         config, schedule, (unet, conditioner, latent) = _checked(path, build=True)
         mf = load_model_file(path)
         model = cls(unet, conditioner, schedule, config, latent=latent)
-        _check_finite(mf)
+        check_finite(mf.path, mf.tensors)
         model._load_tensors(mf)
         model.hash = mf.hash
         return model.to(device).eval()
@@ -282,12 +282,6 @@ def check_entries(where: str, expected: dict[str, torch.Tensor], entries: dict[s
         want = DTYPE_NAMES.get(ref.dtype, str(ref.dtype))
         if dtype != want:
             raise ModelFileError(f"{where} does not match its config: {key} is stored as {dtype}, expected {want}")
-
-
-def _check_finite(mf: ModelFile) -> None:
-    for key, value in mf.tensors.items():
-        if value.is_floating_point() and not torch.isfinite(value).all():
-            raise ModelFileError(f"'{mf.path}' is corrupt: {key} holds NaN or infinite values")
 
 
 def _describe(exc: BaseException) -> str:

@@ -156,14 +156,21 @@ def load_finite_tensors(path: Path) -> dict[str, Any]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    from minidiff_cli.errors import first_line
+
     try:
         tensors = load_file(str(path), device="cpu")
     except (SafetensorError, OSError, ValueError) as exc:
-        raise ModelFileError(f"'{path}' is corrupt: {str(exc).strip().splitlines()[0] if str(exc).strip() else exc!r}") from None
+        raise ModelFileError(f"'{path}' is corrupt: {first_line(exc) or type(exc).__name__}") from None
+    check_finite(path, tensors)
+    return tensors
+
+
+def check_finite(path: Path, tensors: dict[str, Any]) -> None:
+    """A NaN or infinite value in a floating-point tensor is a one-line ModelFileError naming it."""
     for key, value in tensors.items():
         if value.is_floating_point() and not value.isfinite().all():
             raise ModelFileError(f"'{path}' is corrupt: {key} holds NaN or infinite values")
-    return tensors
 
 
 def save_model_file(path: str | os.PathLike, tensors: dict[str, Any], config: dict[str, Any],
