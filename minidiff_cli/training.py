@@ -69,6 +69,35 @@ def init_distributed(device: torch.device) -> Dist:
     return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
 
 
+def start_training(cfg) -> tuple[torch.device, Dist, Any]:
+    """(device, Dist, AutoThreads) of a training run (`train`, `vae train`): the thread count set,
+    torchrun's process group joined, each rank on its own GPU; a batch too small to share refused."""
+    from minidiff_cli.pipeline import pick_device
+    from minidiff_cli.threads import AutoThreads, apply_threads
+
+    device = pick_device(cfg.device)
+    apply_threads(cfg.threads or None)
+    auto_threads = AutoThreads(cfg.threads or None)  # follows other work during a long run
+    dist = init_distributed(device)
+    if device.type == "cuda" and dist.world > 1:
+        device = torch.device("cuda", dist.local_rank)
+        torch.cuda.set_device(device)
+    if cfg.batch_size < dist.world:
+        raise MinidiffError(f"--batch-size {cfg.batch_size} is smaller than the {dist.world} processes; "
+                            "each needs at least one image per step")
+    return device, dist, auto_threads
+
+
+def wrap_ddp(module: torch.nn.Module, dist: Dist, device: torch.device) -> torch.nn.Module:
+    """``module`` in DistributedDataParallel under torchrun; itself in a single process."""
+    if dist.world == 1:
+        return module
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [device.index] if device.type == "cuda" else None
+    return DistributedDataParallel(module, device_ids=ids)
+
+
 # -- the network being trained ------------------------------------------------------------
 class TrainNet(torch.nn.Module):
     """The U-Net plus a trainable conditioner, as one module (what DDP wraps)."""
@@ -128,20 +157,7 @@ class Trainer:
         self.cfg = cfg
         self.out = Path(cfg.out)
         self.log = log
-        from minidiff_cli.pipeline import pick_device
-
-        self.device = pick_device(cfg.device)
-        from minidiff_cli.threads import AutoThreads, apply_threads
-
-        apply_threads(cfg.threads or None)
-        self.auto_threads = AutoThreads(cfg.threads or None)  # follows other work during a long run
-        self.dist = init_distributed(self.device)
-        if self.device.type == "cuda" and self.dist.world > 1:
-            self.device = torch.device("cuda", self.dist.local_rank)
-            torch.cuda.set_device(self.device)
-        if cfg.batch_size < self.dist.world:
-            raise MinidiffError(f"--batch-size {cfg.batch_size} is smaller than the {self.dist.world} processes; "
-                                "each needs at least one image per step")
+        self.device, self.dist, self.auto_threads = start_training(cfg)
         self._check_run_dir(resume)
         self.resuming = resume
         self.dataset = self._dataset()
@@ -281,12 +297,7 @@ class Trainer:
         return ema
 
     def _wrap_ddp(self):
-        if self.dist.world == 1:
-            return self.net
-        from torch.nn.parallel import DistributedDataParallel
-
-        ids = [self.device.index] if self.device.type == "cuda" else None
-        return DistributedDataParallel(self.net, device_ids=ids)
+        return wrap_ddp(self.net, self.dist, self.device)
 
     def _resume(self) -> None:
         from minidiff_cli.checkpoint import load_checkpoint, restore
@@ -349,7 +360,7 @@ class Trainer:
                 posterior = latent.autoencoder.encode(images)
             g = torch.Generator().manual_seed((self.cfg.seed * 1_000_003 + step) * 1_013 + self.dist.rank + 7)
             noise = torch.randn(posterior.mean.shape, generator=g).to(posterior.mean)
-            return (posterior.sample(noise) - latent.shift) * latent.scale
+            return latent.normalise(posterior.sample(noise))
 
     def _posterior_table(self):
         """Every item's posterior (mean, log-variance), encoded once per run in fixed batches, where that

@@ -46,7 +46,10 @@ class LatentSpace:
     def encode(self, images: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
         """Normalised latents of pictures in [-1, 1]: a posterior sample with ``noise``, else its mean."""
         posterior = self.autoencoder.encode(images)
-        latent = posterior.mean if noise is None else posterior.sample(noise)
+        return self.normalise(posterior.mean if noise is None else posterior.sample(noise))
+
+    def normalise(self, latent: torch.Tensor) -> torch.Tensor:
+        """The VAE's latents as the U-Net sees them: (latent - shift) * scale."""
         return (latent - self.shift) * self.scale
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:

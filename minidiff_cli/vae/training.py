@@ -147,22 +147,12 @@ def split_items(dataset, fraction: float | None) -> tuple[list[int], list[int]]:
 
 class VAETrainer:
     def __init__(self, cfg: VAETrainConfig, resume: bool = False, log: Callable[[str], None] = print):
-        from minidiff_cli.pipeline import pick_device
-        from minidiff_cli.threads import AutoThreads, apply_threads
-        from minidiff_cli.training import adamw, init_distributed
+        from minidiff_cli.training import adamw, start_training, wrap_ddp
 
         if not cfg.lr_decay_steps:
             cfg = dataclasses.replace(cfg, lr_decay_steps=cfg.max_steps)
         self.cfg, self.log, self.run_dir = cfg, log, cfg.run_folder()
-        self.device = pick_device(cfg.device)
-        apply_threads(cfg.threads or None)
-        self.auto_threads = AutoThreads(cfg.threads or None)
-        self.dist = init_distributed(self.device)
-        if self.device.type == "cuda" and self.dist.world > 1:
-            self.device = torch.device("cuda", self.dist.local_rank)
-            torch.cuda.set_device(self.device)
-        if cfg.batch_size < self.dist.world:
-            raise MinidiffError(f"--batch-size {cfg.batch_size} is smaller than the {self.dist.world} processes")
+        self.device, self.dist, self.auto_threads = start_training(cfg)
         self.dataset, self.train_items, self.heldout_items = self._data()
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank and in every run
         self.autoencoder = Autoencoder(cfg.vae_config()).to(self.device)
@@ -181,7 +171,8 @@ class VAETrainer:
         self.step, self.losses = 0, []
         if resume:
             self._resume()
-        self.net, self.disc_net = self._wrap(self.autoencoder), self._wrap(self.disc)
+        self.net = wrap_ddp(self.autoencoder, self.dist, self.device)
+        self.disc_net = None if self.disc is None else wrap_ddp(self.disc, self.dist, self.device)
 
     # -- set-up --------------------------------------------------------------------------
     def _data(self):
@@ -196,14 +187,6 @@ class VAETrainer:
             raise MinidiffError("the VAE trains on RGB pictures; this data set is not RGB")
         train, held = split_items(dataset, fraction)
         return dataset, train, held
-
-    def _wrap(self, module):
-        if module is None or self.dist.world == 1:
-            return module
-        from torch.nn.parallel import DistributedDataParallel
-
-        ids = [self.device.index] if self.device.type == "cuda" else None
-        return DistributedDataParallel(module, device_ids=ids)
 
     def _modules(self) -> dict[str, torch.nn.Module]:
         modules = {"net": self.autoencoder, "ema": self.ema}
