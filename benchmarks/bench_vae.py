@@ -44,7 +44,7 @@ def main() -> None:
 
     from minidiff_cli.data import pil_to_tensor, tensor_to_pil
     from minidiff_cli.datasource import holdout_fraction, open_dataset
-    from minidiff_cli.vae.evaluation import summarise
+    from minidiff_cli.vae.evaluation import decode_means, encode_means, summarise
     from minidiff_cli.vae.training import split_items
     from minidiff_cli.vae.vae_file import load_vae
 
@@ -55,12 +55,11 @@ def main() -> None:
     x = torch.stack([dataset[i]["image"] for i in held[: args.limit]])
     # what a saved PNG holds: the 8-bit rounding every method below is measured against
     x = torch.stack([pil_to_tensor(tensor_to_pil(img)) for img in x])
-    with torch.no_grad():
-        start = time.perf_counter()
-        mean = ae.encode(x).mean
-        vae32 = ae.decode(mean).clamp(-1, 1)
-        seconds = (time.perf_counter() - start) / len(x)
-        vae16 = ae.decode(mean.half().float()).clamp(-1, 1)
+    start = time.perf_counter()
+    mean = encode_means(ae, x)
+    vae32 = decode_means(ae, mean)
+    seconds = (time.perf_counter() - start) / len(x)
+    vae16 = decode_means(ae, mean.half().float())
     values = mean[0].numel()
     side = round(math.sqrt(values / 3))
     rows = [(f"VAE, latent {tuple(mean.shape[1:])} float32", values, summarise(vae32, x)),

@@ -11,7 +11,7 @@ import typer
 
 from minidiff_cli.cli import completion
 from minidiff_cli.cli.app import app
-from minidiff_cli.cli.options import threads_option
+from minidiff_cli.cli.options import int_list, threads_option
 from minidiff_cli.errors import MinidiffError
 
 LIST_FLAGS = ("channel_mult", "attention_resolutions", "cross_attention_resolutions")
@@ -89,7 +89,7 @@ def train_command(
     flags = {k: v for k, v in locals().items() if k not in ("config", "resume")}
     for key in LIST_FLAGS:
         if flags[key] is not None:
-            flags[key] = _int_list(flags[key], key)
+            flags[key] = int_list(flags[key], key)
     from minidiff_cli.trainconfig import load_toml, merge
 
     cfg = merge(flags, config)
@@ -122,14 +122,6 @@ def _text_stage_config(cfg, given: set[str]):
     if not needs_clip_stage(stored):
         return None
     return check_resume_flags(stored, {k: v for k, v in cfg.to_dict().items() if k in given})
-
-
-def _int_list(text: str, key: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.replace(" ", "").split(",") if v]
-    except ValueError:
-        raise MinidiffError(f"--{key.replace('_', '-')} takes whole numbers separated by commas (got '{text}')") from None
-    return values
 
 
 def _resumed_config(cfg, given: set[str]):

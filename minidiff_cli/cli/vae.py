@@ -14,7 +14,7 @@ import typer
 
 from minidiff_cli.cli import completion
 from minidiff_cli.cli.app import app
-from minidiff_cli.cli.options import threads_option
+from minidiff_cli.cli.options import int_list, threads_option
 from minidiff_cli.errors import MinidiffError
 
 vae_app = typer.Typer(
@@ -77,7 +77,7 @@ def train_command(
     from minidiff_cli.vae.training import VAETrainConfig, check_new_run, resumed_config
 
     if "channel_mult" in flags:
-        flags["channel_mult"] = _int_list(flags["channel_mult"])
+        flags["channel_mult"] = int_list(flags["channel_mult"], "channel_mult")
     cfg = VAETrainConfig.from_dict(flags)
     check_new_run(cfg, resume)
     if resume:
@@ -133,13 +133,6 @@ def _describe(check: dict) -> str:
     return f"{check.get('on', '')} PSNR {check['psnr']:.2f} dB{ssim} ({check['images']} images)"
 
 
-def _int_list(text: str) -> list[int]:
-    try:
-        return [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise MinidiffError(f"--channel-mult must be numbers separated by commas, such as 1,2,2 (got {text!r:.40})") from None
-
-
 @vae_app.command("reconstruct")
 def reconstruct_command(
     images: list[Path] = typer.Argument(..., help="Pictures to send through the VAE and back."),
@@ -168,18 +161,18 @@ def reconstruct_command(
     import torch
 
     from minidiff_cli.pipeline import pick_device
-    from minidiff_cli.vae.evaluation import latent_channels_image, reconstruct, reconstruction_grid, summarise
+    from minidiff_cli.vae.evaluation import (decode_means, encode_means, latent_channels_image, reconstruction_grid,
+                                             summarise)
 
     dev = pick_device(device)
     autoencoder, size = load_any_vae(vae, dev)
     size = image_size or size
     autoencoder.check_size(size)
     x = torch.stack([_picture(path, size) for path in images]).to(dev)
-    recon = reconstruct(autoencoder, x)
+    mean = encode_means(autoencoder, x)
+    recon = decode_means(autoencoder, mean)
     reconstruction_grid(x, recon, out)
     report = summarise(recon, x)
-    with torch.no_grad():
-        mean = autoencoder.encode(x).mean
     if latents is not None:
         _latents_png(latent_channels_image, mean, latents, upscale=max(1, 64 // mean.shape[-1]))
     c, h, w = mean.shape[1:]

@@ -12,13 +12,20 @@ from minidiff_cli.vae.autoencoder import Autoencoder
 
 
 @torch.no_grad()
+def encode_means(autoencoder: Autoencoder, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+    """The posterior means of pictures in [-1, 1], in batches: each picture's deterministic latent."""
+    return torch.cat([autoencoder.encode(images[k:k + batch_size]).mean for k in range(0, len(images), batch_size)])
+
+
+@torch.no_grad()
+def decode_means(autoencoder: Autoencoder, means: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+    """Pictures from latents, clamped to [-1, 1], in batches."""
+    return torch.cat([autoencoder.decode(means[k:k + batch_size]).clamp(-1, 1) for k in range(0, len(means), batch_size)])
+
+
 def reconstruct(autoencoder: Autoencoder, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
     """decode(mean of encode(x)) for pictures in [-1, 1], clamped to [-1, 1]: the deterministic round trip."""
-    out = []
-    for start in range(0, images.shape[0], batch_size):
-        x = images[start:start + batch_size]
-        out.append(autoencoder.decode(autoencoder.encode(x).mean).clamp(-1, 1))
-    return torch.cat(out)
+    return decode_means(autoencoder, encode_means(autoencoder, images, batch_size), batch_size)
 
 
 def summarise(reconstructed: torch.Tensor, original: torch.Tensor) -> dict[str, Any]:
