@@ -72,7 +72,7 @@ def seconds_per_image(model: Path, args, images: int = 32) -> float:
     """Sampling time per image at the eval's sampler and steps, in this process (load excluded)."""
     import torch
 
-    from minidiff_cli.pipeline import Generation, Pipeline
+    from minidiff_cli.inference.pipeline import Generation, Pipeline
 
     torch.set_num_threads(args.threads)
     sampler, steps = args.run.split(":")
@@ -113,7 +113,7 @@ def main() -> None:
         if not args.eval_only:
             timing.write_text(str(train_for(args.minutes, [*common, *extra(args.vae), "--name", f"run{k}"], out,
                                             args.out / f"run{k}.log")))
-        from minidiff_cli.weights import read_config
+        from minidiff_cli.files.model_file import read_config
 
         model = out / "model.safetensors"
         results[name] = {"train_seconds": float(timing.read_text()), "model": read_config(model)["training"],

@@ -73,7 +73,7 @@ DIFFUSERS_WIDTHS = [(32, 64, 64), (32, 64, 56), (32, 56, 64), (32, 64, 48), (24,
 # -- the two models ------------------------------------------------------------------------
 def minidiff_model(path: Path | None, device: torch.device):
     """The shipped model (or ``path``) if it exists, else the same config with random weights."""
-    from minidiff_cli.model import DiffusionModel
+    from minidiff_cli.diffusion.model import DiffusionModel
 
     if path is not None and path.is_file():
         return DiffusionModel.load(path, device=device), str(path)
@@ -130,7 +130,7 @@ def pick_diffusers(target: int, x, t, ctx, pooled):
 
 # -- what is timed -------------------------------------------------------------------------
 def minidiff_sampler(model, images: int, steps: int):
-    from minidiff_cli.pipeline import Generation, Pipeline
+    from minidiff_cli.inference.pipeline import Generation, Pipeline
 
     pipe = Pipeline(model, name="bench")
     gen = Generation(PROMPT, steps=steps, cfg=CFG, sampler="ddim", seed=0)
@@ -336,13 +336,13 @@ def main(argv: list[str] | None = None) -> dict:
     log = (lambda *a: print(*a, file=sys.stderr, flush=True)) if args.json else print
     load_start = os.getloadavg()
     from minidiff_cli.errors import MinidiffError
-    from minidiff_cli.pipeline import pick_device
+    from minidiff_cli.inference.pipeline import pick_device
 
     try:
         device = pick_device(args.device)  # the same choice and checks as `minidiff generate --device`
     except MinidiffError as exc:
         raise SystemExit(str(exc)) from None
-    from minidiff_cli.allocator import keep_freed_memory
+    from minidiff_cli.runtime.allocator import keep_freed_memory
 
     kept = False if args.system_malloc else keep_freed_memory()  # process-wide: both models get it
     autocast = ((lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if args.autocast

@@ -10,7 +10,7 @@ every block prints the shape it hands on; the end is the parameter count, counte
 
 import torch
 
-from minidiff_cli.unet import ResBlock, UNet, UNetConfig
+from minidiff_cli.nets.unet import ResBlock, UNet, UNetConfig
 
 torch.manual_seed(0)
 

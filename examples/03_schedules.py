@@ -19,6 +19,7 @@ import matplotlib.pyplot as plt
 import torch
 
 from minidiff_cli import plugins
+from minidiff_cli.diffusion.schedule import get_schedule
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--out", type=Path, default=Path(__file__).parent / "out", help="folder for the PNG")
@@ -29,7 +30,7 @@ T = args.timesteps
 fig, (ax_abar, ax_snr) = plt.subplots(1, 2, figsize=(12, 4.2), constrained_layout=True)
 for name in plugins.registry().names("schedules"):
     try:
-        schedule = plugins.get_schedule(name, T)
+        schedule = get_schedule(name, T)
     except Exception as exc:  # a plugin's schedule may refuse this T; show the rest
         print(f"{name:<20} skipped: {exc}")
         continue

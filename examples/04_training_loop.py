@@ -21,10 +21,10 @@ import torch
 import torch.nn.functional as F
 
 from minidiff_cli import sample
-from minidiff_cli.guidance import clipped
-from minidiff_cli.plugins import get_schedule
-from minidiff_cli.shapes import ShapesDataset
-from minidiff_cli.unet import UNet, UNetConfig
+from minidiff_cli.diffusion.guidance import clipped
+from minidiff_cli.diffusion.schedule import get_schedule
+from minidiff_cli.data.shapes import ShapesDataset
+from minidiff_cli.nets.unet import UNet, UNetConfig
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--out", type=Path, default=Path(__file__).parent / "out", help="folder for the PNG")

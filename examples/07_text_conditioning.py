@@ -20,8 +20,8 @@ matplotlib.use("Agg")  # write files, open no window
 import matplotlib.pyplot as plt
 
 from minidiff_cli import Pipeline
-from minidiff_cli.data import parse_holdout
-from minidiff_cli.shape_classifier import classify
+from minidiff_cli.data.dataset import parse_holdout
+from minidiff_cli.evaluation.shape_classifier import classify
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--out", type=Path, default=Path(__file__).parent / "out", help="folder for the PNG")

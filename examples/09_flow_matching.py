@@ -26,11 +26,11 @@ import torch
 import torch.nn.functional as F
 
 from minidiff_cli import sample
-from minidiff_cli.plugins import get_schedule
-from minidiff_cli.sampling import flow_denoiser, timesteps
-from minidiff_cli.shapes import ShapesDataset
-from minidiff_cli.timestep_sampling import draw_timesteps
-from minidiff_cli.unet import UNet, UNetConfig
+from minidiff_cli.diffusion.schedule import get_schedule
+from minidiff_cli.diffusion.sampling import flow_denoiser, timesteps
+from minidiff_cli.data.shapes import ShapesDataset
+from minidiff_cli.diffusion.timestep_sampling import draw_timesteps
+from minidiff_cli.nets.unet import UNet, UNetConfig
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--out", type=Path, default=Path(__file__).parent / "out", help="folder for the PNG")

@@ -4,15 +4,15 @@ Importing this package is cheap: torch is only imported when a name that needs
 it is first used, so ``minidiff --help`` stays instant.
 """
 
-from minidiff_cli.hookspecs import hookimpl
+from minidiff_cli.plugins.hookspecs import hookimpl
 
 __version__ = "0.1.0"
 __all__ = ["hookimpl", "sample", "Pipeline", "NoiseSchedule", "__version__"]
 
 _LAZY = {
-    "sample": ("minidiff_cli.sampling", "sample"),
-    "Pipeline": ("minidiff_cli.pipeline", "Pipeline"),
-    "NoiseSchedule": ("minidiff_cli.schedule", "NoiseSchedule"),
+    "sample": ("minidiff_cli.diffusion.sampling", "sample"),
+    "Pipeline": ("minidiff_cli.inference.pipeline", "Pipeline"),
+    "NoiseSchedule": ("minidiff_cli.diffusion.schedule", "NoiseSchedule"),
 }
 
 

@@ -15,7 +15,7 @@ import argparse
 import shutil
 from pathlib import Path
 
-from minidiff_cli.model import DiffusionModel
+from minidiff_cli.diffusion.model import DiffusionModel
 
 MODELS = Path(__file__).resolve().parents[1] / "minidiff_cli" / "models"
 

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from minidiff_cli.allocator import keep_freed_memory
+from minidiff_cli.runtime.allocator import keep_freed_memory
 
 GLIBC = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
 
@@ -17,8 +17,8 @@ GLIBC = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
 # glibc without the setting each pass faults in most of its ~13 MB of activations afresh.
 ROUNDS = """
 import resource, sys, torch
-from minidiff_cli.allocator import keep_freed_memory
-from minidiff_cli.unet import UNet, UNetConfig
+from minidiff_cli.runtime.allocator import keep_freed_memory
+from minidiff_cli.nets.unet import UNet, UNetConfig
 print(keep_freed_memory(), file=sys.stderr)
 torch.set_num_threads(1)
 net = UNet(UNetConfig(image_size=32, base_channels=32, channel_mult=(1, 2), attention_resolutions=(),

@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from conftest import run_in_process
-from minidiff_cli.imagemeta import read_parameters
+from minidiff_cli.files.png_parameters import read_parameters
 from tinymodels import CLASS_NAMES, TIMESTEPS, TINY_TOML, tiny_model_file
 
 SETTINGS = settings(max_examples=35, deadline=None, database=None,

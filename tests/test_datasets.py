@@ -1,4 +1,4 @@
-"""The dataset contract (minidiff_cli.data) and the built-in data sets: shapes and imagefolder."""
+"""The dataset contract (minidiff_cli.data.dataset) and the built-in data sets: shapes and imagefolder."""
 
 import json
 import subprocess
@@ -10,9 +10,9 @@ import torch
 from PIL import Image
 
 from minidiff_cli import plugins
-from minidiff_cli.data import caption_set, check_dataset, parse_holdout, pil_to_tensor, tensor_to_pil
+from minidiff_cli.data.dataset import caption_set, check_dataset, parse_holdout, pil_to_tensor, tensor_to_pil
 from minidiff_cli.errors import MinidiffError
-from minidiff_cli.shapes import BACKGROUNDS, COLOURS, DEFAULT_SHAPES, SHAPES, ShapesDataset, backgrounds_for
+from minidiff_cli.data.shapes import BACKGROUNDS, COLOURS, DEFAULT_SHAPES, SHAPES, ShapesDataset, backgrounds_for
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from minidiff_cli.models_dir import DEFAULT_MODEL, SHIPPED_DIR
+from minidiff_cli.files.models_dir import DEFAULT_MODEL, SHIPPED_DIR
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 SHIPPED = SHIPPED_DIR / f"{DEFAULT_MODEL}.safetensors"

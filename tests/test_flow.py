@@ -20,10 +20,11 @@ from safetensors.torch import save_file
 
 from conftest import assert_one_line_error, run_cli, run_in_process
 from minidiff_cli.errors import MinidiffError, ModelFileError
-from minidiff_cli.model import DiffusionModel
-from minidiff_cli.plugins import get_sampler, get_schedule
-from minidiff_cli.sampling import flow_denoiser, gaussian_denoiser, gaussian_velocity, timesteps
-from minidiff_cli.timestep_sampling import draw_timesteps
+from minidiff_cli.diffusion.model import DiffusionModel
+from minidiff_cli.diffusion.schedule import get_schedule
+from minidiff_cli.plugins import get_sampler
+from minidiff_cli.diffusion.sampling import flow_denoiser, gaussian_denoiser, gaussian_velocity, timesteps
+from minidiff_cli.diffusion.timestep_sampling import draw_timesteps
 from tinymodels import TINY_TOML, TINY_TRAIN, without
 
 MU, S, N = 0.5, 0.5, 20_000

@@ -12,11 +12,11 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from conftest import assert_one_line_error, run_cli
-from minidiff_cli.conditioning import Conditioning
-from minidiff_cli.guidance import guided_denoiser
-from minidiff_cli.models_dir import DEFAULT_MODEL, SHIPPED_DIR
-from minidiff_cli.pipeline import Generation, Pipeline
-from minidiff_cli.weights import file_hash
+from minidiff_cli.diffusion.conditioning import Conditioning
+from minidiff_cli.diffusion.guidance import guided_denoiser
+from minidiff_cli.files.models_dir import DEFAULT_MODEL, SHIPPED_DIR
+from minidiff_cli.inference.pipeline import Generation, Pipeline
+from minidiff_cli.files.model_file import file_hash
 from tinymodels import CLASS_NAMES, tiny_model, tiny_model_file
 
 
@@ -297,7 +297,7 @@ def test_info_without_argument_describes_the_default_model_or_says_it_is_missing
 
 
 def test_png_parameters_keep_any_unicode_prompt(tmp_path):
-    from minidiff_cli.imagemeta import read_parameters, save_png
+    from minidiff_cli.files.png_parameters import read_parameters, save_png
 
     params = {"prompt": "un café ☕, ein Würfel", "negative_prompt": "ぼやけた", "steps": 3, "sampler": "ddim",
               "cfg": 1.5, "seed": 2, "eta": 0.5, "width": 8, "height": 8, "model": "m", "model_hash": "0123456789"}

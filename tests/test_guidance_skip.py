@@ -11,11 +11,11 @@ import torch
 from PIL import Image
 
 from conftest import run_in_process
-from minidiff_cli.conditioning import Conditioning
-from minidiff_cli.guidance import clipped, combine, guided_denoiser
-from minidiff_cli.model import DiffusionModel
-from minidiff_cli.sampling import sample
-from minidiff_cli.unet import UNet
+from minidiff_cli.diffusion.conditioning import Conditioning
+from minidiff_cli.diffusion.guidance import clipped, combine, guided_denoiser
+from minidiff_cli.diffusion.model import DiffusionModel
+from minidiff_cli.diffusion.sampling import sample
+from minidiff_cli.nets.unet import UNet
 from tinymodels import tiny_model, tiny_model_file
 
 

@@ -32,16 +32,17 @@ from PIL.PngImagePlugin import PngInfo
 from safetensors.torch import save_file
 
 from conftest import cli_command, run_in_process
-from minidiff_cli import fileio, plugins
-from minidiff_cli.checkpoint import CHECKPOINT_FORMAT, load_checkpoint, read_checkpoint_meta, restore
+from minidiff_cli import plugins
+from minidiff_cli.files import atomic as fileio
+from minidiff_cli.training.checkpoint import CHECKPOINT_FORMAT, load_checkpoint, read_checkpoint_meta, restore
 from minidiff_cli.cli.app import main
 from minidiff_cli.errors import ImageMetadataError, MinidiffError, ModelFileError, PluginError
-from minidiff_cli.fileio import atomic_write
-from minidiff_cli.imagemeta import MAX_JSON_CHARS, read_parameters, save_png
-from minidiff_cli.pipeline import Pipeline
-from minidiff_cli.trainconfig import TrainConfig
-from minidiff_cli.training import CHECKPOINT, Trainer
-from minidiff_cli.weights import FORMAT_VERSION, save_model_file
+from minidiff_cli.files.atomic import atomic_write
+from minidiff_cli.files.png_parameters import MAX_JSON_CHARS, read_parameters, save_png
+from minidiff_cli.inference.pipeline import Pipeline
+from minidiff_cli.training.config import TrainConfig
+from minidiff_cli.training.trainer import CHECKPOINT, Trainer
+from minidiff_cli.files.model_file import FORMAT_VERSION, save_model_file
 from tinymodels import TINY_TRAIN, tiny_model, tiny_model_file
 
 
@@ -710,7 +711,7 @@ def test_schedule_returning_garbage_is_an_error_naming_the_plugin_when_used(plug
     (plugin_dir / "garbage_schedules.py").write_text(GARBAGE_SCHEDULES)
     who = f"schedule '{name}' (plugin 'garbage_schedules')"
     with pytest.raises(PluginError) as caught:
-        plugins.get_schedule(name, 1000)
+        get_schedule(name, 1000)
     assert who in str(caught.value) and message in str(caught.value)
     assert_error(cli("schedules", "show", name), who, message)
     out = tmp_path / "run"
@@ -724,9 +725,9 @@ def test_schedule_returning_garbage_is_an_error_naming_the_plugin_when_used(plug
 def test_schedule_timesteps_are_checked_before_the_plugin_is_called(plugin_dir):
     for T in (0, 1, 2.5, "1000", True):
         with pytest.raises(MinidiffError, match="timesteps must be at least 2, a whole number"):
-            plugins.get_schedule("cosine", T)
+            get_schedule("cosine", T)
     with pytest.raises(MinidiffError, match="1000000000000 timesteps is more than the 100000 minidiff allows"):
-        plugins.get_schedule("cosine", 10**12)  # would need 8 TB
+        get_schedule("cosine", 10**12)  # would need 8 TB
     assert_error(cli("schedules", "show", "cosine", "-T", "1000000000000"), "is more than the 100000")
 
 
@@ -890,7 +891,7 @@ def test_overwrite_replaces_in_one_step(tmp_path):
 SLOW_PNG_WRITER = '''
 import sys, time
 from PIL import Image, PngImagePlugin  # importing the plugin registers its saver
-from minidiff_cli import imagemeta
+from minidiff_cli.files import png_parameters as imagemeta
 
 original = Image.SAVE["PNG"]
 
@@ -944,7 +945,7 @@ class Slow:
     default_steps = 1
 
     def sample(self, denoiser, x, schedule, steps, *, generator=None, callback=None, **opts):
-        from minidiff_cli.sampling import batch_t
+        from minidiff_cli.diffusion.sampling import batch_t
 
         open(os.environ["MINIDIFF_TEST_MARKER"], "w").close()
         deadline = time.time() + 120
@@ -1040,7 +1041,7 @@ def test_the_python_api_refuses_what_the_cli_refuses():
 
 
 def test_unicode_and_control_characters_in_prompts_survive_the_png(tmp_path):
-    from minidiff_cli.imagemeta import format_parameters
+    from minidiff_cli.files.png_parameters import format_parameters
 
     params = {"prompt": "tab\there\nnew line \x00 nul \x1b[31m escape \u202e rtl ☕", "negative_prompt": "\r",
               "steps": 1, "sampler": "ddim", "cfg": 0.0, "seed": 0}

@@ -80,7 +80,7 @@ def test_a_small_file_that_would_cost_gigabytes_is_refused_at_once_by_info_and_g
 
 def test_activations_are_bounded_at_the_batch_chosen(tmp_path):
     """A model fine for one image (0.5 GiB of attention) is refused for a batch that needs over 64 GiB."""
-    from minidiff_cli.model import DiffusionModel
+    from minidiff_cli.diffusion.model import DiffusionModel
 
     config = json.loads(json.dumps(tiny_config("class")))
     config["unet"].update(image_size=64, base_channels=8, channel_mult=[1], attention_resolutions=[64], head_dim=1,
@@ -165,7 +165,7 @@ def full_clip_file(path: Path, vision_cfg: dict, text_change: dict | None = None
     """A `clip train` file with an image tower, made by clip_train's own code at the tiniest size."""
     import torch
 
-    from minidiff_cli.clip_train import ClipRecipe, build_clip, save_clip
+    from minidiff_cli.training.clip import ClipRecipe, build_clip, save_clip
 
     recipe = ClipRecipe(width=16, heads=2, layers=1, context_length=12, embed_dim=16, vision_width=8)
     config = recipe.model_config()
@@ -175,7 +175,7 @@ def full_clip_file(path: Path, vision_cfg: dict, text_change: dict | None = None
     # Then its config is replaced by the hostile one (the tensors stay those of the honest config).
     from safetensors.torch import load_file
 
-    from minidiff_cli.clip_text import read_safetensors
+    from minidiff_cli.clip.text import read_safetensors
 
     metadata, _ = read_safetensors(path)
     config = {**config, "vision_cfg": {**config["vision_cfg"], **vision_cfg},
@@ -209,9 +209,9 @@ def test_clip_eval_refuses_a_hostile_text_config_and_a_config_that_does_not_fit(
 
 
 def test_the_projects_own_clip_configs_still_load():
-    from minidiff_cli.clip_config import check_clip_config, check_clip_model_config
-    from minidiff_cli.clip_text import read_clip_config, read_safetensors
-    from minidiff_cli.clip_train import ClipRecipe
+    from minidiff_cli.clip.config import check_clip_config, check_clip_model_config
+    from minidiff_cli.clip.text import read_clip_config, read_safetensors
+    from minidiff_cli.training.clip import ClipRecipe
 
     shipped = Path(__file__).resolve().parents[1] / "minidiff_cli" / "models" / "shapes-clip.safetensors"
     metadata, _ = read_safetensors(shipped)
@@ -241,7 +241,7 @@ def test_a_new_run_refuses_a_folder_holding_files_it_did_not_write(tmp_path, tom
 
 
 def test_a_folder_holding_only_this_runs_first_stage_is_this_runs(tmp_path, toml):
-    from minidiff_cli.runfolder import check_contents
+    from minidiff_cli.training.run_folder import check_contents
 
     out = tmp_path / "run"
     out.mkdir()
@@ -291,7 +291,7 @@ def test_a_second_train_into_a_live_run_is_refused_and_a_crashed_runs_lock_is_st
     finally:
         first.send_signal(signal.SIGKILL)
         first.wait()
-    from minidiff_cli.checkpoint import read_checkpoint_meta
+    from minidiff_cli.training.checkpoint import read_checkpoint_meta
 
     step = read_checkpoint_meta(out / "checkpoint.safetensors")["step"]
     rc, _, err = run_in_process("train", "--out", out, "--resume", "--max-steps", step + 1, "--quiet")
@@ -443,7 +443,7 @@ def test_a_real_ctrl_c_while_a_plugin_loads_still_stops_minidiff(tmp_path):
 
 
 def test_a_slow_plugin_is_named_while_it_loads(plugin_dir, monkeypatch):
-    from minidiff_cli import plugin_guard
+    from minidiff_cli.plugins import guard as plugin_guard
 
     monkeypatch.setattr(plugin_guard, "SLOW_SECONDS", 0.3)
     (plugin_dir / "sleepy.py").write_text("import time\ntime.sleep(1.0)\n")
@@ -634,7 +634,7 @@ def png_with(source: Path, path: Path, **changes) -> Path:
     from PIL import Image
     from PIL.PngImagePlugin import PngInfo
 
-    from minidiff_cli.imagemeta import JSON_KEY, TEXT_KEY, read_parameters
+    from minidiff_cli.files.png_parameters import JSON_KEY, TEXT_KEY, read_parameters
 
     params = {**read_parameters(source), **changes}
     info = PngInfo()  # ASCII JSON: a lone surrogate travels as the escape \ud800, as a stranger's file may hold it
@@ -669,7 +669,7 @@ def test_errors_show_a_files_escapes_escaped_and_drop_torchs_cpp_stack(tmp_path,
 
 def test_a_model_name_from_a_png_never_resolves_to_a_file_in_the_working_directory(tmp_path, shipped_png,
                                                                                    monkeypatch):
-    from minidiff_cli.imagemeta import read_parameters
+    from minidiff_cli.files.png_parameters import read_parameters
 
     name = read_parameters(shipped_png)["model"]
     monkeypatch.chdir(tmp_path)

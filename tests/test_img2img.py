@@ -1,4 +1,4 @@
-"""Image-to-image and inpainting (minidiff_cli.img2img), with known answers rather than pictures.
+"""Image-to-image and inpainting (minidiff_cli.inference.img2img), with known answers rather than pictures.
 
 - strength 0, and a mask that keeps everything, give the input back exactly;
 - outside the mask the output is the input (8-bit), for every sampler;
@@ -19,12 +19,13 @@ from PIL import Image
 
 from conftest import assert_one_line_error, run_cli, run_in_process
 from minidiff_cli.errors import MinidiffError, PluginError
-from minidiff_cli.img2img.images import fit_image, fit_mask
-from minidiff_cli.img2img.run import sample_from
-from minidiff_cli.img2img.settings import ImageStart
-from minidiff_cli.pipeline import Pipeline
-from minidiff_cli.plugins import get_sampler, get_schedule
-from minidiff_cli.sampling import gaussian_denoiser, timesteps
+from minidiff_cli.inference.img2img.images import fit_image, fit_mask
+from minidiff_cli.inference.img2img.run import sample_from
+from minidiff_cli.inference.img2img.settings import ImageStart
+from minidiff_cli.inference.pipeline import Pipeline
+from minidiff_cli.diffusion.schedule import get_schedule
+from minidiff_cli.plugins import get_sampler
+from minidiff_cli.diffusion.sampling import gaussian_denoiser, timesteps
 from tinymodels import tiny_model, tiny_model_file
 
 # Every first-party sampler, with a step count that keeps its own discretisation error on Gaussian
@@ -217,8 +218,8 @@ def test_inpainting_independent_gaussian_data_draws_the_hole_from_its_law(sample
 
 # -- the shipped model ------------------------------------------------------------------------------
 def test_a_red_circle_becomes_a_green_circle_at_strength_0_7():
-    from minidiff_cli.shape_classifier import classify
-    from minidiff_cli.shapes import ShapeSpec, draw
+    from minidiff_cli.evaluation.shape_classifier import classify
+    from minidiff_cli.data.shapes import ShapeSpec, draw
 
     pipe = Pipeline.load(device="cpu")
     red = draw(ShapeSpec("red", "circle", "white", 0.6, (0.5, 0.5), 0.0, "a red circle"), pipe.model.image_size)

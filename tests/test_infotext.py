@@ -15,8 +15,8 @@ from PIL.PngImagePlugin import PngInfo
 
 from conftest import assert_one_line_error, run_cli, run_in_process
 from minidiff_cli.errors import ImageMetadataError
-from minidiff_cli.imagemeta import format_parameters
-from minidiff_cli.infotext import MAX_INFOTEXT_CHARS, Infotext, parse, to_minidiff
+from minidiff_cli.files.png_parameters import format_parameters
+from minidiff_cli.inference.infotext import MAX_INFOTEXT_CHARS, Infotext, parse, to_minidiff
 from tinymodels import tiny_model_file
 
 A1111 = ("red circle\nNegative prompt: blue square\n"

@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 
 from conftest import assert_one_line_error, run_cli
-from minidiff_cli.plugins import get_schedule
-from minidiff_cli.unet import UNetConfig
+from minidiff_cli.diffusion.schedule import get_schedule
+from minidiff_cli.nets.unet import UNetConfig
 from tinymodels import tiny_config, tiny_model_file
 
 SIZE = 64  # frames of 64 px are drawn as they are (smaller ones are enlarged for their labels)

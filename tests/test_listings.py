@@ -34,7 +34,7 @@ def test_models_help_documents_the_user_folder():
 
 
 def test_info_shortens_the_training_record_at_an_item_with_an_ellipsis(trained_run):
-    from minidiff_cli.weights import read_config
+    from minidiff_cli.files.model_file import read_config
 
     code, out, _ = run_in_process("info", trained_run / "model.safetensors")
     assert code == 0

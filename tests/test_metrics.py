@@ -7,8 +7,8 @@ import torch
 from safetensors.torch import save_file
 
 from minidiff_cli.errors import ModelFileError
-from minidiff_cli.metrics.distribution import frechet_distance, kernel_distance, precision_recall
-from minidiff_cli.metrics.text_image import clip_score, r_precision
+from minidiff_cli.evaluation.distribution import frechet_distance, kernel_distance, precision_recall
+from minidiff_cli.evaluation.text_image import clip_score, r_precision
 
 
 def gaussian(n: int = 2000, d: int = 4, seed: int = 0) -> torch.Tensor:
@@ -72,7 +72,7 @@ def random_inception_file(path, monkeypatch):
     cannot be downloaded here); returns the module whose weights the file holds."""
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
-    from minidiff_cli.metrics.features import _weights_from
+    from minidiff_cli.evaluation.features import _weights_from
 
     with monkeypatch.context() as patch:
         patch.setattr(FeatureExtractorInceptionV3, "load_state_dict", lambda self, state: None)
@@ -83,7 +83,7 @@ def random_inception_file(path, monkeypatch):
 
 
 def test_the_inception_loader_reads_safetensors_weights_and_gives_2048_features(tmp_path, monkeypatch):
-    from minidiff_cli.metrics.features import load_inception
+    from minidiff_cli.evaluation.features import load_inception
 
     reference = random_inception_file(tmp_path / "inception.safetensors", monkeypatch)
     features = load_inception(tmp_path / "inception.safetensors")
@@ -96,7 +96,7 @@ def test_the_inception_loader_reads_safetensors_weights_and_gives_2048_features(
 
 
 def test_the_inception_loader_refuses_other_files_in_one_line(tmp_path):
-    from minidiff_cli.metrics.features import load_inception
+    from minidiff_cli.evaluation.features import load_inception
 
     save_file({"fc.weight": torch.zeros(2, 2)}, str(tmp_path / "other.safetensors"))
     with pytest.raises(ModelFileError, match="does not hold FID's Inception-v3 weights"):

@@ -13,10 +13,10 @@ import torch
 from safetensors.torch import save_file
 
 from conftest import assert_one_line_error, run_cli
-from minidiff_cli.conditioning import Conditioning
+from minidiff_cli.diffusion.conditioning import Conditioning
 from minidiff_cli.errors import MinidiffError, ModelFileError
-from minidiff_cli.model import DiffusionModel
-from minidiff_cli.weights import FORMAT_VERSION, file_hash, read_config, save_model_file
+from minidiff_cli.diffusion.model import DiffusionModel
+from minidiff_cli.files.model_file import FORMAT_VERSION, file_hash, read_config, save_model_file
 from tinymodels import tiny_config, tiny_model
 
 
@@ -304,7 +304,7 @@ def test_loaded_model_matches_the_predictions_of_a_saved_state(tmp_path):
 def test_a_float16_unet_file_is_half_the_bytes_and_loads_as_float32(tmp_path):
     from tinymodels import tiny_model
 
-    from minidiff_cli.model import DiffusionModel
+    from minidiff_cli.diffusion.model import DiffusionModel
 
     model = tiny_model("class")
     full = model.save(tmp_path / "full.safetensors")

@@ -10,7 +10,7 @@ import subprocess
 import time
 
 from conftest import assert_one_line_error, cli_command, run_cli
-from minidiff_cli.imagemeta import read_parameters
+from minidiff_cli.files.png_parameters import read_parameters
 from tinymodels import tiny_model_file
 
 def usual_mode() -> int:
@@ -57,7 +57,7 @@ def test_model_checkpoint_and_images_share_the_umask_permissions(trained_run, tm
                      "-q", "-o", str(tmp_path / "out"))
     assert result.returncode == 0
     assert stat.S_IMODE((tmp_path / "out" / "minidiff-00000.png").stat().st_mode) == usual_mode()
-    from minidiff_cli.fileio import atomic_write
+    from minidiff_cli.files.atomic import atomic_write
 
     old = os.umask(0o077)
     try:

@@ -12,6 +12,7 @@ import pytest
 
 from conftest import assert_one_line_error, run_cli
 from minidiff_cli import plugins
+from minidiff_cli.diffusion.schedule import get_schedule
 from minidiff_cli.errors import PluginError, UnknownNameError
 
 GOOD_PLUGIN = '''
@@ -166,7 +167,7 @@ def test_accessors_list_available_names_on_a_miss():
     with pytest.raises(UnknownNameError, match=r"unknown sampler 'nope'; available: .*ddim.*ddpm"):
         plugins.get_sampler("nope")
     with pytest.raises(UnknownNameError, match="unknown schedule 'nope'; available: cosine"):
-        plugins.get_schedule("nope", 10)
+        get_schedule("nope", 10)
     with pytest.raises(UnknownNameError, match="unknown conditioner 'nope'; available: class, clip, none"):
         plugins.get_conditioner("nope")
     assert plugins.get_sampler("ddim").name == "ddim"

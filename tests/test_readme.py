@@ -170,7 +170,7 @@ def test_readme_commands_without_training_run(tmp_path):
 
 
 def test_readme_commands_that_train_run(tmp_path):
-    from minidiff_cli.weights import read_config
+    from minidiff_cli.files.model_file import read_config
 
     commands = _runnable(slow=True)
     assert len(commands) >= 4
@@ -203,7 +203,7 @@ def test_readme_python_api_example_prints_what_its_comment_says(tmp_path):
     assert result.returncode == 0, result.stderr
     promised = re.search(r"print\(.*\)\s*#\s*(.+)", example).group(1).strip()
     assert result.stdout.strip() == promised  # mean 0.502, std 0.485: the Gaussian's 0.5 and 0.5, recovered
-    from minidiff_cli.imagemeta import read_parameters
+    from minidiff_cli.files.png_parameters import read_parameters
 
     params = read_parameters(tmp_path / "circle.png")  # Pipeline.save kept the parameters
     assert (params["prompt"], params["steps"], params["cfg"], params["seed"]) == ("a red circle", 50, 3.0, 0)

@@ -7,8 +7,8 @@ import torch
 
 from minidiff_cli.builtin import schedules as builtin
 from minidiff_cli.errors import MinidiffError
-from minidiff_cli.plugins import get_schedule
-from minidiff_cli.schedule import NoiseSchedule
+from minidiff_cli.diffusion.schedule import get_schedule
+from minidiff_cli.diffusion.schedule import NoiseSchedule
 
 NAMES = ["linear", "cosine", "scaled-linear", "sigmoid", "flow"]
 

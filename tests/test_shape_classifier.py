@@ -4,9 +4,9 @@ import pytest
 import torch
 from PIL import Image, ImageFilter
 
-from minidiff_cli.data import pil_to_tensor
-from minidiff_cli.shape_classifier import analyse, classify
-from minidiff_cli.shapes import COLOURS, SHAPES, ShapeSpec, ShapesDataset, draw
+from minidiff_cli.data.dataset import pil_to_tensor
+from minidiff_cli.evaluation.shape_classifier import analyse, classify
+from minidiff_cli.data.shapes import COLOURS, SHAPES, ShapeSpec, ShapesDataset, draw
 
 
 def _accuracy(dataset, count, transform=lambda image: image):

@@ -11,11 +11,11 @@ from conftest import assert_one_line_error, run_cli
 from safetensors import safe_open
 from tinymodels import TINY_TOML, TINY_TRAIN
 
-from minidiff_cli.clip_stage import checkpoint_path
-from minidiff_cli.clip_train import ClipRecipe, train_clip
-from minidiff_cli.datasource import CaptionHoldout, open_dataset, split_captions
-from minidiff_cli.vocabulary import vocabulary
-from minidiff_cli.weights import read_config
+from minidiff_cli.training.clip_stage import checkpoint_path
+from minidiff_cli.training.clip import ClipRecipe, train_clip
+from minidiff_cli.data.sources import CaptionHoldout, open_dataset, split_captions
+from minidiff_cli.data.vocabulary import vocabulary
+from minidiff_cli.files.model_file import read_config
 
 HOLDOUT = "25%"  # of the 12 captions: 'green square', 'red circle', 'yellow square' (by their hashes)
 TINY_CLIP = dict(width=16, heads=2, layers=1, embed_dim=16, context_length=12, vision_width=8, batch_size=8,
@@ -150,7 +150,7 @@ def test_eval_on_a_folder_reports_every_metric_beside_the_real_images(run, folde
     assert "8 images for 8 captions" in text.stdout and "R-precision" in text.stdout
     from PIL import Image
 
-    from minidiff_cli.captioned_grid import CELL
+    from minidiff_cli.evaluation.captioned_grid import CELL
 
     with Image.open(grid) as sheet:  # one row of 8 cells, each an enlarged image above its caption
         assert sheet.width > 8 * CELL and CELL < sheet.height < 2 * CELL
@@ -165,8 +165,8 @@ def test_eval_on_a_folder_without_its_clip_says_how_to_get_one(folder, tmp_path)
 
 
 def test_a_run_stopped_in_stage_one_resumes_from_its_folder_alone(folder, tmp_path):
-    from minidiff_cli.clip_stage import run_clip_stage
-    from minidiff_cli.trainconfig import TrainConfig
+    from minidiff_cli.training.clip_stage import run_clip_stage
+    from minidiff_cli.training.config import TrainConfig
 
     out = tmp_path / "run"
     cfg = TrainConfig(data=str(folder), image_size=16, holdout=HOLDOUT, conditioner="clip", clip_steps=6,
@@ -188,8 +188,8 @@ def test_a_run_stopped_in_stage_one_resumes_from_its_folder_alone(folder, tmp_pa
 
 
 def test_the_fixed_evaluation_captions_hold_seen_and_held_out_ones_in_proportion():
-    from minidiff_cli.datasource import is_heldout
-    from minidiff_cli.metrics.caption_eval import fixed_captions
+    from minidiff_cli.data.sources import is_heldout
+    from minidiff_cli.evaluation.caption_eval import fixed_captions
 
     captions = [f"caption number {k}" for k in range(4000)]
     chosen = fixed_captions(captions, 200)
@@ -201,7 +201,7 @@ def test_the_fixed_evaluation_captions_hold_seen_and_held_out_ones_in_proportion
 def test_one_subfolder_beside_metadata_is_a_layout_not_a_class(folder):
     dataset = open_dataset(str(folder), image_size=16)  # images/*.png with metadata.jsonl
     assert dataset.class_names == [] and {dataset[i]["label"] for i in range(len(dataset))} == {-1}
-    from minidiff_cli.evaluation import default_prompts
+    from minidiff_cli.evaluation.shapes_judge import default_prompts
 
     prompts = default_prompts(open_dataset(str(folder), image_size=16, holdout=HOLDOUT), HOLDOUT)
     assert prompts[-2:] == ["green square", "red circle"] and len(prompts) == 8  # captions, held-out last

@@ -11,7 +11,7 @@ import torch
 from conftest import assert_one_line_error, run_cli, run_in_process
 
 from minidiff_cli.errors import MinidiffError
-from minidiff_cli.threads import ENV, LoadMeter, auto_threads, requested_threads, usable_cores
+from minidiff_cli.runtime.threads import ENV, LoadMeter, auto_threads, requested_threads, usable_cores
 
 BURN = "import time\nend = time.time() + {seconds}\nwhile time.time() < end: pass\n"
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from minidiff_cli.errors import MinidiffError
-from minidiff_cli.unet import UNet, UNetConfig, timestep_embedding
+from minidiff_cli.nets.unet import UNet, UNetConfig, timestep_embedding
 
 # Small widths keep every test well under a second on a CPU.
 TINY = dict(base_channels=16, channel_mult=(1, 2), num_res_blocks=1, norm_groups=4, head_dim=8)

@@ -15,8 +15,8 @@ from conftest import assert_one_line_error
 from tinymodels import TINY_TOML, TINY_TRAIN, without
 
 from minidiff_cli.errors import MinidiffError, ModelFileError
-from minidiff_cli.metrics.reconstruction import bytes_per_image, psnr, ssim
-from minidiff_cli.model import DiffusionModel
+from minidiff_cli.evaluation.reconstruction import bytes_per_image, psnr, ssim
+from minidiff_cli.diffusion.model import DiffusionModel
 from minidiff_cli.vae.autoencoder import Autoencoder, Posterior, VAEConfig
 from minidiff_cli.vae.latent_space import LatentSpace, measure
 from minidiff_cli.vae.vae_file import check_vae_file, load_vae, save_vae, vae_factor
@@ -153,9 +153,9 @@ def test_vae_train_learns_saves_and_checks_held_out_images(vae_run):
     checks = [r for r in records if "check_psnr" in r]
     assert [r["step"] for r in checks] == [50, 100] and all(r["check_on"] == "held-out" for r in checks)
     untrained = tiny_vae()
-    from minidiff_cli.datasource import open_dataset
-    from minidiff_cli.vae.evaluation import reconstruct, summarise
-    from minidiff_cli.vae.training import split_items
+    from minidiff_cli.data.sources import open_dataset
+    from minidiff_cli.evaluation.vae import reconstruct, summarise
+    from minidiff_cli.training.vae import split_items
 
     dataset = open_dataset("shapes", image_size=16, holdout="")
     train, held = split_items(dataset, 0.05)
@@ -174,7 +174,7 @@ def test_vae_train_resume_equals_an_uninterrupted_run(tmp_path, cli):
     assert cli(*flags, "--max-steps", "20", "--out", str(first)).returncode == 0
     resumed = cli("vae", "train", "--out", str(first), "--resume", "--max-steps", "40", "--quiet")
     assert resumed.returncode == 0, resumed.stderr
-    from minidiff_cli.vae.training import VAETrainConfig, VAETrainer
+    from minidiff_cli.training.vae import VAETrainConfig, VAETrainer
 
     stored = json.loads((first.with_name("a-run") / "vae_config.json").read_text())
     assert stored["lr_decay_steps"] == 20 and stored["max_steps"] == 40  # the decay was fixed by the first run
@@ -260,7 +260,7 @@ def test_latent_model_file_holds_its_vae_and_draws_pixels(latent_run, vae_run, c
 
 def test_every_sampler_draws_a_latent_model(latent_run):
     from minidiff_cli import plugins
-    from minidiff_cli.pipeline import Pipeline
+    from minidiff_cli.inference.pipeline import Pipeline
 
     pipe = Pipeline.load(str(latent_run / "model.safetensors"), device="cpu")
     for name in plugins.registry().names("samplers"):
@@ -269,13 +269,13 @@ def test_every_sampler_draws_a_latent_model(latent_run):
 
 
 def pipe_generation(sampler: str):
-    from minidiff_cli.pipeline import Generation
+    from minidiff_cli.inference.pipeline import Generation
 
     return Generation("a red circle", steps=4, cfg=2.0, sampler=sampler, seed=5)
 
 
 def test_latent_inpainting_keeps_the_kept_pixels_exactly(latent_run, tmp_path):
-    from minidiff_cli.pipeline import Pipeline
+    from minidiff_cli.inference.pipeline import Pipeline
 
     pipe = Pipeline.load(str(latent_run / "model.safetensors"), device="cpu")
     init = Image.new("RGB", (16, 16), (20, 200, 40))
@@ -373,7 +373,7 @@ def test_a_latent_run_resumes_only_with_its_own_vae(tmp_path, cli, vae_run, toml
 
 
 def test_the_patchgan_term_trains_saves_and_resumes(tmp_path, cli):
-    from minidiff_cli.checkpoint import load_checkpoint
+    from minidiff_cli.training.checkpoint import load_checkpoint
 
     out = tmp_path / "gan.safetensors"
     flags = ["vae", "train", "--data", "shapes", *TINY_VAE, "--disc-start", "2", "--save-every", "3",

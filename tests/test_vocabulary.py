@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from conftest import run_cli
 
-from minidiff_cli.vocabulary import unknown_words, vocabulary, words
+from minidiff_cli.data.vocabulary import unknown_words, vocabulary, words
 
 
 def test_words_are_lowercase_runs_of_letters_and_digits():

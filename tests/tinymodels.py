@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from minidiff_cli import plugins
-from minidiff_cli.model import DiffusionModel
+from minidiff_cli.diffusion.model import DiffusionModel
 
 CLASS_NAMES = ["red circle", "blue square", "green triangle"]
 TIMESTEPS = 50

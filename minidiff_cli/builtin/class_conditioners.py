@@ -18,7 +18,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from minidiff_cli.conditioning import Conditioning, module_device
+from minidiff_cli.diffusion.conditioning import Conditioning, module_device
 from minidiff_cli.errors import MinidiffError
 
 

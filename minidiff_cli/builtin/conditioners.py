@@ -16,7 +16,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from minidiff_cli import hookimpl
+from minidiff_cli.plugins import hookimpl
 
 
 class LazyClass:
@@ -60,7 +60,7 @@ CONDITIONERS = (
               "Unconditional: prompts are ignored."),
     LazyClass("class", "minidiff_cli.builtin.class_conditioners:ClassConditioner",
               "A learned embedding per class name (pooled), plus a null class."),
-    LazyClass("clip", "minidiff_cli.clip_text:ClipTextConditioner",
+    LazyClass("clip", "minidiff_cli.clip.text:ClipTextConditioner",
               "A frozen open_clip text encoder: token states (context) and projected EOT (pooled)."),
 )
 

@@ -1,12 +1,12 @@
 """The built-in data sets, registered like any plugin's: ``shapes`` and ``imagefolder``.
 
-Each factory keeps the contract in ``minidiff_cli.data``. The dataset classes
+Each factory keeps the contract in ``minidiff_cli.data.dataset``. The dataset classes
 (and torch) are imported inside the factories, so loading this plugin is free.
 """
 
 from __future__ import annotations
 
-from minidiff_cli import hookimpl
+from minidiff_cli.plugins import hookimpl
 from minidiff_cli.errors import MinidiffError
 
 
@@ -17,8 +17,8 @@ def make_shapes(source=None, *, image_size: int = 32, seed: int = 0, holdout=(),
     Options: ``length`` (virtual number of items), ``colours`` and ``shapes``
     (subsets, or "star" added, as lists or comma-separated text).
     """
-    from minidiff_cli.data import parse_holdout
-    from minidiff_cli.shapes import ShapesDataset
+    from minidiff_cli.data.dataset import parse_holdout
+    from minidiff_cli.data.shapes import ShapesDataset
 
     _no_unknown("shapes", opts, ("length", "colours", "shapes"))
     return ShapesDataset(_int("image_size", image_size), seed=_int("seed", seed),
@@ -31,7 +31,7 @@ def make_imagefolder(source, *, image_size: int, seed: int = 0, holdout=(), requ
 
     Option: ``require_classes`` (an error when the folder has no class subfolders).
     """
-    from minidiff_cli.imagefolder import ImageFolderDataset
+    from minidiff_cli.data.image_folder import ImageFolderDataset
 
     _no_unknown("imagefolder", opts, ("require_classes",))
     if holdout:

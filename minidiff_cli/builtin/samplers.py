@@ -9,7 +9,7 @@ Torch is imported inside the functions so that loading this plugin costs nothing
 
 from __future__ import annotations
 
-from minidiff_cli import hookimpl
+from minidiff_cli.plugins import hookimpl
 from minidiff_cli.errors import MinidiffError
 
 
@@ -61,9 +61,9 @@ class DDPM:
     """Ancestral sampling (Ho et al. 2020, Algorithm 2), at any number of steps.
 
     Options: ``variance`` "beta-tilde" (default) or "beta"; ``spacing`` of the timesteps
-    (see ``minidiff_cli.sampling.timesteps``); ``clip_x0`` clamps the predicted x_0 to
+    (see ``minidiff_cli.diffusion.sampling.timesteps``); ``clip_x0`` clamps the predicted x_0 to
     [-clip_x0, clip_x0] (default None: no clamp). ``start`` / ``stop`` run part of the grid
-    (``minidiff_cli.sampling.PartialSampler``).
+    (``minidiff_cli.diffusion.sampling.PartialSampler``).
     """
 
     name = "ddpm"
@@ -72,7 +72,7 @@ class DDPM:
 
     def sample(self, denoiser, x, schedule, steps, *, generator=None, callback=None, start=0, stop=None,
                variance="beta-tilde", spacing="trailing", clip_x0=None, **unknown):
-        from minidiff_cli.sampling import alpha_bars, batch_t, noise_like, step_range, timesteps
+        from minidiff_cli.diffusion.sampling import alpha_bars, batch_t, noise_like, step_range, timesteps
 
         _no_unknown(self.name, unknown, self.options)
         if variance not in ("beta-tilde", "beta"):
@@ -108,7 +108,7 @@ class DDIM:
 
     def sample(self, denoiser, x, schedule, steps, *, generator=None, callback=None, start=0, stop=None,
                eta=0.0, spacing="trailing", clip_x0=None, **unknown):
-        from minidiff_cli.sampling import alpha_bars, batch_t, noise_like, step_range, timesteps
+        from minidiff_cli.diffusion.sampling import alpha_bars, batch_t, noise_like, step_range, timesteps
 
         _no_unknown(self.name, unknown, self.options)
         eta = _number(self.name, "eta", eta)
@@ -138,7 +138,7 @@ class DDIM:
 
 def _grid_levels(sampler, schedule, steps, spacing, others) -> list[float]:
     """alpha_bar along the sampler's timesteps; its other options do not move the grid but must be its own."""
-    from minidiff_cli.sampling import grid_levels, timesteps
+    from minidiff_cli.diffusion.sampling import grid_levels, timesteps
 
     _no_unknown(sampler.name, {k: v for k, v in others.items() if k not in sampler.options}, sampler.options)
     return grid_levels(schedule, timesteps(schedule.num_timesteps, steps, spacing))

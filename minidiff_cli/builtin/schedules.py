@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import operator
 
-from minidiff_cli import hookimpl
+from minidiff_cli.plugins import hookimpl
 from minidiff_cli.errors import MinidiffError
 
 

@@ -51,7 +51,7 @@ def _global_options(
                                  help="Print the version and exit."),
 ) -> None:
     from minidiff_cli import plugins
-    from minidiff_cli.allocator import keep_freed_memory
+    from minidiff_cli.runtime.allocator import keep_freed_memory
 
     keep_freed_memory()  # a command is about to run: reuse freed tensor memory (see allocator.py)
     if plugins_dir is not None:
@@ -156,14 +156,14 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _plugin_of(exc: BaseException) -> str | None:
-    from minidiff_cli.plugins import loaded_plugin_of
+    from minidiff_cli.plugins.registry import loaded_plugin_of
 
     return loaded_plugin_of(exc)
 
 
 def _error(message: str, code: int = 2, prefix: str = "Error: ") -> None:
     """Print ``Error: message`` as exactly one line on stderr and exit."""
-    from minidiff_cli.infotext import printable
+    from minidiff_cli.inference.infotext import printable
 
     text = str(message)
     cut = text.find("Exception raised from ")  # torch's C++ context: kilobytes of stack after the message

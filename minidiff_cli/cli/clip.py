@@ -77,9 +77,9 @@ def train_command(
     """
     if out.exists() and not overwrite:  # before minutes of training (and seconds of imports), not after
         raise MinidiffError(f"'{out}' already exists; choose another name, or pass --overwrite")
-    from minidiff_cli.clip_train import ClipRecipe, default_holdout, describe_accuracy, evaluate, save_clip, train_clip
+    from minidiff_cli.training.clip import ClipRecipe, default_holdout, describe_accuracy, evaluate, save_clip, train_clip
 
-    from minidiff_cli.clip_stage import checkpoint_path
+    from minidiff_cli.training.clip_stage import checkpoint_path
 
     if holdout is None:
         holdout = default_holdout(data)
@@ -124,7 +124,7 @@ def eval_command(
 
       minidiff clip eval shapes-clip.safetensors
     """
-    from minidiff_cli.clip_train import ClipRecipe, describe_accuracy, evaluate, load_clip
+    from minidiff_cli.training.clip import ClipRecipe, describe_accuracy, evaluate, load_clip
 
     model, metadata = load_clip(path)
     trained = json.loads(metadata.get("training", "{}")).get("recipe", {})

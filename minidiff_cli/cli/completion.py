@@ -31,7 +31,7 @@ def datasets(incomplete: str) -> list[str]:
 
 def models(incomplete: str) -> list[str]:
     """Model names and run folders (see `minidiff models`); a path is left to the shell."""
-    from minidiff_cli.models_dir import list_models
+    from minidiff_cli.files.models_dir import list_models
 
     names = dict.fromkeys(name for name, _, _ in list_models())
     return [name for name in names if name.startswith(incomplete)]

@@ -11,9 +11,9 @@ import typer
 from minidiff_cli.cli import completion
 from minidiff_cli.cli.app import app
 from minidiff_cli.cli.options import threads_option
-from minidiff_cli.threads import apply_threads
+from minidiff_cli.runtime.threads import apply_threads
 from minidiff_cli.errors import MinidiffError
-from minidiff_cli.fileio import refuse_existing
+from minidiff_cli.files.atomic import refuse_existing
 
 
 @app.command("eval")
@@ -71,10 +71,10 @@ def eval_command(
                             seed=seed, batch_size=batch_size, device=device, dtype=dtype, output=output,
                             grid=grid, as_json=as_json, quiet=quiet, overwrite=overwrite)
     n = 8 if n is None else n
-    from minidiff_cli.data import parse_holdout
-    from minidiff_cli.evaluation import evaluate
-    from minidiff_cli.pipeline import Pipeline
-    from minidiff_cli.shapes import COLOURS, DEFAULT_SHAPES
+    from minidiff_cli.data.dataset import parse_holdout
+    from minidiff_cli.evaluation.shapes_judge import evaluate
+    from minidiff_cli.inference.pipeline import Pipeline
+    from minidiff_cli.data.shapes import COLOURS, DEFAULT_SHAPES
 
     pairs = _parse_runs(runs)
     refuse_existing((output, grid), overwrite)
@@ -95,7 +95,7 @@ def eval_command(
                           overwrite=overwrite)
     report["model"] = {"name": pipe.name, "hash": pipe.model.hash}
     if output is not None:
-        from minidiff_cli.fileio import atomic_write
+        from minidiff_cli.files.atomic import atomic_write
 
         atomic_write(output, lambda p: p.write_text(json.dumps(report, indent=2)), overwrite=overwrite)
     if as_json:
@@ -107,10 +107,10 @@ def eval_command(
 def _eval_folder(model, data, clip, captions, inception, *, n, runs, cfg, seed, batch_size, device, dtype,
                  output, grid, as_json, quiet, overwrite) -> None:
     from minidiff_cli.cli.display import step_progress
-    from minidiff_cli.datasource import holdout_fraction, is_heldout, open_dataset
-    from minidiff_cli.metrics.caption_eval import CaptionEvalSettings, describe, evaluate_captions
-    from minidiff_cli.metrics.features import load_clip_features, load_inception
-    from minidiff_cli.pipeline import Pipeline
+    from minidiff_cli.data.sources import holdout_fraction, is_heldout, open_dataset
+    from minidiff_cli.evaluation.caption_eval import CaptionEvalSettings, describe, evaluate_captions
+    from minidiff_cli.evaluation.features import load_clip_features, load_inception
+    from minidiff_cli.inference.pipeline import Pipeline
 
     pairs = _parse_runs(runs)
     if len(pairs) != 1:
@@ -135,7 +135,7 @@ def _eval_folder(model, data, clip, captions, inception, *, n, runs, cfg, seed, 
     report["model"] = {"name": pipe.name, "hash": pipe.model.hash}
     report["clip_file"] = str(clip_file)
     if output is not None:
-        from minidiff_cli.fileio import atomic_write
+        from minidiff_cli.files.atomic import atomic_write
 
         atomic_write(output, lambda p: p.write_text(json.dumps(report, indent=2)), overwrite=overwrite)
     typer.echo(json.dumps(report, indent=2) if as_json else "\n".join(describe(report)))
@@ -146,9 +146,9 @@ GRID_IMAGES = 32
 
 def _save_captioned_grid(path: Path, images, captions: list[str], heldout, overwrite: bool) -> None:
     """The first GRID_IMAGES images of the evaluation, each above its caption (held-out ones starred)."""
-    from minidiff_cli.captioned_grid import captioned_grid
-    from minidiff_cli.data import tensor_to_pil
-    from minidiff_cli.fileio import atomic_write
+    from minidiff_cli.evaluation.captioned_grid import captioned_grid
+    from minidiff_cli.data.dataset import tensor_to_pil
+    from minidiff_cli.files.atomic import atomic_write
 
     shown = list(range(min(GRID_IMAGES, len(captions))))
     sheet = captioned_grid([tensor_to_pil(images[k]) for k in shown], [captions[k] for k in shown],

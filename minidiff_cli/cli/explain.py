@@ -15,7 +15,7 @@ import typer
 from minidiff_cli.cli import completion
 from minidiff_cli.cli.app import app
 from minidiff_cli.cli.options import threads_option
-from minidiff_cli.threads import apply_threads
+from minidiff_cli.runtime.threads import apply_threads
 from minidiff_cli.errors import MinidiffError, UnknownNameError
 
 
@@ -38,8 +38,8 @@ def explain_command(
       minidiff explain --json
     """
     apply_threads(threads)
-    from minidiff_cli.model import DiffusionModel
-    from minidiff_cli.models_dir import resolve_model
+    from minidiff_cli.diffusion.model import DiffusionModel
+    from minidiff_cli.files.models_dir import resolve_model
 
     if depth < 1:
         raise MinidiffError(f"--depth must be at least 1 (got {depth})")

@@ -15,7 +15,7 @@ from minidiff_cli.cli import completion
 from minidiff_cli.cli.generate_init import image_start, open_init_files
 from minidiff_cli.cli.app import app
 from minidiff_cli.cli.options import threads_option
-from minidiff_cli.threads import apply_threads
+from minidiff_cli.runtime.threads import apply_threads
 from minidiff_cli.errors import MinidiffError
 
 # Used when neither a flag nor --from gives a value.
@@ -90,7 +90,7 @@ def generate_command(
       minidiff generate --prompts prompts.txt -o out/
     """
     apply_threads(threads)
-    from minidiff_cli.pipeline import Generation
+    from minidiff_cli.inference.pipeline import Generation
 
     given = {"prompt": prompt, "negative_prompt": negative, "steps": steps, "cfg": cfg, "sampler": sampler,
              "seed": seed, "eta": eta, "model": model,
@@ -121,7 +121,7 @@ def generate_command(
     _warn_about_prompt(pipe, params)
     recorder = None
     if save_trajectory:
-        from minidiff_cli.trajectory import TrajectoryRecorder
+        from minidiff_cli.inference.trajectory import TrajectoryRecorder
 
         recorder = TrajectoryRecorder()
     images = _run(pipe, gen, num_images, batch_size, quiet, recorder)
@@ -141,7 +141,7 @@ def generate_command(
 
 
 def _under_torchrun() -> bool:
-    from minidiff_cli.ranks import world_size
+    from minidiff_cli.runtime.ranks import world_size
 
     return world_size() > 1
 
@@ -162,7 +162,7 @@ def _resolve(given: dict[str, Any], from_image: Path | None) -> dict[str, Any]:
     """Flags given > the parameters of --from > defaults."""
     stored: dict[str, Any] = {}
     if from_image is not None:
-        from minidiff_cli.infotext import read_for_repeat
+        from minidiff_cli.inference.infotext import read_for_repeat
 
         # minidiff's JSON chunk, or what maps from another program's `parameters` text (with a note)
         stored, note = read_for_repeat(from_image, sampler_given=given.get("sampler") is not None)
@@ -218,7 +218,7 @@ def _is_model_name(name: str) -> bool:
 
 def _check_numbers(params: dict[str, Any], num_images: int, batch_size: int | None) -> None:
     """The values given (flags, or a --from PNG) in range, before the model is loaded."""
-    from minidiff_cli.pipeline import MAX_CFG, MAX_IMAGES, MAX_SEED, check_text
+    from minidiff_cli.inference.pipeline import MAX_CFG, MAX_IMAGES, MAX_SEED, check_text
 
     steps, cfg, eta, seed = params["steps"], params["cfg"], params["eta"], params["seed"]
     if steps < 1:
@@ -282,7 +282,7 @@ def _taken(path: Path) -> bool:
 
 
 def _free_paths(output: Path, num_images: int, overwrite: bool = False) -> list[Path]:
-    from minidiff_cli.fileio import ensure_writable_dir, next_free_path
+    from minidiff_cli.files.atomic import ensure_writable_dir, next_free_path
 
     if output.suffix.lower() == ".png":
         ensure_writable_dir(output.parent if str(output.parent) else Path("."))
@@ -304,11 +304,11 @@ def _free_paths(output: Path, num_images: int, overwrite: bool = False) -> list[
 
 def _load(model: str | None, device: str, dtype: str, from_image: Path | None):
     from minidiff_cli.errors import UnknownNameError
-    from minidiff_cli.pipeline import Pipeline
+    from minidiff_cli.inference.pipeline import Pipeline
 
     try:
         if from_image is not None and model is not None:  # a name from the PNG: installed models only
-            from minidiff_cli.models_dir import resolve_model
+            from minidiff_cli.files.models_dir import resolve_model
 
             model = str(resolve_model(model, installed_only=True))
         return Pipeline.load(model, device=device, dtype=dtype)
@@ -320,7 +320,7 @@ def _load(model: str | None, device: str, dtype: str, from_image: Path | None):
 
 
 def _warn_about_prompt(pipe, params: dict[str, Any]) -> None:
-    from minidiff_cli.vocabulary import prompt_warnings
+    from minidiff_cli.data.vocabulary import prompt_warnings
 
     for note in prompt_warnings(params["prompt"] or "", pipe.model.config, pipe.model.conditioner):
         print(f"minidiff: warning: {note}", file=sys.stderr)
@@ -389,7 +389,7 @@ def _check_free(paths: list[Path]) -> None:
 
 
 def _save_trajectories(recorder, targets: list[Path], overwrite: bool = False) -> list[Path]:
-    from minidiff_cli import trajectory
+    from minidiff_cli.inference import trajectory
 
     written = []
     for k, target in enumerate(targets):
@@ -400,8 +400,8 @@ def _save_trajectories(recorder, targets: list[Path], overwrite: bool = False) -
 
 
 def _save(images: list, targets: list[Path], output: Path, grid: bool, overwrite: bool = False) -> list[Path]:
-    from minidiff_cli.fileio import write_numbered
-    from minidiff_cli.imagemeta import png_writer, save_png
+    from minidiff_cli.files.atomic import write_numbered
+    from minidiff_cli.files.png_parameters import png_writer, save_png
 
     numbered = not output.suffix  # names minidiff chose (never replaced): claimed as each is written
     written = []

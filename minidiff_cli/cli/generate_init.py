@@ -29,7 +29,7 @@ def open_init_files(init_image: Path | None, mask: Path | None, strength: float 
                     prompts_file: Path | None, sampler: str) -> InitFiles | None:
     """The files of --init-image and --mask, opened, after checking the flags and that ``sampler`` can
     start part way; None without --init-image."""
-    from minidiff_cli.img2img.settings import MAX_RESAMPLE
+    from minidiff_cli.inference.img2img.settings import MAX_RESAMPLE
 
     if init_image is None:
         given = [flag for flag, value in (("--mask", mask), ("--strength", strength), ("--resample", resample))
@@ -46,9 +46,9 @@ def open_init_files(init_image: Path | None, mask: Path | None, strength: float 
     if resample and mask is None:
         raise MinidiffError("--resample harmonises a repainted region with the kept one; it needs --mask")
     from minidiff_cli import plugins
-    from minidiff_cli.img2img.images import open_image, pixel_hash
-    from minidiff_cli.img2img.run import require_partial
-    from minidiff_cli.pipeline import _who
+    from minidiff_cli.inference.img2img.images import open_image, pixel_hash
+    from minidiff_cli.inference.img2img.run import require_partial
+    from minidiff_cli.inference.pipeline import _who
 
     require_partial(plugins.get_sampler(sampler), _who(sampler))
     image = open_image(init_image, "init image")

@@ -19,7 +19,7 @@ from typing import Any
 import typer
 
 from minidiff_cli.errors import MinidiffError
-from minidiff_cli.vocabulary import prompt_warnings
+from minidiff_cli.data.vocabulary import prompt_warnings
 
 
 @dataclass(frozen=True)
@@ -51,8 +51,9 @@ class Written:
 
 
 def generate_from_file(params: dict[str, Any], run: FileRun) -> None:
-    from minidiff_cli import prompts_file, ranks
-    from minidiff_cli.pipeline import Generation
+    from minidiff_cli.inference import prompts_file
+    from minidiff_cli.runtime import ranks
+    from minidiff_cli.inference.pipeline import Generation
 
     lines = prompts_file.read_prompts(run.prompts)
     base = Generation("", params["negative_prompt"] or "", params["steps"], float(params["cfg"]), params["sampler"],
@@ -73,7 +74,7 @@ def generate_from_file(params: dict[str, Any], run: FileRun) -> None:
 
 
 def _folder(output: Path) -> Path:
-    from minidiff_cli.fileio import ensure_writable_dir
+    from minidiff_cli.files.atomic import ensure_writable_dir
 
     if output.suffix:
         raise MinidiffError(f"with --prompts, -o is a folder (images are named line-LLLLL-KK.png in it), "
@@ -121,7 +122,7 @@ def _check_lines(pipe, jobs, path: Path) -> None:
 def _sample(pipe, batches, names, quiet: bool, dist, keep_images: bool, overwrite: bool) -> list[Written]:
     """Sample and write this process's batches, with one progress bar over all of them."""
     from minidiff_cli.cli.display import step_progress
-    from minidiff_cli.imagemeta import save_png
+    from minidiff_cli.files.png_parameters import save_png
 
     count = sum(len(batch.rows) for batch in batches)
     what = f"sampling {count} image(s)" + (f" (process 1 of {dist.world})" if dist.world > 1 else "")
@@ -157,8 +158,8 @@ def _report(written: list[Written], run: FileRun, dist) -> None:
 def _save_grid(written: list[Written], folder: Path) -> Path:
     """One row per line when every line has the same number (> 1) of images; else near-square."""
     from minidiff_cli.cli.generate import make_grid
-    from minidiff_cli.fileio import next_free_path
-    from minidiff_cli.imagemeta import save_png
+    from minidiff_cli.files.atomic import next_free_path
+    from minidiff_cli.files.png_parameters import save_png
 
     per_line: dict[int, int] = {}
     for w in written:

@@ -39,8 +39,8 @@ def info_command(
 
 
 def _image_info(path: Path, as_json: bool) -> None:
-    from minidiff_cli.imagemeta import format_parameters
-    from minidiff_cli.infotext import json_printable, printable, read_image
+    from minidiff_cli.files.png_parameters import format_parameters
+    from minidiff_cli.inference.infotext import json_printable, printable, read_image
 
     params, foreign = read_image(path)
     if foreign is not None:
@@ -53,7 +53,7 @@ def _image_info(path: Path, as_json: bool) -> None:
 
 def _foreign_info(path: Path, text: str, as_json: bool) -> None:
     """Another program's `parameters` text: shown as it is (escapes made visible), and split into fields."""
-    from minidiff_cli.infotext import parse, printable
+    from minidiff_cli.inference.infotext import parse, printable
 
     info = parse(text, path)  # refuses an oversized text
     if as_json:  # ASCII-escaped: no control character of a stranger's reaches the terminal
@@ -65,9 +65,9 @@ def _foreign_info(path: Path, text: str, as_json: bool) -> None:
 
 
 def _model_info(target: str | None, as_json: bool) -> None:
-    from minidiff_cli.model import DiffusionModel
-    from minidiff_cli.models_dir import resolve_model
-    from minidiff_cli.weights import file_hash, read_header
+    from minidiff_cli.diffusion.model import DiffusionModel
+    from minidiff_cli.files.models_dir import resolve_model
+    from minidiff_cli.files.model_file import file_hash, read_header
 
     path = resolve_model(target)
     metadata, entries = read_header(path)
@@ -100,7 +100,7 @@ def _vae_info(path: Path, entries: dict[str, Any], as_json: bool) -> None:
     from rich.table import Table
 
     from minidiff_cli.vae.vae_file import check_vae_file
-    from minidiff_cli.weights import file_hash
+    from minidiff_cli.files.model_file import file_hash
 
     cfg, meta = check_vae_file(path)
     summary = {"file": str(path), "hash": file_hash(path), "bytes": path.stat().st_size, "tensors": len(entries),

@@ -20,7 +20,7 @@ def models_command(as_json: bool = typer.Option(False, "--json", help="Print the
 
     Example: minidiff models
     """
-    from minidiff_cli.models_dir import DEFAULT_MODEL, list_models, user_dir
+    from minidiff_cli.files.models_dir import DEFAULT_MODEL, list_models, user_dir
 
     rows = [{"name": name, "path": str(path), "where": where, "default": name == DEFAULT_MODEL and where == "shipped",
              **_card(path)} for name, path, where in list_models()]
@@ -42,7 +42,7 @@ def models_command(as_json: bool = typer.Option(False, "--json", help="Print the
 def _card(path) -> dict:
     """A model file's description and example prompts, read from its header alone; {} when it has none."""
     from minidiff_cli.errors import MinidiffError
-    from minidiff_cli.weights import read_config
+    from minidiff_cli.files.model_file import read_config
 
     try:
         card = read_config(path).get("card")

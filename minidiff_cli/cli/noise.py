@@ -15,7 +15,7 @@ import typer
 from minidiff_cli.cli import completion
 from minidiff_cli.cli.app import app
 from minidiff_cli.cli.options import threads_option
-from minidiff_cli.threads import apply_threads
+from minidiff_cli.runtime.threads import apply_threads
 from minidiff_cli.errors import MinidiffError
 
 # Fractions of T shown when --timesteps is not given: 0, 100, 250, 500, 750, 999 for T = 1000.
@@ -50,6 +50,7 @@ def noise_command(
       minidiff noise photo.jpg --timesteps 0,50,100,200 --schedule linear -o linear.png
     """
     from minidiff_cli import plugins
+    from minidiff_cli.diffusion.schedule import get_schedule
 
     # Every check that needs no torch comes first, so that a typo is reported at once.
     plugins.registry().get("schedules", schedule)
@@ -63,13 +64,13 @@ def noise_command(
     picture = _read_image(image, image_size)
     apply_threads(threads)  # imports torch: after the checks that need none
 
-    from minidiff_cli.data import pil_to_tensor
+    from minidiff_cli.data.dataset import pil_to_tensor
 
-    sched = plugins.get_schedule(schedule, num_timesteps)
+    sched = get_schedule(schedule, num_timesteps)
     frames, labels = noised_frames(pil_to_tensor(picture), sched, ts, seed)
     strip = labelled_strip(frames, labels)
 
-    from minidiff_cli.fileio import atomic_write
+    from minidiff_cli.files.atomic import atomic_write
 
     atomic_write(output, lambda tmp: strip.save(tmp, format="PNG"), overwrite=overwrite)
     _preview(frames, labels)
@@ -99,7 +100,7 @@ def _read_image(path: Path, size: int):
     """The image at ``path``, RGB, scaled and centre-cropped to ``size`` x ``size``; or a one-line error."""
     from PIL import Image, UnidentifiedImageError
 
-    from minidiff_cli.data import resize_center_crop, to_rgb
+    from minidiff_cli.data.dataset import resize_center_crop, to_rgb
 
     if not path.exists():
         raise MinidiffError(f"image '{path}' does not exist")
@@ -119,7 +120,7 @@ def noised_frames(x0, schedule, ts: list[int], seed: int):
     """(PIL frames, labels): x0 noised to each t in ``ts`` with one shared eps drawn from ``seed``."""
     import torch
 
-    from minidiff_cli.data import tensor_to_pil
+    from minidiff_cli.data.dataset import tensor_to_pil
 
     eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
     batch = x0.expand(len(ts), *x0.shape)

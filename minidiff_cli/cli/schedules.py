@@ -63,6 +63,7 @@ def list_command(
 def _schedule_rows(timesteps: int) -> list[dict]:
     """name, plugin, alpha_bar(T/2), SNR(T-1) of every schedule; a broken one has its error instead."""
     from minidiff_cli import plugins
+    from minidiff_cli.diffusion.schedule import get_schedule
 
     reg = plugins.registry()
     rows = []
@@ -70,7 +71,7 @@ def _schedule_rows(timesteps: int) -> list[dict]:
         row = {"name": name, "plugin": reg.owner("schedules", name), "alpha_bar_half": None, "snr_final": None,
                "error": None}
         try:
-            schedule = plugins.get_schedule(name, timesteps)
+            schedule = get_schedule(name, timesteps)
         except Exception as exc:  # one broken plugin schedule must not hide the others
             row["error"] = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         else:
@@ -93,9 +94,10 @@ def show_command(
       minidiff schedules show cosine --timesteps 10 --json
     """
     from minidiff_cli import plugins
+    from minidiff_cli.diffusion.schedule import get_schedule
 
     plugins.registry().get("schedules", name)  # an unknown name fails before torch is imported
-    schedule = plugins.get_schedule(name, timesteps)
+    schedule = get_schedule(name, timesteps)
     if as_json:
         typer.echo(json.dumps({"name": name, "timesteps": timesteps, "betas": schedule.betas.tolist(),
                                "alphas_cumprod": schedule.alphas_cumprod.tolist()}))
@@ -135,7 +137,8 @@ def plot_command(
     from rich.console import Console
 
     from minidiff_cli import plugins
-    from minidiff_cli.fileio import atomic_write
+    from minidiff_cli.diffusion.schedule import get_schedule
+    from minidiff_cli.files.atomic import atomic_write
 
     reg = plugins.registry()
     names = list(dict.fromkeys(names)) if names else reg.names("schedules")
@@ -152,11 +155,11 @@ def plot_command(
     for name in names:
         if name == "flow" and shift:  # one curve per shift, named by it
             for value in dict.fromkeys(shift):
-                schedule = plugins.get_schedule(name, timesteps, shift=value)
+                schedule = get_schedule(name, timesteps, shift=value)
                 schedule.name = f"flow (shift {value:g})"
                 schedules.append(schedule)
         else:
-            schedules.append(plugins.get_schedule(name, timesteps))
+            schedules.append(get_schedule(name, timesteps))
     atomic_write(output, lambda tmp: _save_plot(schedules, tmp), overwrite=overwrite)
     console = Console()
     _terminal_chart(console, schedules)

@@ -90,7 +90,7 @@ def train_command(
     for key in LIST_FLAGS:
         if flags[key] is not None:
             flags[key] = int_list(flags[key], key)
-    from minidiff_cli.trainconfig import load_toml, merge
+    from minidiff_cli.training.config import load_toml, merge
 
     cfg = merge(flags, config)
     if resume:
@@ -105,9 +105,9 @@ def _text_stage_config(cfg, given: set[str]):
     the one it stored at the start of stage 1, with the values given now; None for any other run."""
     import json
 
-    from minidiff_cli.clip_stage import needs_clip_stage
-    from minidiff_cli.trainconfig import TrainConfig
-    from minidiff_cli.training import CHECKPOINT, RUN_CONFIG, check_resume_flags
+    from minidiff_cli.training.clip_stage import needs_clip_stage
+    from minidiff_cli.training.config import TrainConfig
+    from minidiff_cli.training.trainer import CHECKPOINT, RUN_CONFIG, check_resume_flags
 
     out = Path(cfg.out)
     if (out / CHECKPOINT).is_file():
@@ -126,9 +126,9 @@ def _text_stage_config(cfg, given: set[str]):
 
 def _resumed_config(cfg, given: set[str]):
     """The recipe stored in the run's checkpoint, with the values given now (if they may change)."""
-    from minidiff_cli.checkpoint import read_checkpoint_meta
-    from minidiff_cli.trainconfig import TrainConfig
-    from minidiff_cli.training import CHECKPOINT, check_resume_flags
+    from minidiff_cli.training.checkpoint import read_checkpoint_meta
+    from minidiff_cli.training.config import TrainConfig
+    from minidiff_cli.training.trainer import CHECKPOINT, check_resume_flags
 
     # The checkpoint, not train_config.json, is the truth: a run killed between the two writes
     # must still resume from its last complete checkpoint.
@@ -150,8 +150,8 @@ def _train(cfg, resume: bool) -> None:
     """One run at a time in a folder that is this run's (see runfolder.py)."""
     import os
 
-    from minidiff_cli.clip_stage import needs_clip_stage
-    from minidiff_cli.runfolder import CHECKPOINT, check_contents, locked
+    from minidiff_cli.training.clip_stage import needs_clip_stage
+    from minidiff_cli.training.run_folder import CHECKPOINT, check_contents, locked
 
     out, stages = Path(cfg.out), needs_clip_stage(cfg)
     # A run still in its first stage (the CLIP) has no checkpoint to resume yet.
@@ -163,7 +163,7 @@ def _train(cfg, resume: bool) -> None:
 
 
 def _train_locked(cfg, resume: bool, stages: bool) -> None:
-    from minidiff_cli.training import CHECKPOINT, Trainer
+    from minidiff_cli.training.trainer import CHECKPOINT, Trainer
 
     if stages:
         cfg = dataclasses.replace(cfg, clip_weights=str(_text_stage(cfg, resume)))
@@ -196,7 +196,7 @@ def _text_stage(cfg, resume: bool) -> Path:
     """Stage 1: the run's own CLIP, trained (or continued, or found done) in --out."""
     import os
 
-    from minidiff_cli.clip_stage import clip_path, run_clip_stage
+    from minidiff_cli.training.clip_stage import clip_path, run_clip_stage
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not clip_path(cfg.out).is_file():
         raise MinidiffError("the text-encoder stage runs in one process: run `minidiff train` once without "

@@ -74,7 +74,7 @@ def train_command(
       minidiff vae train --out vae.safetensors --resume --max-steps 4000
     """
     flags = {k: v for k, v in locals().items() if k != "resume" and v is not None}
-    from minidiff_cli.vae.training import VAETrainConfig, check_new_run, resumed_config
+    from minidiff_cli.training.vae import VAETrainConfig, check_new_run, resumed_config
 
     if "channel_mult" in flags:
         flags["channel_mult"] = int_list(flags["channel_mult"], "channel_mult")
@@ -88,8 +88,8 @@ def train_command(
 def _train(cfg, resume: bool) -> None:
     import os
 
-    from minidiff_cli.runfolder import locked
-    from minidiff_cli.vae.training import VAETrainer
+    from minidiff_cli.training.run_folder import locked
+    from minidiff_cli.training.vae import VAETrainer
 
     main = int(os.environ.get("RANK", "0")) == 0
     with locked(cfg.run_folder(), main=main):
@@ -152,16 +152,16 @@ def reconstruct_command(
 
       minidiff vae reconstruct apple.png pear.png --vae vae.safetensors -o round-trip.png --latents latents.png
     """
-    from minidiff_cli.fileio import refuse_existing
+    from minidiff_cli.files.atomic import refuse_existing
 
     refuse_existing((out, latents), overwrite)
-    from minidiff_cli.threads import apply_threads
+    from minidiff_cli.runtime.threads import apply_threads
 
     apply_threads(threads)
     import torch
 
-    from minidiff_cli.pipeline import pick_device
-    from minidiff_cli.vae.evaluation import (decode_means, encode_means, latent_channels_image, reconstruction_grid,
+    from minidiff_cli.inference.pipeline import pick_device
+    from minidiff_cli.evaluation.vae import (decode_means, encode_means, latent_channels_image, reconstruction_grid,
                                              summarise)
 
     dev = pick_device(device)
@@ -182,7 +182,7 @@ def reconstruct_command(
 
 
 def _picture(path: Path, size: int):
-    from minidiff_cli.img2img.images import fit_image, open_image
+    from minidiff_cli.inference.img2img.images import fit_image, open_image
 
     tensor, note = fit_image(open_image(path, "picture"), size, 3)
     if note:
@@ -193,7 +193,7 @@ def _picture(path: Path, size: int):
 def _latents_png(draw, latents, path: Path, upscale: int) -> None:
     from PIL import Image
 
-    from minidiff_cli.fileio import atomic_write
+    from minidiff_cli.files.atomic import atomic_write
 
     rows = [draw(latent.float().cpu(), upscale) for latent in latents]
     sheet = Image.new("L", (rows[0].width, sum(r.height + 2 for r in rows) - 2), 255)
@@ -205,18 +205,18 @@ def _latents_png(draw, latents, path: Path, upscale: int) -> None:
 def load_any_vae(source: str, device):
     """(autoencoder, the size it trained at) from a VAE file or from a latent model file."""
     from minidiff_cli.vae.vae_file import VAE_FORMAT, load_vae
-    from minidiff_cli.weights import read_header
+    from minidiff_cli.files.model_file import read_header
 
     path = Path(source)
     if not path.exists():  # a model's name (emoji), or a run folder's
-        from minidiff_cli.models_dir import resolve_model
+        from minidiff_cli.files.models_dir import resolve_model
 
         path = resolve_model(source)
     metadata, _ = read_header(path)
     if metadata.get("format") == VAE_FORMAT:
         loaded = load_vae(path, device)
         return loaded.autoencoder, loaded.meta.get("image_size") or 64
-    from minidiff_cli.model import DiffusionModel
+    from minidiff_cli.diffusion.model import DiffusionModel
 
     model = DiffusionModel.load(path, device=device)
     if model.latent is None:
@@ -242,11 +242,11 @@ def eval_command(
 
       minidiff vae eval --vae vae.safetensors --data ./my_images
     """
-    from minidiff_cli.threads import apply_threads
+    from minidiff_cli.runtime.threads import apply_threads
 
     apply_threads(threads)
-    from minidiff_cli.pipeline import pick_device
-    from minidiff_cli.vae.evaluation import evaluate_data
+    from minidiff_cli.inference.pipeline import pick_device
+    from minidiff_cli.evaluation.vae import evaluate_data
 
     dev = pick_device(device)
     autoencoder, size = load_any_vae(vae, dev)

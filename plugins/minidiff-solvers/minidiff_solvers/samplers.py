@@ -1,16 +1,16 @@
 """The four samplers as minidiff sees them: option checks, the sigma grid, the callback.
 
-Each ``sample`` follows ``minidiff_cli.sampling.Sampler``: it takes minidiff's x (N(0, I)
+Each ``sample`` follows ``minidiff_cli.diffusion.sampling.Sampler``: it takes minidiff's x (N(0, I)
 noise at the first timestep), a ``denoiser(x_t, t) -> eps`` and the model's schedule, runs
 one of the solver loops in the sigma view, and returns x_0. Options:
 
 - ``karras`` (bool, default False): Karras et al.'s rho = 7 sigmas between the schedule's
   sigma_min and sigma_max instead of the schedule's own levels;
 - ``spacing``: which of the schedule's timesteps make the grid when karras is off
-  ("trailing", the default, "linspace" or "leading"; see ``minidiff_cli.sampling.timesteps``);
+  ("trailing", the default, "linspace" or "leading"; see ``minidiff_cli.diffusion.sampling.timesteps``);
 - ``eta`` (euler-ancestral only, in [0, 1], default 1): the share of fresh noise per step.
 
-``start`` / ``stop`` run steps start..stop-1 of the grid (``minidiff_cli.sampling.PartialSampler``),
+``start`` / ``stop`` run steps start..stop-1 of the grid (``minidiff_cli.diffusion.sampling.PartialSampler``),
 from minidiff's x_t at the level ``noise_levels`` gives for ``start``; DPM-Solver++(2M) then
 begins its history afresh (first order on its first step).
 
@@ -57,8 +57,8 @@ def prepare(name, denoiser, x, schedule, steps, karras, spacing, callback, start
 
 
 def step_range(start, stop, steps):
-    """minidiff's checked range of steps (imported here: minidiff_cli.sampling imports torch)."""
-    from minidiff_cli.sampling import step_range as checked
+    """minidiff's checked range of steps (imported here: minidiff_cli.diffusion.sampling imports torch)."""
+    from minidiff_cli.diffusion.sampling import step_range as checked
 
     return checked(start, stop, steps)
 
@@ -141,7 +141,7 @@ class EulerAncestral(GridLevels):
 
     def sample(self, denoiser, x, schedule, steps, *, generator=None, callback=None, start=0, stop=None,
                karras=False, spacing=None, eta=1.0, **unknown):
-        from minidiff_cli.sampling import noise_like
+        from minidiff_cli.diffusion.sampling import noise_like
 
         check_options(self.name, unknown, GRID_OPTIONS + ("eta",))
         try:

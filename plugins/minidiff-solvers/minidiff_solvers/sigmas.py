@@ -41,8 +41,8 @@ def karras_sigmas(sigma_min: float, sigma_max: float, n: int, rho: float = RHO) 
 
 
 def discrete_sigmas(schedule, steps: int, spacing: str) -> list[float]:
-    """sigma_t at minidiff's timesteps (``minidiff_cli.sampling.timesteps``), then 0."""
-    from minidiff_cli.sampling import timesteps
+    """sigma_t at minidiff's timesteps (``minidiff_cli.diffusion.sampling.timesteps``), then 0."""
+    from minidiff_cli.diffusion.sampling import timesteps
 
     ts = timesteps(schedule.num_timesteps, steps, spacing)
     return schedule.sigmas[ts].tolist() + [0.0]
@@ -51,7 +51,7 @@ def discrete_sigmas(schedule, steps: int, spacing: str) -> list[float]:
 def sigma_grid(schedule, steps: int, karras: bool, spacing: str) -> list[float]:
     """The ``steps + 1`` noise levels a solver visits: ``steps`` levels of the schedule's range, then 0."""
     if karras:
-        from minidiff_cli.sampling import timesteps
+        from minidiff_cli.diffusion.sampling import timesteps
 
         timesteps(schedule.num_timesteps, steps)  # the same bounds on steps as every sampler
         sigmas = schedule.sigmas

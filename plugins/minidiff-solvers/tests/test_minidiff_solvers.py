@@ -23,8 +23,9 @@ import pytest
 import torch
 
 from minidiff_cli.errors import MinidiffError
-from minidiff_cli.plugins import get_sampler, get_schedule
-from minidiff_cli.sampling import Sampler, gaussian_denoiser, sample, timesteps
+from minidiff_cli.diffusion.schedule import get_schedule
+from minidiff_cli.plugins import get_sampler
+from minidiff_cli.diffusion.sampling import Sampler, gaussian_denoiser, sample, timesteps
 from minidiff_solvers.sigmas import karras_sigmas
 
 MU, S, N = 0.5, 0.5, 20_000

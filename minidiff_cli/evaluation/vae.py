@@ -1,0 +1,108 @@
+"""How well a VAE gives pictures back: reconstructions, their PSNR / SSIM, a grid to look at."""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from minidiff_cli.vae.autoencoder import Autoencoder
+
+
+@torch.no_grad()
+def encode_means(autoencoder: Autoencoder, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+    """The posterior means of pictures in [-1, 1], in batches: each picture's deterministic latent."""
+    return torch.cat([autoencoder.encode(images[k:k + batch_size]).mean for k in range(0, len(images), batch_size)])
+
+
+@torch.no_grad()
+def decode_means(autoencoder: Autoencoder, means: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+    """Pictures from latents, clamped to [-1, 1], in batches."""
+    return torch.cat([autoencoder.decode(means[k:k + batch_size]).clamp(-1, 1) for k in range(0, len(means), batch_size)])
+
+
+def reconstruct(autoencoder: Autoencoder, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+    """decode(mean of encode(x)) for pictures in [-1, 1], clamped to [-1, 1]: the deterministic round trip."""
+    return decode_means(autoencoder, encode_means(autoencoder, images, batch_size), batch_size)
+
+
+def summarise(reconstructed: torch.Tensor, original: torch.Tensor) -> dict[str, Any]:
+    """Mean and spread (standard deviation over the images) of PSNR and SSIM; SSIM None when too small."""
+    from minidiff_cli.evaluation.reconstruction import psnr, ssim
+
+    report: dict[str, Any] = {"images": int(original.shape[0])}
+    for name, values in (("psnr", psnr(reconstructed, original)), ("ssim", ssim(reconstructed, original))):
+        if values is None:
+            report[name] = report[f"{name}_std"] = None
+            continue
+        values = [float(v) for v in values.cpu()]
+        report[name] = statistics.fmean(values)
+        report[f"{name}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+    return report
+
+
+def reconstruction_grid(original: torch.Tensor, reconstructed: torch.Tensor, path: Path) -> Path:
+    """A PNG with the originals in the top row and their reconstructions below, written atomically."""
+    from torchvision.utils import make_grid
+
+    from minidiff_cli.data.dataset import tensor_to_pil
+    from minidiff_cli.files.atomic import atomic_write
+
+    grid = make_grid(torch.cat([original, reconstructed]).cpu().float(), nrow=original.shape[0], padding=1,
+                     pad_value=1.0)
+    image = tensor_to_pil(grid)
+    return atomic_write(path, lambda p: image.save(p, format="PNG"))
+
+
+def latent_channels_image(latent: torch.Tensor, upscale: int = 1):
+    """A learner's view of one latent [c, h, w]: its channels side by side as grey pictures, each
+    stretched to its own min..max (so every channel shows its structure), scaled up ``upscale`` times."""
+    from PIL import Image
+
+    c, h, w = latent.shape
+    lo = latent.amin(dim=(1, 2), keepdim=True)
+    hi = latent.amax(dim=(1, 2), keepdim=True)
+    unit = (latent - lo) / (hi - lo).clamp(min=1e-8)
+    strip = torch.ones(h, c * (w + 1) - 1)
+    for k in range(c):
+        strip[:, k * (w + 1):k * (w + 1) + w] = unit[k]
+    array = (strip * 255).round().byte().numpy()
+    image = Image.fromarray(array, mode="L")
+    return image.resize((image.width * upscale, image.height * upscale), Image.NEAREST) if upscale > 1 else image
+
+
+def evaluate_data(autoencoder: Autoencoder, data: str, image_size: int, holdout: str, limit: int) -> dict[str, Any]:
+    """PSNR / SSIM of the round trip on the held-out images of ``data`` (the split of ``vae train``),
+    at most ``limit`` of them; bytes per image and seconds per image beside them."""
+    import time
+
+    from minidiff_cli.data.sources import holdout_fraction, open_dataset
+    from minidiff_cli.errors import MinidiffError
+    from minidiff_cli.evaluation.reconstruction import bytes_per_image
+    from minidiff_cli.training.vae import split_items
+
+    autoencoder.check_size(image_size)
+    fraction = holdout_fraction(holdout)
+    if holdout and fraction is None:
+        raise MinidiffError(f"--holdout is a share of the images, such as 5% (got {holdout!r:.40})")
+    if limit < 1:
+        raise MinidiffError(f"--limit must be at least 1 (got {limit})")
+    dataset = open_dataset(data, image_size=image_size, holdout="")
+    train, held = split_items(dataset, fraction)
+    items = (held if fraction else train)[:limit]
+    if not items:
+        raise MinidiffError(f"--holdout {holdout} holds out no image of {data}; use a larger share or ''")
+    device = next(autoencoder.parameters()).device
+    x = torch.stack([dataset[i]["image"] for i in items]).to(device)
+    start = time.perf_counter()
+    recon = reconstruct(autoencoder, x)
+    seconds = time.perf_counter() - start
+    report = summarise(recon, x)
+    f, c = autoencoder.config.factor, autoencoder.config.latent_channels
+    report.update({"on": "held-out" if fraction else "all", "image_size": image_size,
+                   "latent_shape": [c, image_size // f, image_size // f],
+                   "bytes_per_image": bytes_per_image((c, image_size // f, image_size // f), (3, image_size, image_size)),
+                   "seconds_per_image": seconds / len(items)})
+    return report

@@ -1,0 +1,242 @@
+"""A prompts file for ``generate --prompts FILE``: its lines, what each asks for, and the batches.
+
+A line is a prompt, or a JSON object with a ``prompt`` and any of ``negative``, ``seed``,
+``steps``, ``cfg`` and ``n`` (a line starting with ``{`` is read as JSON; blank lines are
+skipped)::
+
+    a red circle
+    {"prompt": "a blue square", "seed": 7, "n": 4, "cfg": 2}
+
+Every line is checked before anything is sampled, and a bad one is a one-line error with
+its line number. Line L's image k has the seed ``(line's seed or --seed) + k`` and is named
+``line-LLLLL-KK.png``: it depends on the line alone, so which process draws a line, and
+what else is in its batch, changes nothing (see ``batches``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from minidiff_cli.errors import MinidiffError
+
+MAX_FILE_BYTES = 16 * 1024 * 1024
+MAX_LINES = 10_000  # prompts; the images of the whole file are bounded like -n (MAX_IMAGES)
+MAX_LINE_CHARS = 64 * 1024
+MAX_STEPS = 100_000  # the largest schedule; the model's own T is checked once it is loaded
+# JSON key -> Generation field
+OVERRIDES = {"negative": "negative_prompt", "seed": "seed", "steps": "steps", "cfg": "cfg"}
+KEYS = ("prompt", *OVERRIDES, "n")
+
+
+@dataclass(frozen=True)
+class PromptLine:
+    """One non-blank line: its number in the file (from 1), its prompt and the overrides it gives."""
+
+    number: int
+    prompt: str
+    overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class LineJob:
+    """A line resolved against the command's settings: its Generation and how many images."""
+
+    line: int
+    gen: Any  # pipeline.Generation (imported lazily: torch)
+    count: int
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Images sampled together: rows of (job, k), all sharing every setting but prompt and seed."""
+
+    rows: tuple[tuple[LineJob, int], ...]
+
+    @property
+    def gen(self):
+        return self.rows[0][0].gen
+
+    @property
+    def prompts(self) -> list[str]:
+        return [job.gen.prompt for job, _ in self.rows]
+
+    @property
+    def seeds(self) -> list[int]:
+        return [job.gen.seed + k for job, k in self.rows]
+
+
+def read_prompts(path: str | os.PathLike) -> list[PromptLine]:
+    """Every line of the file, checked; a bad one is a MinidiffError naming the file and line."""
+    path = Path(path)
+    data = _read_bytes(path)
+    lines = []
+    for number, raw in enumerate(data.split(b"\n"), start=1):
+        line = _decode(raw, path, number).strip()
+        if not line:
+            continue
+        if len(lines) == MAX_LINES:
+            raise MinidiffError(f"'{path}' has more than {MAX_LINES:,} prompts; split it into several files")
+        lines.append(_parse_line(line, path, number))
+    if not lines:
+        raise MinidiffError(f"'{path}' holds no prompts (one a line, or JSON objects with a \"prompt\")")
+    return lines
+
+
+def _read_bytes(path: Path) -> bytes:
+    try:
+        if not path.is_file():
+            raise MinidiffError(f"prompts file '{path}' does not exist" if not path.exists()
+                                else f"prompts file '{path}' is not a file")
+        if path.stat().st_size > MAX_FILE_BYTES:
+            raise MinidiffError(f"prompts file '{path}' is larger than {MAX_FILE_BYTES >> 20} MiB; split it")
+        data = path.read_bytes()
+    except OSError as exc:
+        raise MinidiffError(f"prompts file '{path}' could not be read: {exc.strerror or exc}") from None
+    return data[3:] if data.startswith(b"\xef\xbb\xbf") else data  # a UTF-8 byte order mark
+
+
+def _decode(raw: bytes, path: Path, number: int) -> str:
+    try:
+        return raw.decode("utf-8").rstrip("\r")
+    except UnicodeDecodeError:
+        raise MinidiffError(f"{path}, line {number}: not valid UTF-8 text") from None
+
+
+def _parse_line(line: str, path: Path, number: int) -> PromptLine:
+    where = f"{path}, line {number}"
+    if len(line) > MAX_LINE_CHARS:
+        raise MinidiffError(f"{where}: longer than {MAX_LINE_CHARS:,} characters")
+    if not line.startswith("{"):
+        _check_prompt(line, where, "prompt")
+        return PromptLine(number, line)
+    try:
+        obj = json.loads(line, parse_constant=_not_a_number)
+    except (ValueError, RecursionError) as exc:  # bad JSON, NaN/Infinity, too deep, 4300+ digit integers
+        raise MinidiffError(f"{where}: not a valid JSON object ({_first_line(exc)})") from None
+    if not isinstance(obj, dict):
+        raise MinidiffError(f"{where}: a line starting with '{{' must be one JSON object")
+    unknown = [k for k in obj if k not in KEYS]
+    if unknown:
+        raise MinidiffError(f"{where}: unknown key {_shown(unknown[0])}; a line may set {', '.join(KEYS)}")
+    if "prompt" not in obj:
+        raise MinidiffError(f"{where}: no \"prompt\"")
+    _check_prompt(obj["prompt"], where, "prompt")
+    overrides = {field: _checked(key, obj[key], where) for key, field in OVERRIDES.items() if key in obj}
+    if "n" in obj:
+        overrides["n"] = _checked("n", obj["n"], where)
+    return PromptLine(number, obj["prompt"], overrides)
+
+
+def _checked(key: str, value: Any, where: str) -> Any:
+    from minidiff_cli.inference.pipeline import MAX_CFG, MAX_IMAGES, MAX_SEED
+
+    if key == "negative":
+        _check_prompt(value, where, "negative")
+        return value
+    if key == "cfg":
+        if not (_is_number(value) and 0 <= value <= MAX_CFG):
+            raise MinidiffError(f"{where}: \"cfg\" must be a number from 0 to {MAX_CFG:g} (got {_shown(value)})")
+        return float(value)
+    low, high = {"seed": (0, MAX_SEED), "steps": (1, MAX_STEPS), "n": (1, MAX_IMAGES)}[key]
+    if not (_is_int(value) and low <= value <= high):
+        raise MinidiffError(f"{where}: \"{key}\" must be a whole number from {low} to {high} (got {_shown(value)})")
+    return value
+
+
+def _check_prompt(text: Any, where: str, what: str) -> None:
+    from minidiff_cli.inference.pipeline import check_text
+
+    if not isinstance(text, str):
+        raise MinidiffError(f"{where}: \"{what}\" must be text (got {_shown(text)})")
+    try:
+        check_text(what, text)
+    except MinidiffError as exc:
+        raise MinidiffError(f"{where}: {exc}") from None
+
+
+# -- what the lines ask for ---------------------------------------------------------------------
+def jobs(lines: list[PromptLine], base, default_count: int, path: str | os.PathLike) -> list[LineJob]:
+    """Each line's Generation: its own values over ``base`` (the flags, --from and defaults)."""
+    from minidiff_cli.inference.pipeline import MAX_IMAGES, MAX_SEED
+
+    out, total = [], 0
+    for line in lines:
+        values = {k: v for k, v in line.overrides.items() if k != "n"}
+        gen = dataclasses.replace(base, prompt=line.prompt, **values)
+        count = line.overrides.get("n", default_count)
+        if gen.seed + count - 1 > MAX_SEED:
+            raise MinidiffError(f"{path}, line {line.number}: seed {gen.seed} + {count} images passes {MAX_SEED}")
+        total += count
+        out.append(LineJob(line.number, gen, count))
+    if total > MAX_IMAGES:
+        raise MinidiffError(f"'{path}' asks for {total:,} images, more than {MAX_IMAGES:,} at once; split it")
+    return out
+
+
+def batches(line_jobs: list[LineJob], size: int) -> list[Batch]:
+    """Consecutive images with the same settings (all but prompt and seed), ``size`` at most a batch.
+
+    Computed from the file alone, never from the number of processes: every image is then
+    sampled in the same batch, with the same float rounding, however the batches are shared.
+    """
+    out: list[Batch] = []
+    rows: list[tuple[LineJob, int]] = []
+    for job in line_jobs:
+        for k in range(job.count):
+            if rows and (len(rows) == size or _settings(rows[0][0].gen) != _settings(job.gen)):
+                out.append(Batch(tuple(rows)))
+                rows = []
+            rows.append((job, k))
+    if rows:
+        out.append(Batch(tuple(rows)))
+    return out
+
+
+def share(all_batches: list[Batch], rank: int, world: int) -> list[Batch]:
+    """This process's batches: every world-th one, from its rank (round robin keeps shares even)."""
+    return all_batches[rank::world]
+
+
+def _settings(gen) -> tuple:
+    return (gen.negative_prompt, gen.steps, gen.cfg, gen.sampler, gen.eta,
+            json.dumps(gen.sampler_options, sort_keys=True))
+
+
+def image_names(line_jobs: list[LineJob], folder: Path) -> dict[tuple[int, int], Path]:
+    """(line, k) -> folder/line-LLLLL-KK.png; K is as wide as the largest count needs."""
+    width = max(2, len(str(max(job.count for job in line_jobs) - 1)))
+    return {(job.line, k): folder / f"line-{job.line:05d}-{k:0{width}d}.png"
+            for job in line_jobs for k in range(job.count)}
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an integer too large for a float
+        return False
+
+
+def _not_a_number(name: str):
+    raise ValueError(f"{name} is not a number")
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:200] if text else type(exc).__name__
