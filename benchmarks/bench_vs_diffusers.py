@@ -336,7 +336,7 @@ def main(argv: list[str] | None = None) -> dict:
     log = (lambda *a: print(*a, file=sys.stderr, flush=True)) if args.json else print
     load_start = os.getloadavg()
     from minidiff_cli.errors import MinidiffError
-    from minidiff_cli.inference.pipeline import pick_device
+    from minidiff_cli.runtime.devices import pick_device
 
     try:
         device = pick_device(args.device)  # the same choice and checks as `minidiff generate --device`

@@ -20,7 +20,7 @@ matplotlib.use("Agg")  # write files, open no window
 import matplotlib.pyplot as plt
 
 from minidiff_cli import Pipeline
-from minidiff_cli.data.dataset import parse_holdout
+from minidiff_cli.data.holdout import parse_holdout
 from minidiff_cli.evaluation.shape_classifier import classify
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

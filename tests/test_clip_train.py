@@ -11,7 +11,9 @@ from conftest import assert_one_line_error, run_cli
 from safetensors import safe_open
 
 from minidiff_cli import plugins
-from minidiff_cli.training.clip import ClipRecipe, class_prompt, load_clip, train_clip, zero_shot_accuracy
+from minidiff_cli.training.clip import ClipRecipe, train_clip
+from minidiff_cli.evaluation.clip import class_prompt, zero_shot_accuracy
+from minidiff_cli.clip.clip_file import load_clip
 
 # A CLIP of a few thousand parameters (plus the 49408-row token table): seconds on a CPU.
 TINY = ["--width", "16", "--heads", "2", "--layers", "1", "--embed-dim", "16", "--context-length", "12",
@@ -86,7 +88,7 @@ class _Oracle(torch.nn.Module):
 
     def __init__(self, class_names, answer):
         super().__init__()
-        from minidiff_cli.clip.text import tokenizer_for
+        from minidiff_cli.clip.tokenizer import tokenizer_for
 
         self.tokens = tokenizer_for({"context_length": 12})([class_prompt(n) for n in class_names])
         self.answer = answer

@@ -248,7 +248,7 @@ TOWER_VARIANTS = {
 def test_clip_text_tower_is_open_clips_name_for_name_and_number_for_number(variant):
     from open_clip.model import _build_text_tower
 
-    from minidiff_cli.clip.text import TextTower
+    from minidiff_cli.clip.text_tower import TextTower
 
     options = dict(TOWER_VARIANTS[variant])
     quick_gelu = options.pop("quick_gelu", False)
@@ -279,7 +279,7 @@ def test_a_custom_attention_block_is_built_by_open_clip_itself():
 def test_clip_tokenizer_is_open_clips_own():
     import open_clip
 
-    from minidiff_cli.clip.text import tokenizer_for
+    from minidiff_cli.clip.tokenizer import tokenizer_for
 
     prompts = ["a red circle", "", "A Purple TRIANGLE, on blue!", "naïve café " * 20]
     ours = tokenizer_for({"context_length": 77})(prompts)
@@ -390,7 +390,7 @@ def test_a_cached_hub_tag_is_found_without_the_network(tmp_path, monkeypatch):
     import huggingface_hub.constants
     import open_clip
 
-    from minidiff_cli.clip.text import cached_pretrained_file
+    from minidiff_cli.clip.weights import cached_pretrained_file
 
     repo = "laion/CLIP-ViT-B-32-laion2B-s34B-b79K"
     assert open_clip.get_pretrained_cfg("ViT-B-32", "laion2b_s34b_b79k")["hf_hub"].startswith(repo)

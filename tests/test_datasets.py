@@ -10,7 +10,9 @@ import torch
 from PIL import Image
 
 from minidiff_cli import plugins
-from minidiff_cli.data.dataset import caption_set, check_dataset, parse_holdout, pil_to_tensor, tensor_to_pil
+from minidiff_cli.data.dataset import caption_set, check_dataset
+from minidiff_cli.data.images import pil_to_tensor, tensor_to_pil
+from minidiff_cli.data.holdout import parse_holdout
 from minidiff_cli.errors import MinidiffError
 from minidiff_cli.data.shapes import BACKGROUNDS, COLOURS, DEFAULT_SHAPES, SHAPES, ShapesDataset, backgrounds_for
 

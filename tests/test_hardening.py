@@ -33,6 +33,7 @@ from safetensors.torch import save_file
 
 from conftest import cli_command, run_in_process
 from minidiff_cli import plugins
+from minidiff_cli.diffusion.schedule import get_schedule
 from minidiff_cli.files import atomic as fileio
 from minidiff_cli.training.checkpoint import CHECKPOINT_FORMAT, load_checkpoint, read_checkpoint_meta, restore
 from minidiff_cli.cli.app import main

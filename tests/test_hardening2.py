@@ -165,7 +165,8 @@ def full_clip_file(path: Path, vision_cfg: dict, text_change: dict | None = None
     """A `clip train` file with an image tower, made by clip_train's own code at the tiniest size."""
     import torch
 
-    from minidiff_cli.training.clip import ClipRecipe, build_clip, save_clip
+    from minidiff_cli.training.clip import ClipRecipe
+    from minidiff_cli.clip.clip_file import build_clip, save_clip
 
     recipe = ClipRecipe(width=16, heads=2, layers=1, context_length=12, embed_dim=16, vision_width=8)
     config = recipe.model_config()
@@ -175,7 +176,7 @@ def full_clip_file(path: Path, vision_cfg: dict, text_change: dict | None = None
     # Then its config is replaced by the hostile one (the tensors stay those of the honest config).
     from safetensors.torch import load_file
 
-    from minidiff_cli.clip.text import read_safetensors
+    from minidiff_cli.clip.weights import read_safetensors
 
     metadata, _ = read_safetensors(path)
     config = {**config, "vision_cfg": {**config["vision_cfg"], **vision_cfg},
@@ -210,7 +211,7 @@ def test_clip_eval_refuses_a_hostile_text_config_and_a_config_that_does_not_fit(
 
 def test_the_projects_own_clip_configs_still_load():
     from minidiff_cli.clip.config import check_clip_config, check_clip_model_config
-    from minidiff_cli.clip.text import read_clip_config, read_safetensors
+    from minidiff_cli.clip.weights import read_clip_config, read_safetensors
     from minidiff_cli.training.clip import ClipRecipe
 
     shipped = Path(__file__).resolve().parents[1] / "minidiff_cli" / "models" / "shapes-clip.safetensors"

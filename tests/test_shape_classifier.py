@@ -4,7 +4,7 @@ import pytest
 import torch
 from PIL import Image, ImageFilter
 
-from minidiff_cli.data.dataset import pil_to_tensor
+from minidiff_cli.data.images import pil_to_tensor
 from minidiff_cli.evaluation.shape_classifier import analyse, classify
 from minidiff_cli.data.shapes import COLOURS, SHAPES, ShapeSpec, ShapesDataset, draw
 

@@ -13,7 +13,8 @@ from tinymodels import TINY_TOML, TINY_TRAIN
 
 from minidiff_cli.training.clip_stage import checkpoint_path
 from minidiff_cli.training.clip import ClipRecipe, train_clip
-from minidiff_cli.data.sources import CaptionHoldout, open_dataset, split_captions
+from minidiff_cli.data.sources import open_dataset
+from minidiff_cli.data.holdout import CaptionHoldout, split_captions
 from minidiff_cli.data.vocabulary import vocabulary
 from minidiff_cli.files.model_file import read_config
 
@@ -188,7 +189,7 @@ def test_a_run_stopped_in_stage_one_resumes_from_its_folder_alone(folder, tmp_pa
 
 
 def test_the_fixed_evaluation_captions_hold_seen_and_held_out_ones_in_proportion():
-    from minidiff_cli.data.sources import is_heldout
+    from minidiff_cli.data.holdout import is_heldout
     from minidiff_cli.evaluation.caption_eval import fixed_captions
 
     captions = [f"caption number {k}" for k in range(4000)]

@@ -23,8 +23,11 @@ from minidiff_cli.errors import MinidiffError
 from minidiff_cli.diffusion.model import DiffusionModel
 from minidiff_cli.inference.pipeline import Pipeline
 from minidiff_cli.training.config import TrainConfig, merge
-from minidiff_cli.training.trainer import CHECKPOINT, METRICS, MODEL, RUN_CONFIG, Dist, Trainer, check_resume_flags, lr_at
-from minidiff_cli.training.trainer import weights_fingerprint
+from minidiff_cli.training.trainer import CHECKPOINT, METRICS, MODEL, RUN_CONFIG, Trainer
+from minidiff_cli.training.config import check_resume_flags
+from minidiff_cli.training.optim import lr_at
+from minidiff_cli.runtime.distributed import Dist
+from minidiff_cli.runtime.distributed import weights_fingerprint
 from minidiff_cli.files.model_file import read_config
 from tinymodels import TINY_TOML, TINY_TRAIN, tiny_clip_file, tiny_model, without
 
@@ -381,7 +384,7 @@ def test_weights_fingerprint_sees_a_change_of_one_bit():
 
 def test_batch_smaller_than_the_number_of_processes_is_an_error(tmp_path, monkeypatch):
     cfg = tiny_cfg(tmp_path / "run", batch_size=1, max_steps=1)
-    monkeypatch.setattr("minidiff_cli.training.trainer.init_distributed", lambda device: Dist(rank=0, world=2))
+    monkeypatch.setattr("minidiff_cli.runtime.distributed.init_distributed", lambda device: Dist(rank=0, world=2))
     with pytest.raises(MinidiffError, match="--batch-size 1 is smaller than the 2 processes"):
         Trainer(cfg, log=lambda m: None)
 

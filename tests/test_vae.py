@@ -155,7 +155,7 @@ def test_vae_train_learns_saves_and_checks_held_out_images(vae_run):
     untrained = tiny_vae()
     from minidiff_cli.data.sources import open_dataset
     from minidiff_cli.evaluation.vae import reconstruct, summarise
-    from minidiff_cli.training.vae import split_items
+    from minidiff_cli.data.holdout import split_items
 
     dataset = open_dataset("shapes", image_size=16, holdout="")
     train, held = split_items(dataset, 0.05)

@@ -60,7 +60,7 @@ CONDITIONERS = (
               "Unconditional: prompts are ignored."),
     LazyClass("class", "minidiff_cli.builtin.class_conditioners:ClassConditioner",
               "A learned embedding per class name (pooled), plus a null class."),
-    LazyClass("clip", "minidiff_cli.clip.text:ClipTextConditioner",
+    LazyClass("clip", "minidiff_cli.clip.conditioner:ClipTextConditioner",
               "A frozen open_clip text encoder: token states (context) and projected EOT (pooled)."),
 )
 

@@ -17,7 +17,7 @@ def make_shapes(source=None, *, image_size: int = 32, seed: int = 0, holdout=(),
     Options: ``length`` (virtual number of items), ``colours`` and ``shapes``
     (subsets, or "star" added, as lists or comma-separated text).
     """
-    from minidiff_cli.data.dataset import parse_holdout
+    from minidiff_cli.data.holdout import parse_holdout
     from minidiff_cli.data.shapes import ShapesDataset
 
     _no_unknown("shapes", opts, ("length", "colours", "shapes"))

@@ -77,7 +77,9 @@ def train_command(
     """
     if out.exists() and not overwrite:  # before minutes of training (and seconds of imports), not after
         raise MinidiffError(f"'{out}' already exists; choose another name, or pass --overwrite")
-    from minidiff_cli.training.clip import ClipRecipe, default_holdout, describe_accuracy, evaluate, save_clip, train_clip
+    from minidiff_cli.training.clip import ClipRecipe, default_holdout, train_clip
+    from minidiff_cli.evaluation.clip import describe_accuracy, evaluate
+    from minidiff_cli.clip.clip_file import save_clip
 
     from minidiff_cli.training.clip_stage import checkpoint_path
 
@@ -124,7 +126,9 @@ def eval_command(
 
       minidiff clip eval shapes-clip.safetensors
     """
-    from minidiff_cli.training.clip import ClipRecipe, describe_accuracy, evaluate, load_clip
+    from minidiff_cli.training.clip import ClipRecipe
+    from minidiff_cli.evaluation.clip import describe_accuracy, evaluate
+    from minidiff_cli.clip.clip_file import load_clip
 
     model, metadata = load_clip(path)
     trained = json.loads(metadata.get("training", "{}")).get("recipe", {})

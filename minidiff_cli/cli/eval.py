@@ -71,7 +71,7 @@ def eval_command(
                             seed=seed, batch_size=batch_size, device=device, dtype=dtype, output=output,
                             grid=grid, as_json=as_json, quiet=quiet, overwrite=overwrite)
     n = 8 if n is None else n
-    from minidiff_cli.data.dataset import parse_holdout
+    from minidiff_cli.data.holdout import parse_holdout
     from minidiff_cli.evaluation.shapes_judge import evaluate
     from minidiff_cli.inference.pipeline import Pipeline
     from minidiff_cli.data.shapes import COLOURS, DEFAULT_SHAPES
@@ -107,7 +107,8 @@ def eval_command(
 def _eval_folder(model, data, clip, captions, inception, *, n, runs, cfg, seed, batch_size, device, dtype,
                  output, grid, as_json, quiet, overwrite) -> None:
     from minidiff_cli.cli.display import step_progress
-    from minidiff_cli.data.sources import holdout_fraction, is_heldout, open_dataset
+    from minidiff_cli.data.sources import open_dataset
+    from minidiff_cli.data.holdout import holdout_fraction, is_heldout
     from minidiff_cli.evaluation.caption_eval import CaptionEvalSettings, describe, evaluate_captions
     from minidiff_cli.evaluation.features import load_clip_features, load_inception
     from minidiff_cli.inference.pipeline import Pipeline
@@ -147,7 +148,7 @@ GRID_IMAGES = 32
 def _save_captioned_grid(path: Path, images, captions: list[str], heldout, overwrite: bool) -> None:
     """The first GRID_IMAGES images of the evaluation, each above its caption (held-out ones starred)."""
     from minidiff_cli.evaluation.captioned_grid import captioned_grid
-    from minidiff_cli.data.dataset import tensor_to_pil
+    from minidiff_cli.data.images import tensor_to_pil
     from minidiff_cli.files.atomic import atomic_write
 
     shown = list(range(min(GRID_IMAGES, len(captions))))

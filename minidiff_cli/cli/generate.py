@@ -412,6 +412,8 @@ def _save(images: list, targets: list[Path], output: Path, grid: bool, overwrite
         else:
             written.append(save_png(img, path, img.info["minidiff"], overwrite=overwrite))
     if grid:
+        from minidiff_cli.data.images import make_grid
+
         folder = output.parent if output.suffix else output
         sheet = make_grid(images)
         params = dict(images[0].info["minidiff"], grid=len(images))
@@ -419,16 +421,3 @@ def _save(images: list, targets: list[Path], output: Path, grid: bool, overwrite
     return written
 
 
-def make_grid(images: list, columns: int | None = None, gap: int = 2):
-    """Images in a near-square grid with a small gap."""
-    import math
-
-    from PIL import Image
-
-    columns = columns or math.ceil(math.sqrt(len(images)))
-    rows = math.ceil(len(images) / columns)
-    w, h = images[0].size
-    sheet = Image.new("RGB", (columns * (w + gap) - gap, rows * (h + gap) - gap), (255, 255, 255))
-    for i, img in enumerate(images):
-        sheet.paste(img.convert("RGB"), ((i % columns) * (w + gap), (i // columns) * (h + gap)))
-    return sheet

@@ -157,7 +157,7 @@ def _report(written: list[Written], run: FileRun, dist) -> None:
 
 def _save_grid(written: list[Written], folder: Path) -> Path:
     """One row per line when every line has the same number (> 1) of images; else near-square."""
-    from minidiff_cli.cli.generate import make_grid
+    from minidiff_cli.data.images import make_grid
     from minidiff_cli.files.atomic import next_free_path
     from minidiff_cli.files.png_parameters import save_png
 

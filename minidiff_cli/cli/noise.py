@@ -64,7 +64,7 @@ def noise_command(
     picture = _read_image(image, image_size)
     apply_threads(threads)  # imports torch: after the checks that need none
 
-    from minidiff_cli.data.dataset import pil_to_tensor
+    from minidiff_cli.data.images import pil_to_tensor
 
     sched = get_schedule(schedule, num_timesteps)
     frames, labels = noised_frames(pil_to_tensor(picture), sched, ts, seed)
@@ -100,7 +100,7 @@ def _read_image(path: Path, size: int):
     """The image at ``path``, RGB, scaled and centre-cropped to ``size`` x ``size``; or a one-line error."""
     from PIL import Image, UnidentifiedImageError
 
-    from minidiff_cli.data.dataset import resize_center_crop, to_rgb
+    from minidiff_cli.data.images import resize_center_crop, to_rgb
 
     if not path.exists():
         raise MinidiffError(f"image '{path}' does not exist")
@@ -120,7 +120,7 @@ def noised_frames(x0, schedule, ts: list[int], seed: int):
     """(PIL frames, labels): x0 noised to each t in ``ts`` with one shared eps drawn from ``seed``."""
     import torch
 
-    from minidiff_cli.data.dataset import tensor_to_pil
+    from minidiff_cli.data.images import tensor_to_pil
 
     eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
     batch = x0.expand(len(ts), *x0.shape)

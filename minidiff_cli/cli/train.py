@@ -107,7 +107,8 @@ def _text_stage_config(cfg, given: set[str]):
 
     from minidiff_cli.training.clip_stage import needs_clip_stage
     from minidiff_cli.training.config import TrainConfig
-    from minidiff_cli.training.trainer import CHECKPOINT, RUN_CONFIG, check_resume_flags
+    from minidiff_cli.training.trainer import CHECKPOINT, RUN_CONFIG
+    from minidiff_cli.training.config import check_resume_flags
 
     out = Path(cfg.out)
     if (out / CHECKPOINT).is_file():
@@ -128,7 +129,8 @@ def _resumed_config(cfg, given: set[str]):
     """The recipe stored in the run's checkpoint, with the values given now (if they may change)."""
     from minidiff_cli.training.checkpoint import read_checkpoint_meta
     from minidiff_cli.training.config import TrainConfig
-    from minidiff_cli.training.trainer import CHECKPOINT, check_resume_flags
+    from minidiff_cli.training.trainer import CHECKPOINT
+    from minidiff_cli.training.config import check_resume_flags
 
     # The checkpoint, not train_config.json, is the truth: a run killed between the two writes
     # must still resume from its last complete checkpoint.

@@ -160,7 +160,7 @@ def reconstruct_command(
     apply_threads(threads)
     import torch
 
-    from minidiff_cli.inference.pipeline import pick_device
+    from minidiff_cli.runtime.devices import pick_device
     from minidiff_cli.evaluation.vae import (decode_means, encode_means, latent_channels_image, reconstruction_grid,
                                              summarise)
 
@@ -245,7 +245,7 @@ def eval_command(
     from minidiff_cli.runtime.threads import apply_threads
 
     apply_threads(threads)
-    from minidiff_cli.inference.pipeline import pick_device
+    from minidiff_cli.runtime.devices import pick_device
     from minidiff_cli.evaluation.vae import evaluate_data
 
     dev = pick_device(device)

@@ -39,99 +39,15 @@ torch is imported inside the functions, so importing this module is cheap.
 
 from __future__ import annotations
 
-import re
-from typing import Any, Iterable
+from typing import Any
 
 from minidiff_cli.errors import MinidiffError
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
-
 
 # -- images <-> tensors ------------------------------------------------------------
-def to_rgb(image):
-    """``image`` as an RGB PIL image; transparent parts become white, EXIF rotation is applied."""
-    from PIL import Image, ImageOps
-
-    image = ImageOps.exif_transpose(image)
-    if image.mode == "P" and "transparency" in image.info:
-        image = image.convert("RGBA")
-    if image.mode in ("RGBA", "LA", "PA"):
-        background = Image.new("RGB", image.size, (255, 255, 255))
-        background.paste(image.convert("RGBA"), mask=image.convert("RGBA").getchannel("A"))
-        return background
-    return image.convert("RGB")
-
-
-def resize_center_crop(image, size: int):
-    """Scale so that the shorter side is ``size``, then cut the centred ``size`` x ``size`` square."""
-    from PIL import Image
-
-    width, height = image.size
-    scale = size / min(width, height)
-    new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
-    if (new_w, new_h) != (width, height):
-        # LANCZOS for shrinking (no aliasing); BICUBIC for enlarging (no ringing halos).
-        method = Image.LANCZOS if scale < 1 else Image.BICUBIC
-        image = image.resize((new_w, new_h), method)
-    left, top = (new_w - size) // 2, (new_h - size) // 2
-    return image.crop((left, top, left + size, top + size))
-
-
-def pil_to_tensor(image):
-    """A PIL image as a float32 tensor [C, H, W] in [-1, 1] (C = 1 for "L", else 3)."""
-    return pil_to_uint8(image).float() / 127.5 - 1.0
-
-
-def pil_to_uint8(image):
-    """A PIL image as a uint8 tensor [C, H, W] (C = 1 for "L", else 3)."""
-    import numpy as np
-    import torch
-
-    if image.mode not in ("L", "RGB"):
-        image = image.convert("RGB")
-    array = np.array(image, dtype=np.uint8)
-    if array.ndim == 2:
-        array = array[:, :, None]
-    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
-
-
-def tensor_to_pil(tensor):
-    """The inverse of ``pil_to_tensor``: [C, H, W] in [-1, 1] (C = 1 or 3) to a PIL image."""
-    from PIL import Image
-
-    if tensor.dim() != 3 or tensor.shape[0] not in (1, 3):
-        raise ValueError(f"expected an image tensor [C, H, W] with C = 1 or 3, got {tuple(tensor.shape)}")
-    array = ((tensor.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().byte()
-    array = array.permute(1, 2, 0).numpy()
-    if array.shape[2] == 1:
-        return Image.fromarray(array[:, :, 0], mode="L")
-    return Image.fromarray(array, mode="RGB")
 
 
 # -- holdout -----------------------------------------------------------------------
-def parse_holdout(text: str | Iterable | None) -> list[tuple[str, str]]:
-    """``"purple triangle, red square"`` -> ``[("purple", "triangle"), ("red", "square")]``.
-
-    Items are separated by commas or semicolons; colour and shape by a space,
-    ``-``, ``_``, ``:`` or ``/``. Already-parsed pairs pass through. Only the
-    form is checked here; the dataset checks the names against its palette.
-    """
-    if text is None:
-        return []
-    if not isinstance(text, str):
-        items = [item if isinstance(item, str) else " ".join(item) for item in text]
-    else:
-        items = re.split(r"[,;]", text)
-    pairs = []
-    for item in items:
-        words = [w for w in re.split(r"[\s\-_:/]+", item.strip().lower()) if w]
-        if not words:
-            continue
-        if len(words) != 2:
-            raise MinidiffError(f"cannot read holdout item '{item.strip()}'; write 'colour shape' pairs "
-                                "separated by commas, e.g. 'purple triangle, red square'")
-        pairs.append((words[0], words[1]))
-    return list(dict.fromkeys(pairs))  # drop repeats, keep order
 
 
 # -- checking the contract ---------------------------------------------------------

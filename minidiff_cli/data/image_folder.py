@@ -28,7 +28,7 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
-from minidiff_cli.data.dataset import IMAGE_EXTENSIONS, pil_to_uint8, resize_center_crop, to_rgb
+from minidiff_cli.data.images import IMAGE_EXTENSIONS, pil_to_uint8, resize_center_crop, to_rgb
 from minidiff_cli.errors import MinidiffError
 
 METADATA_FILE = "metadata.jsonl"

@@ -29,7 +29,7 @@ from typing import Sequence
 from PIL import Image, ImageDraw
 from torch.utils.data import Dataset
 
-from minidiff_cli.data.dataset import pil_to_tensor
+from minidiff_cli.data.images import pil_to_tensor
 from minidiff_cli.errors import MinidiffError
 
 # Fixed sRGB values, far apart so that a shape's colour is never in doubt.

@@ -20,7 +20,7 @@ from minidiff_cli.diffusion.conditioning import Conditioning
 from minidiff_cli.errors import MinidiffError, ModelFileError
 from minidiff_cli.diffusion.schedule import NoiseSchedule
 from minidiff_cli.nets.unet import UNet, UNetConfig
-from minidiff_cli.files.model_file import ModelFile, check_finite, load_model_file, read_model_header, save_model_file
+from minidiff_cli.files.model_file import ModelFile, check_entries, check_finite, load_model_file, read_model_header, save_model_file
 
 PREDICTIONS = ("eps", "v", "flow")  # what the network outputs; predict_eps turns each into eps
 
@@ -260,29 +260,6 @@ def _checked(path: str | os.PathLike, build: bool) -> tuple[dict[str, Any], Nois
         unet, conditioner, latent = modules
         check_entries(where, _tensors(unet, conditioner, unet_storage(config), latent), entries)
     return config, schedule, modules
-
-
-DTYPE_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-               torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
-               torch.uint8: "U8", torch.bool: "BOOL"}  # safetensors' names
-
-
-def check_entries(where: str, expected: dict[str, torch.Tensor], entries: dict[str, dict]) -> None:
-    """The file's header lists exactly the tensors the config implies, with their shapes and dtypes."""
-    missing = sorted(set(expected) - set(entries))
-    extra = sorted(set(entries) - set(expected))
-    if missing or extra:
-        what = f"missing {missing[0]}" if missing else f"unexpected {extra[0]}"
-        raise ModelFileError(f"{where} does not match its config: {what} "
-                             f"({len(missing)} missing, {len(extra)} unexpected tensors)")
-    for key, ref in expected.items():
-        shape, dtype = tuple(entries[key]["shape"]), entries[key]["dtype"]
-        if shape != tuple(ref.shape):
-            raise ModelFileError(f"{where} does not match its config: {key} has shape {shape}, "
-                                 f"expected {tuple(ref.shape)}")
-        want = DTYPE_NAMES.get(ref.dtype, str(ref.dtype))
-        if dtype != want:
-            raise ModelFileError(f"{where} does not match its config: {key} is stored as {dtype}, expected {want}")
 
 
 def _describe(exc: BaseException) -> str:

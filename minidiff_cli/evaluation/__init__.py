@@ -1,13 +1,15 @@
-"""How good is a model? Numbers that compare generated images with a folder of real ones.
+"""How good is a model? Metrics, feature spaces, and the judges of each kind of model.
 
-- ``distribution``: Frechet distance, KID and precision / recall between two sets of
-  image features (any feature space; the statistics come from torchmetrics).
-- ``text_image``: CLIP score and R-precision, how well images match their captions.
-- ``features``: the feature spaces: a CLIP image tower (the one trained on the folder)
-  and, where the user has its weights, the standard Inception-v3 of FID.
-- ``caption_eval``: the evaluation of a text-to-image model on a captioned folder
-  (``minidiff eval --data DIR``, and the sample step of training).
+    distribution.py      Frechet distance, KID, precision / recall between two feature sets
+    text_image.py        CLIP score and R-precision
+    features.py          feature spaces: a CLIP image tower, or the user's Inception-v3 of FID
+    caption_eval.py      a text-to-image model on a captioned folder (``eval --data``, training)
+    shape_classifier.py  what shape and colour a picture shows (the shapes judge's eyes)
+    shapes_judge.py      prompt adherence on the shapes world (``eval``, training's samples)
+    captioned_grid.py    sample grids with their captions under each picture
+    clip.py              a CLIP: caption retrieval, zero-shot accuracy
+    vae.py               a VAE: held-out PSNR / SSIM, reconstruction grids
 
-The shapes world keeps its own adherence evaluation (``minidiff_cli.evaluation.shapes_judge``).
-torch is imported by the modules, not by this package, so importing it is free.
+May import: inference, clip, vae, data, files, errors. Training imports evaluation, never
+the reverse. torch is imported by the modules, not by this package.
 """

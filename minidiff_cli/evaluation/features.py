@@ -36,13 +36,13 @@ class ClipFeatures(torch.nn.Module):
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        from minidiff_cli.training.clip import encode_images
+        from minidiff_cli.clip.clip_file import encode_images
 
         return encode_images(self.clip, images).float()
 
     @torch.no_grad()
     def encode_text(self, captions: list[str], batch_size: int = 256) -> torch.Tensor:
-        from minidiff_cli.clip.text import tokenizer_for
+        from minidiff_cli.clip.tokenizer import tokenizer_for
 
         tokenizer = tokenizer_for({"context_length": self.clip.context_length})
         device = next(self.clip.parameters()).device
@@ -51,7 +51,7 @@ class ClipFeatures(torch.nn.Module):
 
 
 def load_clip_features(path: str | os.PathLike) -> ClipFeatures:
-    from minidiff_cli.training.clip import load_clip
+    from minidiff_cli.clip.clip_file import load_clip
 
     model, _ = load_clip(path)
     return ClipFeatures(model)

@@ -47,7 +47,7 @@ def reconstruction_grid(original: torch.Tensor, reconstructed: torch.Tensor, pat
     """A PNG with the originals in the top row and their reconstructions below, written atomically."""
     from torchvision.utils import make_grid
 
-    from minidiff_cli.data.dataset import tensor_to_pil
+    from minidiff_cli.data.images import tensor_to_pil
     from minidiff_cli.files.atomic import atomic_write
 
     grid = make_grid(torch.cat([original, reconstructed]).cpu().float(), nrow=original.shape[0], padding=1,
@@ -78,10 +78,11 @@ def evaluate_data(autoencoder: Autoencoder, data: str, image_size: int, holdout:
     at most ``limit`` of them; bytes per image and seconds per image beside them."""
     import time
 
-    from minidiff_cli.data.sources import holdout_fraction, open_dataset
+    from minidiff_cli.data.sources import open_dataset
+    from minidiff_cli.data.holdout import holdout_fraction
     from minidiff_cli.errors import MinidiffError
     from minidiff_cli.evaluation.reconstruction import bytes_per_image
-    from minidiff_cli.training.vae import split_items
+    from minidiff_cli.data.holdout import split_items
 
     autoencoder.check_size(image_size)
     fraction = holdout_fraction(holdout)

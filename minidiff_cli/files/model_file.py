@@ -190,3 +190,26 @@ def file_hash(path: str | os.PathLike) -> str:
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()[:10]
+
+
+# torch's dtype names -> safetensors' (keyed by name so that reading a header needs no torch)
+DTYPE_NAMES = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16", "int64": "I64",
+               "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL"}
+
+
+def check_entries(where: str, expected: dict[str, Any], entries: dict[str, dict]) -> None:
+    """The file's header lists exactly the tensors the config implies, with their shapes and dtypes."""
+    missing = sorted(set(expected) - set(entries))
+    extra = sorted(set(entries) - set(expected))
+    if missing or extra:
+        what = f"missing {missing[0]}" if missing else f"unexpected {extra[0]}"
+        raise ModelFileError(f"{where} does not match its config: {what} "
+                             f"({len(missing)} missing, {len(extra)} unexpected tensors)")
+    for key, ref in expected.items():
+        shape, dtype = tuple(entries[key]["shape"]), entries[key]["dtype"]
+        if shape != tuple(ref.shape):
+            raise ModelFileError(f"{where} does not match its config: {key} has shape {shape}, "
+                                 f"expected {tuple(ref.shape)}")
+        want = DTYPE_NAMES.get(str(ref.dtype).removeprefix("torch."), str(ref.dtype))
+        if dtype != want:
+            raise ModelFileError(f"{where} does not match its config: {key} is stored as {dtype}, expected {want}")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from minidiff_cli.errors import UnknownNameError
 
-SHIPPED_DIR = Path(__file__).parent / "models"
+SHIPPED_DIR = Path(__file__).parent.parent / "models"  # minidiff_cli/models
 DEFAULT_MODEL = "shapes-clip"
 RUNS_DIR = Path("runs")  # where the README's `minidiff train --out runs/NAME` puts runs, from the current folder
 RUN_MODEL = "model.safetensors"  # the file a run folder exports (training.MODEL)

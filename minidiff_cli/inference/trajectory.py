@@ -40,7 +40,7 @@ class TrajectoryRecorder:
 
 
 def _pil(x: torch.Tensor):
-    from minidiff_cli.data.dataset import tensor_to_pil
+    from minidiff_cli.data.images import tensor_to_pil
 
     return tensor_to_pil(x.clamp(-1, 1))
 

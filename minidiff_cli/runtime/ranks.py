@@ -28,14 +28,14 @@ def world_size() -> int:
 def joined(device: str) -> Iterator[tuple[Any, str]]:
     """(Dist, the device this process should use) for the time of the block."""
     if world_size() == 1:
-        from minidiff_cli.training.trainer import Dist
+        from minidiff_cli.runtime.distributed import Dist
 
         yield Dist(), device
         return
     import torch
     import torch.distributed as dist
 
-    from minidiff_cli.training.trainer import init_distributed
+    from minidiff_cli.runtime.distributed import init_distributed
 
     device = _device_for_rank(device, int(os.environ.get("LOCAL_RANK", "0")))
     joined_here = not dist.is_initialized()

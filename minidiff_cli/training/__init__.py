@@ -1,1 +1,17 @@
-"""training"""
+"""Training: the diffusion trainer, its recipe, checkpoints and run folders, and the CLIP and VAE trainers.
+
+    config.py      TrainConfig: every flag of ``train``, checked; TOML recipes; resume rules
+    trainer.py     Trainer: the training loop (EMA, guidance dropout, checkpoints, DDP)
+    optim.py       fused AdamW, warm-up + cosine learning rate, the EMA update
+    latents.py     a latent run's data: the measured latent space, posterior cache
+    checkpoint.py  safetensors checkpoints: saved atomically, checked on resume
+    run_folder.py  whose a run folder is: its files, its lock, stale temporaries
+    model_card.py  what a trained model file says about itself
+    loss_plot.py   loss.png
+    clip_stage.py  the text encoder a ``--conditioner clip`` run trains first
+    clip.py        ``clip train``: a small open_clip CLIP, contrastive loss
+    vae.py         ``vae train``: the KL autoencoder (L1 + KL, optional PatchGAN)
+
+May import every layer below it (evaluation, inference, clip, diffusion, nets, vae, data,
+files, runtime, plugins, errors); only the CLI imports training.
+"""

@@ -20,9 +20,7 @@ vision_cfg) and ``eval`` (the accuracies). ``minidiff train --conditioner clip
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,9 +29,10 @@ from typing import Any, Callable, Optional
 import torch
 
 from minidiff_cli.clip.config import check_clip_model_config
-from minidiff_cli.clip.text import FORMAT, FORMAT_VERSION, read_safetensors, tokenizer_for
-from minidiff_cli.errors import MinidiffError, ModelFileError
-from minidiff_cli.files.atomic import atomic_write
+from minidiff_cli.clip.tokenizer import tokenizer_for
+from minidiff_cli.clip.clip_file import build_clip, fit_to_tower
+from minidiff_cli.data.sources import open_dataset
+from minidiff_cli.errors import MinidiffError
 
 LOGIT_SCALE_MAX = math.log(100.0)  # CLIP clips the temperature so logits stay <= 100 (Sec. 2.5)
 
@@ -119,14 +118,6 @@ class ClipRecipe:
                 "layers": self.vision_layers, "head_width": max(16, self.vision_width // 4)}
 
 
-def build_clip(config: dict[str, Any]):
-    """An untrained ``open_clip.CLIP`` for ``config`` (see ``ClipRecipe.model_config``)."""
-    import open_clip
-
-    return open_clip.CLIP(config["embed_dim"], vision_cfg=config["vision_cfg"], text_cfg=config["text_cfg"],
-                          quick_gelu=config.get("quick_gelu", False))
-
-
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -140,33 +131,11 @@ def resolve_device(name: str) -> torch.device:
 
 
 # -- data ----------------------------------------------------------------------------
-def fit_to_tower(images: torch.Tensor, model) -> torch.Tensor:
-    """``images`` [B, 3, H, W] scaled (bilinear) to the side the CLIP's image tower takes."""
-    visual = getattr(model, "visual", None)
-    if visual is None:  # a CLIP-like model without open_clip's tower (an oracle in a test)
-        return images
-    size = visual.image_size
-    size = size[0] if isinstance(size, (tuple, list)) else int(size)
-    if images.shape[-1] == size and images.shape[-2] == size:
-        return images
-    return torch.nn.functional.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
-
-
-def encode_images(model, images: torch.Tensor) -> torch.Tensor:
-    """Normalised CLIP image features of ``images`` in [-1, 1], at any size."""
-    return model.encode_image(fit_to_tower(images, model), normalize=True)
 
 
 def default_holdout(data: str) -> str:
     """What ``clip train`` leaves out unless told: the shipped recipe's pairs on shapes, nothing elsewhere."""
     return ClipRecipe.holdout if data == "shapes" else ""
-
-
-def make_dataset(name: str, image_size: int, seed: int, holdout):
-    """A registered data set or a folder, with ``holdout`` (pairs, or a share of captions like "5%")."""
-    from minidiff_cli.data.sources import open_dataset
-
-    return open_dataset(name, image_size=image_size, seed=seed, holdout=holdout)
 
 
 def batch_at(dataset, batch_size: int, seed: int, step: int):
@@ -210,7 +179,7 @@ def train_clip(recipe: ClipRecipe, callback: Optional[Callable[[dict], None]] = 
     """
     import open_clip
 
-    from minidiff_cli.training.trainer import stop_signals
+    from minidiff_cli.runtime.signals import stop_signals
 
     recipe.check()
     from minidiff_cli.runtime.threads import apply_threads
@@ -221,7 +190,7 @@ def train_clip(recipe: ClipRecipe, callback: Optional[Callable[[dict], None]] = 
     config = recipe.model_config()
     model = build_clip(config).to(device).train()
     tokenizer = tokenizer_for(config["text_cfg"])
-    dataset = make_dataset(recipe.data, recipe.image_size, recipe.seed, recipe.holdout)
+    dataset = open_dataset(recipe.data, image_size=recipe.image_size, seed=recipe.seed, holdout=recipe.holdout)
     captions = getattr(dataset, "captions", None)
     if isinstance(captions, list) and not any(captions):
         raise MinidiffError(f"'{recipe.data}' has no captions, and a CLIP learns from captions: add a "
@@ -314,177 +283,8 @@ def _resume_clip(path: Optional[Path], model, optimizer, recipe: ClipRecipe) -> 
 
 
 # -- evaluation ----------------------------------------------------------------------
-def _article(word: str) -> str:
-    return "an" if word[:1] in "aeiou" else "a"
-
-
-def class_prompt(class_name: str) -> str:
-    """``"orange square"`` -> ``"an orange square"``: the caption each class is ranked by."""
-    return f"{_article(class_name)} {class_name}"
-
-
-def class_images(dataset, per_class: int, max_draws: int = 200_000) -> dict[int, torch.Tensor]:
-    """``per_class`` images of every class that ``dataset`` draws, found by reading items in order."""
-    found: dict[int, list[torch.Tensor]] = {}
-    wanted = len(getattr(dataset, "allowed", dataset.class_names))
-    for index in range(min(len(dataset), max_draws)):
-        item = dataset[index]
-        bucket = found.setdefault(item["label"], [])
-        if len(bucket) < per_class:
-            bucket.append(item["image"])
-        if len(found) == wanted and all(len(b) == per_class for b in found.values()):
-            break
-    return {label: torch.stack(images) for label, images in sorted(found.items())}
-
-
-@torch.no_grad()
-def zero_shot_accuracy(model, class_names: list[str], images: dict[int, torch.Tensor],
-                       heldout: set[str] = frozenset(), tokenizer=None) -> dict[str, Any]:
-    """Rank the captions "a {colour} {shape}" of every class for each image, by cosine similarity.
-
-    Returns top-1 accuracy over the seen classes and over the held-out ones, and
-    how often the top caption has the right colour (first word) or the right
-    shape (the rest), over all images.
-    """
-    device = next(model.parameters()).device
-    tokenizer = tokenizer or tokenizer_for({"context_length": model.context_length})
-    was_training = model.training
-    model.eval()
-    text = model.encode_text(tokenizer([class_prompt(n) for n in class_names]).to(device), normalize=True)
-    colour = [n.split(" ", 1)[0] for n in class_names]
-    shape = [n.split(" ", 1)[-1] for n in class_names]
-    hits = {"seen": [], "heldout": [], "colour": [], "shape": []}
-    for label, batch in images.items():
-        features = encode_images(model, batch.to(device))
-        predicted = (features @ text.T).argmax(dim=1).tolist()
-        hits["heldout" if class_names[label] in heldout else "seen"] += [p == label for p in predicted]
-        hits["colour"] += [colour[p] == colour[label] for p in predicted]
-        hits["shape"] += [shape[p] == shape[label] for p in predicted]
-    model.train(was_training)
-    result: dict[str, Any] = {k: (round(sum(v) / len(v), 4) if v else None) for k, v in hits.items()}
-    result["images_per_class"] = max((len(b) for b in images.values()), default=0)
-    result["heldout_classes"] = sorted(heldout)
-    return result
-
-
-def evaluate(model, recipe: ClipRecipe) -> dict[str, Any]:
-    """The CLIP's evaluation on its data: caption retrieval for a folder, zero-shot classes for shapes.
-
-    A data set that lists its items' captions (a captioned folder) is judged by retrieval:
-    each image ranks every caption of the folder. A procedural one with classes (shapes)
-    is judged by zero-shot accuracy on fresh images of every class.
-    """
-    from minidiff_cli.data.dataset import parse_holdout
-    from minidiff_cli.data.sources import holdout_fraction
-
-    dataset = make_dataset(recipe.data, recipe.image_size, recipe.seed + 1_000_003, holdout=None)
-    if isinstance(getattr(dataset, "captions", None), list):
-        return caption_retrieval(model, dataset, holdout_fraction(recipe.holdout),
-                                 max_images=recipe.eval_images)
-    images = class_images(dataset, recipe.eval_images_per_class)
-    heldout = {f"{c} {s}" for c, s in parse_holdout(recipe.holdout)}
-    return zero_shot_accuracy(model, list(dataset.class_names), images, heldout)
-
-
-@torch.no_grad()
-def caption_retrieval(model, dataset, fraction: Optional[float], *, max_images: int = 1000,
-                      batch_size: int = 256) -> dict[str, Any]:
-    """Top-1 / top-5 retrieval of each image's own caption among all the folder's captions.
-
-    Seen and held-out captions are reported apart; at most ``max_images`` seen images (a
-    fixed spread) and every held-out one are ranked. Chance is 1 / number of captions.
-    """
-    from minidiff_cli.data.sources import is_heldout
-
-    device = next(model.parameters()).device
-    tokenizer = tokenizer_for({"context_length": model.context_length})
-    was_training = model.training
-    model.eval()
-    captions = list(dataset.captions)
-    candidates = sorted(set(captions))
-    row = {c: k for k, c in enumerate(candidates)}
-    text = torch.cat([model.encode_text(tokenizer(candidates[i:i + batch_size]).to(device), normalize=True)
-                      for i in range(0, len(candidates), batch_size)])
-    held = [i for i, c in enumerate(captions) if fraction and is_heldout(c, fraction)]
-    held_set = set(held)
-    seen = [i for i in range(len(captions)) if i not in held_set]
-    seen = seen[:: max(1, -(-len(seen) // max_images))]
-    result: dict[str, Any] = {"captions": len(candidates), "chance_top1": round(1 / len(candidates), 5)}
-    for name, indices in (("seen", seen), ("heldout", held)):
-        top1 = top5 = 0
-        for start in range(0, len(indices), batch_size):
-            chunk = indices[start:start + batch_size]
-            images = torch.stack([dataset[i]["image"] for i in chunk]).to(device)
-            scores = encode_images(model, images) @ text.T
-            best = scores.topk(min(5, len(candidates)), dim=1).indices
-            truth = torch.tensor([row[captions[i]] for i in chunk], device=device)
-            top1 += int((best[:, 0] == truth).sum())
-            top5 += int((best == truth[:, None]).any(dim=1).sum())
-        n = len(indices)
-        result[f"{name}_top1"] = round(top1 / n, 4) if n else None
-        result[f"{name}_top5"] = round(top5 / n, 4) if n else None
-        result[f"{name}_images"] = n
-    model.train(was_training)
-    return result
-
-
-def describe_accuracy(accuracy: dict) -> str:
-    """The evaluation of ``evaluate`` in one line."""
-    def pct(value):
-        if value is None:
-            return "n/a"
-        return f"{100 * value:.1f}%" if value == 0 or value >= 0.01 else f"{100 * value:.2g}%"
-
-    if "seen_top1" in accuracy:  # caption retrieval on a folder
-        return (f"caption retrieval among {accuracy['captions']} captions (chance {pct(accuracy['chance_top1'])}): "
-                f"seen top-1 {pct(accuracy['seen_top1'])}, top-5 {pct(accuracy['seen_top5'])} "
-                f"({accuracy['seen_images']} images); held-out top-1 {pct(accuracy['heldout_top1'])}, "
-                f"top-5 {pct(accuracy['heldout_top5'])} ({accuracy['heldout_images']} images)")
-
-    held = ", ".join(accuracy.get("heldout_classes", [])) or "none"
-    return (f"zero-shot top-1: seen pairs {pct(accuracy['seen'])}, held-out pairs {pct(accuracy['heldout'])} "
-            f"({held}); colour {pct(accuracy['colour'])}, shape {pct(accuracy['shape'])}")
 
 
 # -- the file ------------------------------------------------------------------------
-def save_clip(path: str | os.PathLike, model, config: dict[str, Any], evaluation: dict[str, Any],
-              training: dict[str, Any], *, include_vision: bool = True, overwrite: bool = False) -> Path:
-    """Write the CLIP's tensors (float16, open_clip names) and metadata; never overwrites unless asked."""
-    from safetensors.torch import save_file
-
-    tensors = {}
-    for key, value in model.state_dict().items():
-        if key.startswith("visual.") and not include_vision:
-            continue
-        value = value.detach().cpu()
-        tensors[key] = (value.half() if value.is_floating_point() else value).contiguous()
-    metadata = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "config": json.dumps(config),
-                "eval": json.dumps(evaluation), "training": json.dumps(training),
-                "contents": "text+vision" if include_vision else "text"}
-    return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata), overwrite=overwrite)
 
 
-def load_clip(path: str | os.PathLike):
-    """(open_clip.CLIP in float32, metadata) from a ``minidiff clip train`` file with its image tower."""
-    path = Path(path)
-    metadata, tensors = read_safetensors(path)
-    if metadata.get("format") != FORMAT:
-        raise ModelFileError(f"'{path}' is not a minidiff-clip file (made by `minidiff clip train`)")
-    try:
-        config = json.loads(metadata["config"])
-    except (KeyError, TypeError, ValueError, RecursionError):
-        raise ModelFileError(f"'{path}' has no readable CLIP config") from None
-    if not isinstance(config, dict) or not isinstance(config.get("vision_cfg"), dict):
-        raise ModelFileError(f"'{path}' holds no image tower (a text encoder only)")
-    try:  # allow-listed and bounded before anything is built from it
-        config = check_clip_model_config(config)
-    except MinidiffError as exc:
-        raise ModelFileError(f"'{path}' has an invalid CLIP config: {exc}") from None
-    with torch.device("meta"):  # shapes first: a file that does not fit its config allocates nothing
-        expected = {k: tuple(v.shape) for k, v in build_clip(config).state_dict().items()}
-    if expected != {k: tuple(v.shape) for k, v in tensors.items()}:
-        raise ModelFileError(f"'{path}' does not match its config, or holds no image tower "
-                             "(it was saved with --no-vision)")
-    model = build_clip(config)
-    model.load_state_dict(tensors, strict=True)
-    return model.float().eval(), metadata

@@ -261,3 +261,16 @@ def merge(flags: dict[str, Any], config_file: str | Path | None) -> TrainConfig:
     values = {k.replace("-", "_"): v for k, v in values.items()}
     values.update({k: v for k, v in flags.items() if v is not None})
     return TrainConfig.from_dict(values, where=where)
+
+
+def check_resume_flags(stored: TrainConfig, given: dict[str, Any]) -> TrainConfig:
+    """On --resume the stored recipe stands; only RESUMABLE flags may change."""
+    values = stored.to_dict()
+    for key, value in given.items():
+        if value is None or values.get(key) == value:
+            continue
+        if key not in RESUMABLE:
+            raise MinidiffError(f"--{key.replace('_', '-')} cannot change when resuming "
+                                f"(the run used {values.get(key)!r})")
+        values[key] = value
+    return TrainConfig.from_dict(values)

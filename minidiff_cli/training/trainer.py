@@ -16,11 +16,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
-import signal
 import time
-from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Callable
 
@@ -33,69 +30,24 @@ from minidiff_cli.errors import MinidiffError
 from minidiff_cli.files.atomic import append_line, atomic_write, ensure_writable_dir
 from minidiff_cli.diffusion.model import DiffusionModel
 from minidiff_cli.diffusion.timestep_sampling import draw_timesteps
-from minidiff_cli.training.config import RESUMABLE, TrainConfig
+from minidiff_cli.training.loss_plot import plot_losses
+from minidiff_cli.training.latents import draw_latents, open_latent_space, posterior_table
+from minidiff_cli.training.config import TrainConfig
 from minidiff_cli.data.vocabulary import vocabulary
 from minidiff_cli.data.dataset import EpochShuffle, caption_set
+from minidiff_cli.runtime.distributed import any_rank, check_replicas, start_training, wrap_ddp
+from minidiff_cli.runtime.signals import stop_signals
+from minidiff_cli.training.model_card import model_card, schedule_entry
+from minidiff_cli.training.optim import adamw, ema_update, lr_at
 
 # The run folder's names live in runfolder.py (which checks whose a folder is); imported from here too.
 from minidiff_cli.training.run_folder import CHECKPOINT, MODEL, check_contents, check_creatable  # noqa: E402,F401
 
 RUN_CONFIG = "train_config.json"
-POSTERIOR_CACHE_BYTES = 512 * 1024**2  # a latent model's posteriors of every item, kept if they fit
 METRICS = "metrics.jsonl"
 
 
 # -- distributed ------------------------------------------------------------------------
-@dataclass
-class Dist:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def init_distributed(device: torch.device) -> Dist:
-    """Join the process group torchrun set up (NCCL on GPUs, gloo on CPU); a no-op otherwise."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return Dist()
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
-
-
-def start_training(cfg) -> tuple[torch.device, Dist, Any]:
-    """(device, Dist, AutoThreads) of a training run (`train`, `vae train`): the thread count set,
-    torchrun's process group joined, each rank on its own GPU; a batch too small to share refused."""
-    from minidiff_cli.inference.pipeline import pick_device
-    from minidiff_cli.runtime.threads import AutoThreads, apply_threads
-
-    device = pick_device(cfg.device)
-    apply_threads(cfg.threads or None)
-    auto_threads = AutoThreads(cfg.threads or None)  # follows other work during a long run
-    dist = init_distributed(device)
-    if device.type == "cuda" and dist.world > 1:
-        device = torch.device("cuda", dist.local_rank)
-        torch.cuda.set_device(device)
-    if cfg.batch_size < dist.world:
-        raise MinidiffError(f"--batch-size {cfg.batch_size} is smaller than the {dist.world} processes; "
-                            "each needs at least one image per step")
-    return device, dist, auto_threads
-
-
-def wrap_ddp(module: torch.nn.Module, dist: Dist, device: torch.device) -> torch.nn.Module:
-    """``module`` in DistributedDataParallel under torchrun; itself in a single process."""
-    if dist.world == 1:
-        return module
-    from torch.nn.parallel import DistributedDataParallel
-
-    ids = [device.index] if device.type == "cuda" else None
-    return DistributedDataParallel(module, device_ids=ids)
 
 
 # -- the network being trained ------------------------------------------------------------
@@ -114,39 +66,6 @@ class TrainNet(torch.nn.Module):
                 cond = cond.where(keep, self.conditioner.null(1))
             pooled = cond.pooled
         return self.unet(x, t, context=context, pooled=pooled)
-
-
-def ema_update(ema: list[torch.Tensor], net: list[torch.Tensor], decay: float) -> None:
-    """ema <- ema + (1 - decay) (net - ema), over matching lists of parameters, in one op.
-
-    One multi-tensor op for the ~300 tensors instead of one op each: on a GPU that is one
-    launch instead of hundreds, which for a small U-Net cost more than the arithmetic. The
-    lists are built once by the caller: walking the modules for them costs ~1 ms a step.
-    """
-    with torch.no_grad():
-        torch._foreach_lerp_(ema, net, 1 - decay)
-
-
-def adamw(params: list[torch.Tensor], cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW, fused (one kernel over all tensors) where this torch has that for the device.
-
-    For the shipped U-Net on a 2-core CPU the optimizer step took 7.4 ms unfused and 1.4 ms
-    fused; on a GPU it is one launch instead of several per tensor.
-    """
-    try:
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                 fused=device.type in ("cpu", "cuda"))
-    except RuntimeError:  # a torch without fused AdamW for this device (CPU before 2.4)
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-
-
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warm-up, then cosine decay to 10% of the peak at lr_decay_steps (else max_steps), then flat."""
-    if cfg.warmup and step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    horizon = cfg.lr_decay_steps or cfg.max_steps
-    progress = min(1.0, (step - cfg.warmup) / max(1, horizon - cfg.warmup))
-    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 # -- the trainer -------------------------------------------------------------------------
@@ -262,31 +181,11 @@ class Trainer:
         return model
 
     def _latent_space(self):
-        """(LatentSpace, its config entry) of --vae, its shift and scale measured on the data; (None, None)
-        for a pixel model."""
-        cfg = self.cfg
-        if not cfg.vae:
+        """(LatentSpace, its config entry) of --vae, measured on the data; (None, None) for a pixel model."""
+        if not self.cfg.vae:
             return None, None
-        from minidiff_cli.vae.latent_space import LatentSpace, measure
-        from minidiff_cli.vae.vae_file import load_vae
-
-        vae = load_vae(cfg.vae, self.device)
-        self._check_same_vae(vae.hash)
-        vae.autoencoder.check_size(cfg.image_size)
-        if vae.config.in_channels != self.dataset.channels:
-            raise MinidiffError(f"the VAE takes {vae.config.in_channels}-channel pictures but the data has "
-                                f"{self.dataset.channels} channels")
-        order = EpochShuffle(len(self.dataset), cfg.seed).batch(0, min(len(self.dataset), 512))
-
-        def images(start: int, stop: int) -> torch.Tensor:
-            return torch.stack([self.dataset[i]["image"] for i in order[start:stop]]).to(self.device)
-
-        shift, scale, count = measure(vae.autoencoder, images, len(order), seed=cfg.seed)
-        latent = LatentSpace(vae.autoencoder, shift, scale)
-        if self.dist.main:
-            self.log(f"latent space of {cfg.vae}: {latent.channels} channels at 1/{latent.factor} of the side; "
-                     f"shift {shift:.4f}, scale {scale:.4f} (1 / std), measured on {count} training images")
-        return latent, latent.entry(vae.hash, str(vae.meta.get("name", "")))
+        return open_latent_space(self.cfg, self.dataset, self.device, self.log if self.dist.main else None,
+                                 resumed_from=self.out / MODEL if self.resuming else None)
 
     def _ema_copy(self) -> TrainNet:
         import copy
@@ -312,18 +211,6 @@ class Trainer:
                                 f"raise --max-steps above it to train further")
         self._forget_metrics_after(self.step)
 
-    def _check_same_vae(self, vae_hash: str) -> None:
-        """A latent run resumes only with the VAE it started with: another one with the same shapes
-        would load without complaint and make the U-Net's latents mean something else."""
-        if not self.resuming or not (self.out / MODEL).is_file():
-            return
-        from minidiff_cli.files.model_file import read_config
-
-        before = (read_config(self.out / MODEL).get("vae") or {}).get("hash")
-        if before and before != vae_hash:
-            raise MinidiffError(f"--vae {self.cfg.vae} is not the VAE this run started with (hash {vae_hash}, "
-                                f"the run's is {before}); restore that file, or start a new run")
-
     # -- data ----------------------------------------------------------------------------
     def batch_indices(self, step: int) -> list[int]:
         """This rank's share of the global batch of ``step``: epoch-wise shuffles, stateless."""
@@ -346,44 +233,13 @@ class Trainer:
         return images, captions, labels
 
     def _latents(self, step: int, indices: list[int], images: torch.Tensor | None) -> torch.Tensor:
-        """Posterior samples of the batch's latents, normalised. Their noise has its own generator, so a
-        pixel model's stream of timesteps and noise is the same with or without this code."""
-        from minidiff_cli.vae.autoencoder import Posterior
-
-        latent = self.model.latent
-        table = self._posterior_table()
-        with torch.no_grad():
-            if table is not None:
-                rows = torch.tensor(indices, device=table.mean.device)
-                posterior = Posterior(table.mean[rows], table.logvar[rows])
-            else:
-                posterior = latent.autoencoder.encode(images)
-            g = torch.Generator().manual_seed((self.cfg.seed * 1_000_003 + step) * 1_013 + self.dist.rank + 7)
-            noise = torch.randn(posterior.mean.shape, generator=g).to(posterior.mean)
-            return latent.normalise(posterior.sample(noise))
+        return draw_latents(self.model.latent, self._posterior_table(), indices, images,
+                            seed=self.cfg.seed, step=step, rank=self.dist.rank)
 
     def _posterior_table(self):
-        """Every item's posterior (mean, log-variance), encoded once per run in fixed batches, where that
-        pays: the run sees each item at least twice (over its fixed decay horizon) and the latents fit in
-        POSTERIOR_CACHE_BYTES. None otherwise: each batch is encoded at its step."""
-        if hasattr(self, "_posteriors"):
-            return self._posteriors
-        self._posteriors = None
-        n, (c, h, w) = len(self.dataset), self.model.latent_shape
-        if n * c * h * w * 8 > POSTERIOR_CACHE_BYTES or 2 * n > self.cfg.lr_decay_steps * self.cfg.batch_size:
-            return None
-        from minidiff_cli.vae.autoencoder import Posterior
-
-        if self.dist.main:
-            self.log(f"encoding the {n:,} training images into latents once for the run")
-        means, logvars = [], []
-        with torch.no_grad():
-            for start in range(0, n, 64):
-                x = torch.stack([self.dataset[i]["image"] for i in range(start, min(n, start + 64))]).to(self.device)
-                posterior = self.model.latent.autoencoder.encode(x)
-                means.append(posterior.mean)
-                logvars.append(posterior.logvar)
-        self._posteriors = Posterior(torch.cat(means), torch.cat(logvars))
+        if not hasattr(self, "_posteriors"):
+            self._posteriors = posterior_table(self.model.latent, self.dataset, self.model.latent_shape, self.cfg,
+                                               self.device, self.log if self.dist.main else None)
         return self._posteriors
 
     def encode_captions(self, captions: list[str]) -> Conditioning:
@@ -515,27 +371,7 @@ class Trainer:
         return sum(recent) / len(recent) if recent else None
 
     def _plot_losses(self) -> None:
-        if len(self.losses) < 2:
-            return
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        steps, values = zip(*self.losses)
-        fig, ax = plt.subplots(figsize=(6, 3.5))
-        ax.plot(steps, values, lw=0.6, alpha=0.4, label="loss")
-        window = max(1, len(values) // 50)
-        smooth = [sum(values[max(0, i - window):i + 1]) / len(values[max(0, i - window):i + 1])
-                  for i in range(len(values))]
-        ax.plot(steps, smooth, lw=1.5, label=f"mean of {window}")
-        ax.set_xlabel("step")
-        ax.set_ylabel("training loss")
-        ax.set_yscale("log")
-        ax.legend()
-        fig.tight_layout()
-        atomic_write(self.out / "loss.png", lambda p: fig.savefig(p, format="png", dpi=100))
-        plt.close(fig)
+        plot_losses(self.losses, self.out / "loss.png")
 
     def sample_grid(self) -> dict[str, Any] | None:
         """Samples for fixed prompts with the EMA weights; a grid PNG and, on shapes, adherence."""
@@ -620,21 +456,7 @@ class Trainer:
         return any_rank(flag, self.dist, self.device)
 
     def check_replicas(self) -> None:
-        """DDP keeps every rank's weights identical; check it, so that a silent divergence cannot
-        pass unnoticed (each rank hashes its weights and the hashes are compared)."""
-        if self.dist.world == 1:
-            return
-        import torch.distributed as dist
-
-        mine = torch.tensor([weights_fingerprint(self.net, self.ema)], device=self.device)
-        every = [torch.zeros_like(mine) for _ in range(self.dist.world)]
-        dist.all_gather(every, mine)
-        differ = [rank for rank, value in enumerate(every) if value.item() != every[0].item()]
-        if differ:
-            raise MinidiffError(f"rank(s) {', '.join(map(str, differ))} ended with weights that differ from "
-                                "rank 0's; the processes went out of sync")
-        if self.dist.main:
-            self.log(f"checked: all {self.dist.world} processes hold identical weights")
+        check_replicas(self.dist, self.device, (self.net, self.ema), self.log)
 
     def _forget_metrics_after(self, step: int) -> None:
         """A run killed after its last checkpoint logged steps that it will now redo: drop them."""
@@ -650,39 +472,6 @@ class Trainer:
         append_line(ensure_writable_dir(self.out) / METRICS, json.dumps({k: v for k, v in record.items() if v is not None}))
 
 
-def any_rank(flag: bool, dist_info: Dist, device: torch.device) -> bool:
-    """True on every rank if it is True on one: ranks must stop at the same step, or the
-    others would wait forever in the next gradient all-reduce."""
-    if dist_info.world == 1:
-        return flag
-    import torch.distributed as dist
-
-    value = torch.tensor([int(flag)], device=device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())
-
-
-def schedule_entry(cfg: TrainConfig) -> dict[str, Any]:
-    """The model file's schedule: the flow schedule's shift, and zero terminal SNR only when asked for."""
-    entry: dict[str, Any] = {"name": cfg.schedule, "num_timesteps": cfg.timesteps, "options": {}}
-    if cfg.schedule == "flow":
-        entry["options"]["shift"] = cfg.shift
-    if cfg.zero_terminal_snr:
-        entry["zero_terminal_snr"] = True
-    return entry
-
-
-def model_card(cfg: TrainConfig, captions: list[str] | None) -> dict[str, Any]:
-    """What `info` and `models` say about a trained model: its description, example prompts, notice."""
-    import hashlib
-
-    examples = sorted((c for c in captions or [] if c), key=lambda c: hashlib.sha256(c.encode()).digest())[:6]
-    card: dict[str, Any] = {"description": cfg.description or f"trained on {cfg.data}", "examples": examples}
-    if cfg.notice:
-        card["notice"] = cfg.notice
-    return card
-
-
 def _record_step(line: str) -> float:
     try:
         return int(json.loads(line)["step"])
@@ -690,56 +479,3 @@ def _record_step(line: str) -> float:
         return math.inf  # a line cut short by the kill
 
 
-def weights_fingerprint(*modules: torch.nn.Module) -> int:
-    """A 63-bit hash of the exact bytes of every tensor in ``modules``' state dicts."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    for module in modules:
-        for key, value in module.state_dict().items():
-            digest.update(key.encode())
-            digest.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return int.from_bytes(digest.digest()[:8], "little") >> 1
-
-
-@contextmanager
-def stop_signals(log: Callable[[str], None] | None):
-    """SIGTERM (e.g. from a job scheduler) or Ctrl-C: finish the current step, save, stop.
-
-    Stopping between steps keeps the checkpoint exactly resumable; a second Ctrl-C stops at
-    once (the trainer still saves). Yields ``stop_asked() -> bool``; the previous handlers
-    are restored on the way out.
-    """
-    asked = {"stop": False}
-
-    def handler(signum, frame):
-        if asked["stop"] and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        asked["stop"] = True
-        if log is not None:
-            log("stopping after this step, then saving (Ctrl-C again to stop now)")
-
-    previous = {}
-    try:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            previous[sig] = signal.signal(sig, handler)
-    except ValueError:  # not in the main thread: signals stay as they are
-        pass
-    try:
-        yield lambda: asked["stop"]
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
-
-
-def check_resume_flags(stored: TrainConfig, given: dict[str, Any]) -> TrainConfig:
-    """On --resume the stored recipe stands; only RESUMABLE flags may change."""
-    values = stored.to_dict()
-    for key, value in given.items():
-        if value is None or values.get(key) == value:
-            continue
-        if key not in RESUMABLE:
-            raise MinidiffError(f"--{key.replace('_', '-')} cannot change when resuming "
-                                f"(the run used {values.get(key)!r})")
-        values[key] = value
-    return TrainConfig.from_dict(values)

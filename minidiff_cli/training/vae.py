@@ -127,27 +127,10 @@ class VAETrainConfig:
             raise MinidiffError(f"bad VAE training settings: {exc}") from None
 
 
-def split_items(dataset, fraction: float | None) -> tuple[list[int], list[int]]:
-    """(training, held-out) item indices. A captioned folder holds out the images of a share of its
-    captions (the same captions ``train --holdout`` holds out); other data sets a share of their
-    items, by the hash of the item's position. Nothing is held out without a fraction."""
-    from minidiff_cli.data.sources import is_heldout
-
-    if not fraction:
-        return list(range(len(dataset))), []
-    captions = getattr(dataset, "captions", None)
-    keys = captions if isinstance(captions, list) and len(captions) == len(dataset) else \
-        [f"item {i}" for i in range(len(dataset))]
-    held = [is_heldout(str(key), fraction) for key in keys]
-    train = [i for i, h in enumerate(held) if not h]
-    if not train:
-        raise MinidiffError(f"--holdout {fraction:.0%} leaves no image to train on")
-    return train, [i for i, h in enumerate(held) if h]
-
-
 class VAETrainer:
     def __init__(self, cfg: VAETrainConfig, resume: bool = False, log: Callable[[str], None] = print):
-        from minidiff_cli.training.trainer import adamw, start_training, wrap_ddp
+        from minidiff_cli.training.optim import adamw
+        from minidiff_cli.runtime.distributed import start_training, wrap_ddp
 
         if not cfg.lr_decay_steps:
             cfg = dataclasses.replace(cfg, lr_decay_steps=cfg.max_steps)
@@ -176,7 +159,8 @@ class VAETrainer:
 
     # -- set-up --------------------------------------------------------------------------
     def _data(self):
-        from minidiff_cli.data.sources import holdout_fraction, open_dataset
+        from minidiff_cli.data.sources import open_dataset
+        from minidiff_cli.data.holdout import holdout_fraction, split_items
 
         cfg = self.cfg
         fraction = holdout_fraction(cfg.holdout)
@@ -227,7 +211,7 @@ class VAETrainer:
         return terms
 
     def train_step(self) -> dict[str, float]:
-        from minidiff_cli.training.trainer import ema_update, lr_at
+        from minidiff_cli.training.optim import ema_update, lr_at
 
         for group in self.optimizer.param_groups:
             group["lr"] = lr_at(self.step, self.cfg)
@@ -295,7 +279,8 @@ class VAETrainer:
 
     # -- the loop ------------------------------------------------------------------------
     def run(self, progress: Callable[[dict], None] | None = None) -> dict[str, Any]:
-        from minidiff_cli.training.trainer import any_rank, stop_signals
+        from minidiff_cli.runtime.signals import stop_signals
+        from minidiff_cli.runtime.distributed import any_rank
 
         cfg, start_step, start_time = self.cfg, self.step, time.time()
         self.autoencoder.train()

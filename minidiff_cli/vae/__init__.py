@@ -8,6 +8,7 @@ instead of pixels; the VAE's decoder turns its samples back into pictures.
     latent_space.py  LatentSpace: the autoencoder with the latent shift and scale measured on
                      the data (SD's 0.18215), as a latent model holds it
     discriminator.py the optional PatchGAN discriminator of VAE training
-    training.py      VAETrainer: `minidiff vae train` (L1 + KL [+ GAN], EMA, checkpoints, resume)
-    evaluation.py    reconstruction PSNR / SSIM on held-out images, bytes per image
+
+Training a VAE lives in ``training.vae`` and judging one in ``evaluation.vae``.
+May import: files, errors.
 """

@@ -53,7 +53,7 @@ def expected_entries(cfg: VAEConfig, prefix: str = "") -> dict[str, torch.Tensor
 
 def check_vae_file(path: str | os.PathLike) -> tuple[VAEConfig, dict[str, Any]]:
     """(config, metadata) of a VAE file whose tensors fit its config, without reading the weights."""
-    from minidiff_cli.diffusion.model import check_entries
+    from minidiff_cli.files.model_file import check_entries
 
     path = Path(path)
     meta, entries = read_model_header(path, VAE_FORMAT, "minidiff VAE file")

@@ -95,7 +95,7 @@ def pixel_hash(image) -> str:
 
 def fit_image(image, size: int, channels: int):
     """(float32 tensor [channels, size, size] in [-1, 1], what was done or None) for an init image."""
-    from minidiff_cli.data.dataset import pil_to_tensor, resize_center_crop, to_rgb
+    from minidiff_cli.data.images import pil_to_tensor, resize_center_crop, to_rgb
 
     if channels not in (1, 3):
         raise MinidiffError(f"init images need a model with 1 or 3 channels; this one has {channels}")
@@ -118,7 +118,7 @@ def fit_image(image, size: int, channels: int):
 
 def fit_mask(mask, image_size: tuple[int, int], size: int):
     """float32 tensor [1, size, size] in [0, 1] (1 = repaint) for a mask of the init image's upright size."""
-    from minidiff_cli.data.dataset import pil_to_uint8, resize_center_crop, to_rgb
+    from minidiff_cli.data.images import pil_to_uint8, resize_center_crop, to_rgb
 
     width, height = upright(mask).size
     if (width, height) != tuple(image_size):

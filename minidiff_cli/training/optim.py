@@ -1,0 +1,42 @@
+"""The optimiser and its schedule: fused AdamW, linear warm-up then cosine decay, and the EMA update."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from minidiff_cli.training.config import TrainConfig
+
+
+def ema_update(ema: list[torch.Tensor], net: list[torch.Tensor], decay: float) -> None:
+    """ema <- ema + (1 - decay) (net - ema), over matching lists of parameters, in one op.
+
+    One multi-tensor op for the ~300 tensors instead of one op each: on a GPU that is one
+    launch instead of hundreds, which for a small U-Net cost more than the arithmetic. The
+    lists are built once by the caller: walking the modules for them costs ~1 ms a step.
+    """
+    with torch.no_grad():
+        torch._foreach_lerp_(ema, net, 1 - decay)
+
+
+def adamw(params: list[torch.Tensor], cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW, fused (one kernel over all tensors) where this torch has that for the device.
+
+    For the shipped U-Net on a 2-core CPU the optimizer step took 7.4 ms unfused and 1.4 ms
+    fused; on a GPU it is one launch instead of several per tensor.
+    """
+    try:
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                 fused=device.type in ("cpu", "cuda"))
+    except RuntimeError:  # a torch without fused AdamW for this device (CPU before 2.4)
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up, then cosine decay to 10% of the peak at lr_decay_steps (else max_steps), then flat."""
+    if cfg.warmup and step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    horizon = cfg.lr_decay_steps or cfg.max_steps
+    progress = min(1.0, (step - cfg.warmup) / max(1, horizon - cfg.warmup))
+    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
