@@ -23,8 +23,9 @@ import torch
 
 def bicubic_round_trip(x: torch.Tensor, side: int) -> torch.Tensor:
     """Pictures [B, 3, H, W] in [-1, 1] resized to side x side and back with Pillow's bicubic."""
-    from minidiff_cli.data.images import pil_to_tensor, tensor_to_pil
     from PIL import Image
+
+    from minidiff_cli.data.images import pil_to_tensor, tensor_to_pil
 
     size = x.shape[-1]
     out = [pil_to_tensor(tensor_to_pil(img).resize((side, side), Image.BICUBIC).resize((size, size), Image.BICUBIC))
@@ -42,11 +43,10 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
+    from minidiff_cli.data.holdout import holdout_fraction, split_items
     from minidiff_cli.data.images import pil_to_tensor, tensor_to_pil
     from minidiff_cli.data.sources import open_dataset
-    from minidiff_cli.data.holdout import holdout_fraction
     from minidiff_cli.evaluation.vae import decode_means, encode_means, summarise
-    from minidiff_cli.data.holdout import split_items
     from minidiff_cli.vae.vae_file import load_vae
 
     vae = load_vae(args.vae)

@@ -21,8 +21,8 @@ matplotlib.use("Agg")  # write files, open no window
 import matplotlib.pyplot as plt
 import torch
 
-from minidiff_cli.diffusion.schedule import get_schedule
 from minidiff_cli.data.shapes import ShapesDataset
+from minidiff_cli.diffusion.schedule import get_schedule
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--out", type=Path, default=Path(__file__).parent / "out", help="folder for the PNG")

@@ -21,9 +21,9 @@ import torch
 import torch.nn.functional as F
 
 from minidiff_cli import sample
+from minidiff_cli.data.shapes import ShapesDataset
 from minidiff_cli.diffusion.guidance import clipped
 from minidiff_cli.diffusion.schedule import get_schedule
-from minidiff_cli.data.shapes import ShapesDataset
 from minidiff_cli.nets.unet import UNet, UNetConfig
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

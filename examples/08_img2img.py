@@ -23,8 +23,8 @@ import numpy as np
 from PIL import Image
 
 from minidiff_cli import Pipeline
-from minidiff_cli.evaluation.shape_classifier import classify
 from minidiff_cli.data.shapes import ShapeSpec, draw
+from minidiff_cli.evaluation.shape_classifier import classify
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--out", type=Path, default=Path(__file__).parent / "out", help="folder for the PNG")

@@ -26,9 +26,9 @@ import torch
 import torch.nn.functional as F
 
 from minidiff_cli import sample
-from minidiff_cli.diffusion.schedule import get_schedule
-from minidiff_cli.diffusion.sampling import flow_denoiser, timesteps
 from minidiff_cli.data.shapes import ShapesDataset
+from minidiff_cli.diffusion.sampling import flow_denoiser, timesteps
+from minidiff_cli.diffusion.schedule import get_schedule
 from minidiff_cli.diffusion.timestep_sampling import draw_timesteps
 from minidiff_cli.nets.unet import UNet, UNetConfig
 

@@ -24,8 +24,8 @@ matplotlib.use("Agg")  # write files, open no window
 import matplotlib.pyplot as plt
 import torch
 
-from minidiff_cli.evaluation.reconstruction import psnr
 from minidiff_cli.data.shapes import ShapesDataset
+from minidiff_cli.evaluation.reconstruction import psnr
 from minidiff_cli.vae.autoencoder import Autoencoder, VAEConfig
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -6,8 +6,8 @@ Each factory keeps the contract in ``minidiff_cli.data.dataset``. The dataset cl
 
 from __future__ import annotations
 
-from minidiff_cli.plugins import hookimpl
 from minidiff_cli.errors import MinidiffError
+from minidiff_cli.plugins import hookimpl
 
 
 def make_shapes(source=None, *, image_size: int = 32, seed: int = 0, holdout=(), length: int = 100_000,

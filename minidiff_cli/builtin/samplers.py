@@ -9,8 +9,8 @@ Torch is imported inside the functions so that loading this plugin costs nothing
 
 from __future__ import annotations
 
-from minidiff_cli.plugins import hookimpl
 from minidiff_cli.errors import MinidiffError
+from minidiff_cli.plugins import hookimpl
 
 
 # -- one step of each, as in the papers ------------------------------------------------

@@ -9,8 +9,8 @@ from __future__ import annotations
 import math
 import operator
 
-from minidiff_cli.plugins import hookimpl
 from minidiff_cli.errors import MinidiffError
+from minidiff_cli.plugins import hookimpl
 
 
 def linear(num_timesteps: int, **opts):

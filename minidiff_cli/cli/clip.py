@@ -7,14 +7,14 @@ does not pay for them.
 from __future__ import annotations
 
 import json
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Optional
 
 import typer
 
 from minidiff_cli.cli import completion
 from minidiff_cli.cli.app import app
+from minidiff_cli.cli.display import loss_progress
 from minidiff_cli.cli.options import threads_option
 from minidiff_cli.errors import MinidiffError
 
@@ -77,10 +77,9 @@ def train_command(
     """
     if out.exists() and not overwrite:  # before minutes of training (and seconds of imports), not after
         raise MinidiffError(f"'{out}' already exists; choose another name, or pass --overwrite")
-    from minidiff_cli.training.clip import ClipRecipe, default_holdout, train_clip
-    from minidiff_cli.evaluation.clip import describe_accuracy, evaluate
     from minidiff_cli.clip.clip_file import save_clip
-
+    from minidiff_cli.evaluation.clip import describe_accuracy, evaluate
+    from minidiff_cli.training.clip import ClipRecipe, default_holdout, train_clip
     from minidiff_cli.training.clip_stage import checkpoint_path
 
     if holdout is None:
@@ -126,9 +125,9 @@ def eval_command(
 
       minidiff clip eval shapes-clip.safetensors
     """
-    from minidiff_cli.training.clip import ClipRecipe
-    from minidiff_cli.evaluation.clip import describe_accuracy, evaluate
     from minidiff_cli.clip.clip_file import load_clip
+    from minidiff_cli.evaluation.clip import describe_accuracy, evaluate
+    from minidiff_cli.training.clip import ClipRecipe
 
     model, metadata = load_clip(path)
     trained = json.loads(metadata.get("training", "{}")).get("recipe", {})
@@ -138,32 +137,3 @@ def eval_command(
     typer.echo(json.dumps(accuracy) if as_json else describe_accuracy(accuracy))
 
 
-@contextmanager
-def loss_progress(total: int, quiet: bool, label: str = "clip",
-                  log_every: int = 0) -> Iterator[Callable[[dict], None]]:
-    """A rich progress bar on stderr (step, mean loss of the last 50 steps, it/s, ETA); yields the
-    training callback. Quiet: a log line every ``log_every`` steps (none when 0)."""
-    if quiet:
-        def log(info: dict) -> None:
-            if log_every and info["step"] % log_every == 0:
-                typer.echo(f"{label}: step {info['step']} loss {info['smoothed']:.4f}", err=True)
-        yield log
-        return
-    from rich.console import Console
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                               TimeRemainingColumn)
-
-    columns = [TextColumn(label), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
-               TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn()]
-    with Progress(*columns, console=Console(stderr=True)) as progress:
-        task = progress.add_task(label, total=total, loss="-", rate="")
-
-        def report(info: dict) -> None:
-            # 4 places, as the summary: the summary's figure is stored rounded to 4, and 3 places of
-            # both would disagree in the last digit after double rounding (1.54949 -> 1.549 / 1.550)
-            progress.update(task, completed=info["step"], loss=f"{info['smoothed']:.4f}")
-            speed = progress.tasks[0].speed
-            if speed:
-                progress.update(task, rate=f"{speed:.1f} it/s")
-
-        yield report

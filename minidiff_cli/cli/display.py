@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import sys
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Callable, Iterator
+
+import typer
 
 
 def stderr_console():
@@ -13,18 +15,23 @@ def stderr_console():
     return Console(stderr=True)
 
 
+def progress_columns(label: str, *fields: str) -> list:
+    """The columns of every minidiff progress bar: label, bar, n/total, ``fields``, elapsed time, ETA."""
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    return [TextColumn(label), BarColumn(), MofNCompleteColumn(), *(TextColumn(f) for f in fields),
+            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn()]
+
+
 @contextmanager
 def step_progress(total: int, description: str, quiet: bool = False) -> Iterator:
     """A rich progress bar on stderr (steps/s, ETA); yields ``advance(n=1)``."""
     if quiet:
         yield lambda n=1: None
         return
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                               TimeRemainingColumn)
+    from rich.progress import Progress
 
-    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("[progress.data.speed]{task.fields[rate]}"),
-               TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn()]
+    columns = progress_columns("{task.description}", "[progress.data.speed]{task.fields[rate]}")
     with Progress(*columns, console=stderr_console(), transient=False) as progress:
         task = progress.add_task(description, total=total, rate="")
 
@@ -104,3 +111,31 @@ def show_images(images) -> None:
         console.print(image_to_text(sheet, max_width=sheet.width))  # its newline is the gap between rows
     if shown < len(images):
         console.print(f"{len(images) - shown} more image(s) not shown; the terminal fits {shown}", highlight=False)
+
+
+@contextmanager
+def loss_progress(total: int, quiet: bool, label: str = "clip",
+                  log_every: int = 0) -> Iterator[Callable[[dict], None]]:
+    """A rich progress bar on stderr (step, mean loss of the last 50 steps, it/s, ETA); yields the
+    training callback. Quiet: a log line every ``log_every`` steps (none when 0)."""
+    if quiet:
+        def log(info: dict) -> None:
+            if log_every and info["step"] % log_every == 0:
+                typer.echo(f"{label}: step {info['step']} loss {info['smoothed']:.4f}", err=True)
+        yield log
+        return
+    from rich.progress import Progress
+
+    columns = progress_columns(label, "loss {task.fields[loss]}", "{task.fields[rate]}")
+    with Progress(*columns, console=stderr_console()) as progress:
+        task = progress.add_task(label, total=total, loss="-", rate="")
+
+        def report(info: dict) -> None:
+            # 4 places, as the summary: the summary's figure is stored rounded to 4, and 3 places of
+            # both would disagree in the last digit after double rounding (1.54949 -> 1.549 / 1.550)
+            progress.update(task, completed=info["step"], loss=f"{info['smoothed']:.4f}")
+            speed = progress.tasks[0].speed
+            if speed:
+                progress.update(task, rate=f"{speed:.1f} it/s")
+
+        yield report

@@ -11,9 +11,9 @@ import typer
 from minidiff_cli.cli import completion
 from minidiff_cli.cli.app import app
 from minidiff_cli.cli.options import threads_option
-from minidiff_cli.runtime.threads import apply_threads
 from minidiff_cli.errors import MinidiffError
 from minidiff_cli.files.atomic import refuse_existing
+from minidiff_cli.runtime.threads import apply_threads
 
 
 @app.command("eval")
@@ -72,9 +72,9 @@ def eval_command(
                             grid=grid, as_json=as_json, quiet=quiet, overwrite=overwrite)
     n = 8 if n is None else n
     from minidiff_cli.data.holdout import parse_holdout
+    from minidiff_cli.data.shapes import COLOURS, DEFAULT_SHAPES
     from minidiff_cli.evaluation.shapes_judge import evaluate
     from minidiff_cli.inference.pipeline import Pipeline
-    from minidiff_cli.data.shapes import COLOURS, DEFAULT_SHAPES
 
     pairs = _parse_runs(runs)
     refuse_existing((output, grid), overwrite)
@@ -107,8 +107,8 @@ def eval_command(
 def _eval_folder(model, data, clip, captions, inception, *, n, runs, cfg, seed, batch_size, device, dtype,
                  output, grid, as_json, quiet, overwrite) -> None:
     from minidiff_cli.cli.display import step_progress
-    from minidiff_cli.data.sources import open_dataset
     from minidiff_cli.data.holdout import holdout_fraction, is_heldout
+    from minidiff_cli.data.sources import open_dataset
     from minidiff_cli.evaluation.caption_eval import CaptionEvalSettings, describe, evaluate_captions
     from minidiff_cli.evaluation.features import load_clip_features, load_inception
     from minidiff_cli.inference.pipeline import Pipeline
@@ -147,8 +147,8 @@ GRID_IMAGES = 32
 
 def _save_captioned_grid(path: Path, images, captions: list[str], heldout, overwrite: bool) -> None:
     """The first GRID_IMAGES images of the evaluation, each above its caption (held-out ones starred)."""
-    from minidiff_cli.evaluation.captioned_grid import captioned_grid
     from minidiff_cli.data.images import tensor_to_pil
+    from minidiff_cli.evaluation.captioned_grid import captioned_grid
     from minidiff_cli.files.atomic import atomic_write
 
     shown = list(range(min(GRID_IMAGES, len(captions))))

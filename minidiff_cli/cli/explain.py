@@ -15,8 +15,8 @@ import typer
 from minidiff_cli.cli import completion
 from minidiff_cli.cli.app import app
 from minidiff_cli.cli.options import threads_option
-from minidiff_cli.runtime.threads import apply_threads
 from minidiff_cli.errors import MinidiffError, UnknownNameError
+from minidiff_cli.runtime.threads import apply_threads
 
 
 @app.command("explain")

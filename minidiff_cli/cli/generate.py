@@ -12,11 +12,11 @@ from typing import Any, Optional
 import typer
 
 from minidiff_cli.cli import completion
-from minidiff_cli.cli.generate_init import image_start, open_init_files
 from minidiff_cli.cli.app import app
+from minidiff_cli.cli.generate_init import image_start, open_init_files
 from minidiff_cli.cli.options import threads_option
+from minidiff_cli.errors import MinidiffError, shown
 from minidiff_cli.runtime.threads import apply_threads
-from minidiff_cli.errors import MinidiffError
 
 # Used when neither a flag nor --from gives a value.
 DEFAULTS = {"negative_prompt": "", "steps": 50, "cfg": 3.0, "sampler": "ddim", "seed": 0, "eta": None,
@@ -182,7 +182,7 @@ def _resolve(given: dict[str, Any], from_image: Path | None) -> dict[str, Any]:
     if given.get("model") is None and stored.get("model"):
         if not _is_model_name(stored["model"]):
             # minidiff stores a model's name, never a path: a stranger's PNG must not choose files to open
-            raise MinidiffError(f"'{from_image}' names its model {_shown(stored['model'])}, which is not a model "
+            raise MinidiffError(f"'{from_image}' names its model {shown(stored['model'])}, which is not a model "
                                 "name; pass --model NAME or --model FILE.safetensors")
         params["model"] = stored["model"]
     return params
@@ -201,13 +201,8 @@ def _checked_types(stored: dict[str, Any], path: Path) -> dict[str, Any]:
     for key, types in TYPES.items():
         value = stored.get(key)
         if key in stored and (not isinstance(value, types) or isinstance(value, bool)):
-            raise MinidiffError(f"'{path}' has an invalid '{key}' parameter: {_shown(value)}")
+            raise MinidiffError(f"'{path}' has an invalid '{key}' parameter: {shown(value)}")
     return stored
-
-
-def _shown(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _is_model_name(name: str) -> bool:
@@ -419,5 +414,3 @@ def _save(images: list, targets: list[Path], output: Path, grid: bool, overwrite
         params = dict(images[0].info["minidiff"], grid=len(images))
         written.append(write_numbered(folder, "grid", ".png", png_writer(sheet, params)))
     return written
-
-

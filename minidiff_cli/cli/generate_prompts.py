@@ -18,8 +18,8 @@ from typing import Any
 
 import typer
 
-from minidiff_cli.errors import MinidiffError
 from minidiff_cli.data.vocabulary import prompt_warnings
+from minidiff_cli.errors import MinidiffError
 
 
 @dataclass(frozen=True)
@@ -52,8 +52,8 @@ class Written:
 
 def generate_from_file(params: dict[str, Any], run: FileRun) -> None:
     from minidiff_cli.inference import prompts_file
-    from minidiff_cli.runtime import ranks
     from minidiff_cli.inference.pipeline import Generation
+    from minidiff_cli.runtime import ranks
 
     lines = prompts_file.read_prompts(run.prompts)
     base = Generation("", params["negative_prompt"] or "", params["steps"], float(params["cfg"]), params["sampler"],

@@ -66,8 +66,8 @@ def _foreign_info(path: Path, text: str, as_json: bool) -> None:
 
 def _model_info(target: str | None, as_json: bool) -> None:
     from minidiff_cli.diffusion.model import DiffusionModel
-    from minidiff_cli.files.models_dir import resolve_model
     from minidiff_cli.files.model_file import file_hash, read_header
+    from minidiff_cli.files.models_dir import resolve_model
 
     path = resolve_model(target)
     metadata, entries = read_header(path)
@@ -99,8 +99,8 @@ def _vae_info(path: Path, entries: dict[str, Any], as_json: bool) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from minidiff_cli.vae.vae_file import check_vae_file
     from minidiff_cli.files.model_file import file_hash
+    from minidiff_cli.vae.vae_file import check_vae_file
 
     cfg, meta = check_vae_file(path)
     summary = {"file": str(path), "hash": file_hash(path), "bytes": path.stat().st_size, "tensors": len(entries),

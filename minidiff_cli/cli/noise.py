@@ -15,8 +15,8 @@ import typer
 from minidiff_cli.cli import completion
 from minidiff_cli.cli.app import app
 from minidiff_cli.cli.options import threads_option
-from minidiff_cli.runtime.threads import apply_threads
 from minidiff_cli.errors import MinidiffError
+from minidiff_cli.runtime.threads import apply_threads
 
 # Fractions of T shown when --timesteps is not given: 0, 100, 250, 500, 750, 999 for T = 1000.
 DEFAULT_FRACTIONS = (0.0, 0.1, 0.25, 0.5, 0.75, 1.0)

@@ -106,9 +106,8 @@ def _text_stage_config(cfg, given: set[str]):
     import json
 
     from minidiff_cli.training.clip_stage import needs_clip_stage
-    from minidiff_cli.training.config import TrainConfig
+    from minidiff_cli.training.config import TrainConfig, check_resume_flags
     from minidiff_cli.training.trainer import CHECKPOINT, RUN_CONFIG
-    from minidiff_cli.training.config import check_resume_flags
 
     out = Path(cfg.out)
     if (out / CHECKPOINT).is_file():
@@ -128,9 +127,8 @@ def _text_stage_config(cfg, given: set[str]):
 def _resumed_config(cfg, given: set[str]):
     """The recipe stored in the run's checkpoint, with the values given now (if they may change)."""
     from minidiff_cli.training.checkpoint import read_checkpoint_meta
-    from minidiff_cli.training.config import TrainConfig
+    from minidiff_cli.training.config import TrainConfig, check_resume_flags
     from minidiff_cli.training.trainer import CHECKPOINT
-    from minidiff_cli.training.config import check_resume_flags
 
     # The checkpoint, not train_config.json, is the truth: a run killed between the two writes
     # must still resume from its last complete checkpoint.
@@ -149,7 +147,7 @@ def _resumed_config(cfg, given: set[str]):
 
 
 def _train(cfg, resume: bool) -> None:
-    """One run at a time in a folder that is this run's (see runfolder.py)."""
+    """One run at a time in a folder that is this run's (see training/run_folder.py)."""
     import os
 
     from minidiff_cli.training.clip_stage import needs_clip_stage
@@ -203,7 +201,7 @@ def _text_stage(cfg, resume: bool) -> Path:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not clip_path(cfg.out).is_file():
         raise MinidiffError("the text-encoder stage runs in one process: run `minidiff train` once without "
                             "torchrun (it stops after stage 1 with Ctrl-C), or pass --clip-weights")
-    from minidiff_cli.cli.clip import loss_progress
+    from minidiff_cli.cli.display import loss_progress
 
     log = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
     try:

@@ -102,7 +102,7 @@ def _train(cfg, resume: bool) -> None:
                   f"{cfg.image_size}x{cfg.image_size} -> {vae.latent_channels}x{side}x{side} latents; "
                   f"{len(trainer.train_items):,} training images, {len(trainer.heldout_items):,} held out; "
                   f"from step {trainer.step} to {cfg.max_steps}", file=sys.stderr)
-        from minidiff_cli.cli.clip import loss_progress
+        from minidiff_cli.cli.display import loss_progress
 
         try:
             with loss_progress(cfg.max_steps, bool(cfg.quiet) or not main, label="vae",
@@ -160,9 +160,14 @@ def reconstruct_command(
     apply_threads(threads)
     import torch
 
+    from minidiff_cli.evaluation.vae import (
+        decode_means,
+        encode_means,
+        latent_channels_image,
+        reconstruction_grid,
+        summarise,
+    )
     from minidiff_cli.runtime.devices import pick_device
-    from minidiff_cli.evaluation.vae import (decode_means, encode_means, latent_channels_image, reconstruction_grid,
-                                             summarise)
 
     dev = pick_device(device)
     autoencoder, size = load_any_vae(vae, dev)
@@ -204,8 +209,8 @@ def _latents_png(draw, latents, path: Path, upscale: int) -> None:
 
 def load_any_vae(source: str, device):
     """(autoencoder, the size it trained at) from a VAE file or from a latent model file."""
-    from minidiff_cli.vae.vae_file import VAE_FORMAT, load_vae
     from minidiff_cli.files.model_file import read_header
+    from minidiff_cli.vae.vae_file import VAE_FORMAT, load_vae
 
     path = Path(source)
     if not path.exists():  # a model's name (emoji), or a run folder's
@@ -245,8 +250,8 @@ def eval_command(
     from minidiff_cli.runtime.threads import apply_threads
 
     apply_threads(threads)
-    from minidiff_cli.runtime.devices import pick_device
     from minidiff_cli.evaluation.vae import evaluate_data
+    from minidiff_cli.runtime.devices import pick_device
 
     dev = pick_device(device)
     autoencoder, size = load_any_vae(vae, dev)

@@ -15,20 +15,10 @@ the text parts of ``open_clip.CLIP``), so open_clip checkpoints load as they
 are. Its config is ``{"embed_dim", "text_cfg", "quick_gelu"}``, the matching
 parts of an open_clip model config.
 
-Cold start. ``import open_clip`` (or of any of its submodules, since that runs the
-package's ``__init__``) imports its whole model zoo, torchvision, timm and
-torch._dynamo among them: seconds that ``minidiff generate`` would pay for a
-tokenizer and a small transformer. So, for the text towers open_clip's default
-``TextTransformer`` builds (those of nearly all open_clip models, and of every
-``minidiff clip train`` file), this module lays the same torch.nn modules out
-under the same names itself (``TextTower``; a test
-checks names, shapes and outputs against open_clip's), and it loads open_clip's
-tokenizer module, with its vocabulary file, from open_clip's folder without the
-package ``__init__`` (it imports only ftfy, regex, numpy and torch). Other text
-towers (open_clip's custom attention blocks) are built by open_clip itself.
-
-Weights come from safetensors files only. A pickle (``torch.save``'s ``.pt`` or
-``.bin``) can run code when loaded, so minidiff refuses it rather than unpickling.
+Where the pieces come from: ``clip.weights`` finds and reads the weight files (safetensors
+only, never a pickle), ``clip.tokenizer`` loads open_clip's tokenizer without open_clip's
+heavy package import, ``clip.text_tower`` builds open_clip's default text transformer under
+its own names (other towers are built by open_clip itself).
 """
 
 from __future__ import annotations
@@ -43,13 +33,20 @@ import torch
 from torch import nn
 
 from minidiff_cli.clip.config import check_clip_config
-from minidiff_cli.diffusion.conditioning import Conditioning, module_device
 from minidiff_cli.clip.text_tower import build_text_tower
 from minidiff_cli.clip.tokenizer import tokenizer_for
-from minidiff_cli.clip.weights import (HF_HUB_PREFIX, PICKLE_SUFFIXES, arch_config, cached_pretrained_file,
-                                      hub_weights_file, read_clip_config, read_safetensors, text_tensors)
+from minidiff_cli.clip.weights import (
+    HF_HUB_PREFIX,
+    PICKLE_SUFFIXES,
+    arch_config,
+    cached_pretrained_file,
+    hub_weights_file,
+    read_clip_config,
+    read_safetensors,
+    text_tensors,
+)
+from minidiff_cli.diffusion.conditioning import Conditioning, module_device
 from minidiff_cli.errors import MinidiffError, ModelFileError
-
 
 DEFAULT_CACHE_SIZE = 256
 

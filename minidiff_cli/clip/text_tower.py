@@ -18,7 +18,6 @@ from torch import nn
 
 from minidiff_cli.clip.config import CUSTOM_BLOCK_KEYS, POOL_TYPES, TOKENIZER_VOCAB
 
-
 # The text_cfg keys TextTower takes; keys that do not change the tower (tokenizer settings, those
 # only for Hugging Face towers, which check_clip_config refuses, and final_ln_after_pool, which
 # open_clip's builder does not pass on either); the options of open_clip's custom attention block.

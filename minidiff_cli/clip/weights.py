@@ -17,7 +17,6 @@ import torch
 
 from minidiff_cli.errors import MinidiffError, ModelFileError
 
-
 # The file `minidiff clip train` writes: an open_clip CLIP state dict in safetensors.
 FORMAT = "minidiff-clip"
 

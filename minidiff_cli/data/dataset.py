@@ -43,7 +43,6 @@ from typing import Any
 
 from minidiff_cli.errors import MinidiffError
 
-
 # -- images <-> tensors ------------------------------------------------------------
 
 

@@ -5,7 +5,6 @@ PIL and torch are imported inside the functions, so importing this module is che
 
 from __future__ import annotations
 
-
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 
 

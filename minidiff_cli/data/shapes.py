@@ -30,6 +30,7 @@ from PIL import Image, ImageDraw
 from torch.utils.data import Dataset
 
 from minidiff_cli.data.images import pil_to_tensor
+from minidiff_cli.data.vocabulary import article
 from minidiff_cli.errors import MinidiffError
 
 # Fixed sRGB values, far apart so that a shape's colour is never in doubt.
@@ -141,17 +142,13 @@ def _polygon(shape: str, cx: float, cy: float, radius: float, angle: float) -> l
     return points
 
 
-def _article(word: str) -> str:
-    return "an" if word[0] in "aeiou" else "a"
-
-
 def _render_caption(template: str, **words: str) -> str:
     """Fill a template, choosing each "{a}" by the word that follows it."""
     parts = template.split(" ")
     out = []
     for k, part in enumerate(parts):
         if part == "{a}":
-            out.append(_article(parts[k + 1].format(**words)))
+            out.append(article(parts[k + 1].format(**words)))
         else:
             out.append(part.format(**words))
     return " ".join(out)

@@ -13,8 +13,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from minidiff_cli.errors import MinidiffError
 from minidiff_cli.data.holdout import CaptionHoldout, holdout_fraction
+from minidiff_cli.errors import MinidiffError
 
 
 def resolve(data: str) -> tuple[str, Optional[str]]:

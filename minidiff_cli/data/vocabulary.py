@@ -65,3 +65,8 @@ def prompt_warnings(prompt: str, config: dict, conditioner) -> list[str]:
         notes.append(f"the prompt is longer than the text encoder's {conditioner.context_length} tokens; "
                      f"ignored: {dropped!r:.80}")
     return notes
+
+
+def article(word: str) -> str:
+    """The indefinite article before ``word``, by its first letter: "an orange", "a red"."""
+    return "an" if word[:1] in "aeiou" else "a"

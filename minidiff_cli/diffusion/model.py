@@ -1,6 +1,6 @@
 """A diffusion model: the U-Net, its conditioner and its noise schedule, as one object.
 
-The model file (see ``weights.py``) stores this object's config and tensors;
+The model file (see ``files/model_file.py``) stores this object's config and tensors;
 ``DiffusionModel.load`` rebuilds it and refuses a file whose tensors do not
 match the config it declares.
 """
@@ -15,18 +15,32 @@ from typing import Any
 import torch
 
 from minidiff_cli import plugins
-from minidiff_cli.diffusion.schedule import get_schedule
 from minidiff_cli.diffusion.conditioning import Conditioning
+from minidiff_cli.diffusion.schedule import NoiseSchedule, get_schedule
 from minidiff_cli.errors import MinidiffError, ModelFileError
-from minidiff_cli.diffusion.schedule import NoiseSchedule
+from minidiff_cli.files.model_file import (
+    ModelFile,
+    check_entries,
+    check_finite,
+    load_model_file,
+    read_model_header,
+    save_model_file,
+)
 from minidiff_cli.nets.unet import UNet, UNetConfig
-from minidiff_cli.files.model_file import ModelFile, check_entries, check_finite, load_model_file, read_model_header, save_model_file
 
 PREDICTIONS = ("eps", "v", "flow")  # what the network outputs; predict_eps turns each into eps
 
 
 @dataclass
 class DiffusionModel:
+    """A trained diffusion model: U-Net, conditioner, noise schedule and (for a latent model) the
+    VAE's latent space, with the config that rebuilds them from a model file.
+
+    ``load(path)`` reads and checks a model file, ``save(path)`` writes one; ``predict_eps``
+    turns whatever the network predicts (eps, v or a flow velocity) into the eps the samplers
+    use. The pipeline samples with it; the trainer trains its parts.
+    """
+
     unet: UNet
     conditioner: Any  # a Conditioner (see conditioning.py)
     schedule: NoiseSchedule

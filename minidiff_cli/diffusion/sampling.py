@@ -17,8 +17,8 @@ from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 
 import torch
 
-from minidiff_cli.errors import MinidiffError
 from minidiff_cli.diffusion.schedule import NoiseSchedule
+from minidiff_cli.errors import MinidiffError
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Callback = Callable[[dict], None]

@@ -42,7 +42,7 @@ PR_NEIGHBOURS = 3  # k of precision / recall, the paper's choice
 
 
 def caption_key(caption: str) -> bytes:
-    # Salted: an unsalted SHA-256 is also what decides a caption holdout (datasource.is_heldout),
+    # Salted: an unsalted SHA-256 is also what decides a caption holdout (data.holdout.is_heldout),
     # and ordering by it would put every held-out caption first.
     return hashlib.sha256(b"minidiff-eval\0" + caption.encode("utf-8", "surrogatepass")).digest()
 

@@ -14,15 +14,12 @@ from minidiff_cli.clip.clip_file import encode_images
 from minidiff_cli.clip.tokenizer import tokenizer_for
 from minidiff_cli.data.holdout import holdout_fraction, parse_holdout
 from minidiff_cli.data.sources import open_dataset
-
-
-def _article(word: str) -> str:
-    return "an" if word[:1] in "aeiou" else "a"
+from minidiff_cli.data.vocabulary import article
 
 
 def class_prompt(class_name: str) -> str:
     """``"orange square"`` -> ``"an orange square"``: the caption each class is ranked by."""
-    return f"{_article(class_name)} {class_name}"
+    return f"{article(class_name)} {class_name}"
 
 
 def class_images(dataset, per_class: int, max_draws: int = 200_000) -> dict[int, torch.Tensor]:

@@ -73,8 +73,7 @@ def diversity(images: torch.Tensor) -> float:
 def sample_and_score(model, prompts: list[str], path: Path, *, shapes: bool, per_prompt: int = 4,
                      steps: int = 25, cfg: float = 3.0) -> dict[str, Any]:
     """A grid (one row per prompt) of samples saved to ``path``; adherence when on shapes."""
-    from minidiff_cli.data.images import make_grid
-    from minidiff_cli.data.images import tensor_to_pil
+    from minidiff_cli.data.images import make_grid, tensor_to_pil
     from minidiff_cli.files.atomic import atomic_write
 
     pipe = Pipeline(model, name=model.config.get("name", "model"))
@@ -131,8 +130,7 @@ def evaluate(pipe: Pipeline, *, colours, shapes, holdout: list[tuple[str, str]],
 
 
 def save_grid(x: torch.Tensor, columns: int, path: Path, overwrite: bool = False) -> None:
-    from minidiff_cli.data.images import make_grid
-    from minidiff_cli.data.images import tensor_to_pil
+    from minidiff_cli.data.images import make_grid, tensor_to_pil
     from minidiff_cli.files.atomic import atomic_write
 
     grid = make_grid([tensor_to_pil(img) for img in x], columns=columns)

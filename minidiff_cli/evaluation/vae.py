@@ -78,11 +78,10 @@ def evaluate_data(autoencoder: Autoencoder, data: str, image_size: int, holdout:
     at most ``limit`` of them; bytes per image and seconds per image beside them."""
     import time
 
+    from minidiff_cli.data.holdout import holdout_fraction, split_items
     from minidiff_cli.data.sources import open_dataset
-    from minidiff_cli.data.holdout import holdout_fraction
     from minidiff_cli.errors import MinidiffError
     from minidiff_cli.evaluation.reconstruction import bytes_per_image
-    from minidiff_cli.data.holdout import split_items
 
     autoencoder.check_size(image_size)
     fraction = holdout_fraction(holdout)

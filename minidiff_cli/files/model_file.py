@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from minidiff_cli.errors import ModelFileError
+from minidiff_cli.errors import ModelFileError, is_count
 from minidiff_cli.files.atomic import atomic_write
 
 FORMAT = "minidiff"
@@ -87,19 +87,15 @@ def _check_extents(path: Path, entries: dict[str, Any], data_size: int) -> None:
             dtype, shape, (start, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
             count = 1
             for dim in shape:
-                if not _is_count(dim):
+                if not is_count(dim):
                     raise ValueError(dim)
                 count *= dim
-            ok = (_is_count(start) and _is_count(end) and start <= end <= data_size
+            ok = (is_count(start) and is_count(end) and start <= end <= data_size
                   and (end - start) == count * DTYPE_BYTES[dtype])
         except (KeyError, TypeError, ValueError):
             ok = False
         if not ok:
             raise ModelFileError(f"'{path}' is truncated or corrupt: tensor '{name}' does not fit the file")
-
-
-def _is_count(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def read_config(path: str | os.PathLike) -> dict[str, Any]:

@@ -53,7 +53,7 @@ def resolve_model(model: str | os.PathLike | None, *, installed_only: bool = Fal
         if path.is_dir() and (path / RUN_MODEL).is_file():
             return path / RUN_MODEL  # a run folder
         if path.suffix == ".safetensors" or os.sep in name or path.exists():
-            return path  # a path: weights.py reports a missing or broken file
+            return path  # a path: files/model_file.py reports a missing or broken file
     for stem, found, where in list_models():
         if stem == name and (where != "run" or not installed_only):
             return found

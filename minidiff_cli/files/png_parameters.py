@@ -11,7 +11,7 @@ Two text chunks:
 
 - ``minidiff``: the exact parameters as JSON, which ``info`` and ``--from`` read.
   A PNG with only ``parameters`` (made by another program) is read by
-  ``infotext.py``, from the text that ``read_texts`` returns after the checks below.
+  ``inference/infotext.py``, from the text that ``read_texts`` returns after the checks below.
 
 PNGs from strangers may be hostile. Before Pillow parses anything, the chunk
 headers up to the image data are walked by hand (8 bytes read per chunk): the
@@ -33,7 +33,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from minidiff_cli.errors import ImageMetadataError
+from minidiff_cli.errors import ImageMetadataError, first_line
 from minidiff_cli.files.atomic import atomic_write
 
 JSON_KEY = "minidiff"
@@ -103,7 +103,7 @@ def read_texts(path: str | os.PathLike) -> dict[str, str]:
     except ImageMetadataError:
         raise
     except (OSError, ValueError) as exc:  # unreadable file, or a name the system refuses
-        raise ImageMetadataError(f"'{path}' could not be read: {_first_line(exc)}") from None
+        raise ImageMetadataError(f"'{path}' could not be read: {first_line(exc, empty=type(exc).__name__)}") from None
 
 
 def parameters_from_texts(path: Path, texts: dict[str, str]) -> dict[str, Any]:
@@ -181,10 +181,10 @@ def _pillow_text(path: Path) -> dict[str, str]:
     except UnidentifiedImageError:
         raise ImageMetadataError(f"'{path}' is not a readable PNG image") from None
     except ValueError as exc:  # Pillow's text limits: MAX_TEXT_CHUNK (inflated zTXt/iTXt), MAX_TEXT_MEMORY
-        raise ImageMetadataError(f"'{path}' has text chunks beyond Pillow's limits ({_first_line(exc)}); "
+        raise ImageMetadataError(f"'{path}' has text chunks beyond Pillow's limits ({first_line(exc, empty=type(exc).__name__)}); "
                                  "refusing it") from None
     except (OSError, SyntaxError, struct.error, EOFError) as exc:  # Pillow's errors for broken chunks
-        raise ImageMetadataError(f"'{path}' is a broken PNG: {_first_line(exc)}") from None
+        raise ImageMetadataError(f"'{path}' is a broken PNG: {first_line(exc, empty=type(exc).__name__)}") from None
     return {k: v for k, v in info.items() if isinstance(k, str) and isinstance(v, str)}
 
 
@@ -207,8 +207,3 @@ def _parse(path: Path, raw: str | None) -> dict[str, Any]:
 
 def _no_constant(name: str):
     raise ValueError(f"{name} is not a number minidiff stores")
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__

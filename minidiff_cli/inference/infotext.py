@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from minidiff_cli.errors import ImageMetadataError
+from minidiff_cli.errors import ImageMetadataError, shown
 from minidiff_cli.files.png_parameters import JSON_KEY, TEXT_KEY, parameters_from_texts, read_texts
 
 MAX_INFOTEXT_CHARS = 64 * 1024  # AUTOMATIC1111 writes well under 10 KB even with long prompts
@@ -206,18 +206,18 @@ def map_sampler(name: str, schedule: str | None, path: str | os.PathLike) -> tup
     if karras:
         base = base[:-len(" karras")]
     if base not in SAMPLERS:
-        raise ImageMetadataError(f"'{path}' was made with the sampler {_shown(name)}, which has no counterpart in "
+        raise ImageMetadataError(f"'{path}' was made with the sampler {shown(name)}, which has no counterpart in "
                                  "minidiff; pass --sampler NAME (ddim, dpmpp-2m, euler, heun, euler-ancestral)")
     if schedule is not None:
         kind = schedule.strip().lower()
         if kind == "karras":
             karras = True
         elif kind not in PLAIN_SCHEDULES:
-            raise ImageMetadataError(f"'{path}' was made with the schedule type {_shown(schedule)}, which has no "
+            raise ImageMetadataError(f"'{path}' was made with the schedule type {shown(schedule)}, which has no "
                                      "counterpart in minidiff; pass --sampler NAME to choose one")
     sampler = SAMPLERS[base]
     if karras and sampler not in KARRAS_SAMPLERS:
-        raise ImageMetadataError(f"'{path}' was made with {_shown(name)} and Karras sigmas, which minidiff's "
+        raise ImageMetadataError(f"'{path}' was made with {shown(name)} and Karras sigmas, which minidiff's "
                                  f"{sampler} does not take; pass --sampler NAME")
     return sampler, karras
 
@@ -232,7 +232,7 @@ def _whole(text: str, key: str, low: int, high: int, path) -> int:
     except ValueError:
         value = None
     if value is None or not low <= value <= high:
-        raise ImageMetadataError(f"'{path}' has an invalid {key} in its 'parameters' text: {_shown(text)} "
+        raise ImageMetadataError(f"'{path}' has an invalid {key} in its 'parameters' text: {shown(text)} "
                                  f"(a whole number from {low} to {high} is needed)")
     return value
 
@@ -243,7 +243,7 @@ def _real(text: str, key: str, low: float, high: float, path) -> float:
     except ValueError:
         value = math.nan
     if not (math.isfinite(value) and low <= value <= high):  # NaN fails both comparisons
-        raise ImageMetadataError(f"'{path}' has an invalid {key} in its 'parameters' text: {_shown(text)} "
+        raise ImageMetadataError(f"'{path}' has an invalid {key} in its 'parameters' text: {shown(text)} "
                                  f"(a number from {low:g} to {high:g} is needed)")
     return value
 
@@ -279,7 +279,3 @@ def json_printable(text: str) -> str:
 
 def _cut(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[:limit - 3] + "..."
-
-
-def _shown(value: str) -> str:
-    return repr(_cut(value, 40))

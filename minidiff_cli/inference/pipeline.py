@@ -22,11 +22,11 @@ from typing import Any, Callable
 import torch
 
 from minidiff_cli import plugins
-from minidiff_cli.errors import MinidiffError, PluginError
 from minidiff_cli.diffusion.guidance import guided_denoiser
 from minidiff_cli.diffusion.model import DiffusionModel
-from minidiff_cli.files.models_dir import resolve_model
 from minidiff_cli.diffusion.sampling import noise_like
+from minidiff_cli.errors import MinidiffError, PluginError, first_line, is_int
+from minidiff_cli.files.models_dir import resolve_model
 from minidiff_cli.runtime.devices import pick_device, pick_dtype
 
 MAX_CFG = 1000.0  # far beyond any useful guidance; larger scales overflow float32 into NaN
@@ -149,12 +149,12 @@ class Pipeline:
         for prompt in prompts:
             check_text("prompt", prompt)
         for seed in seeds:
-            if not _is_int(seed) or not 0 <= seed <= MAX_SEED:
+            if not is_int(seed) or not 0 <= seed <= MAX_SEED:
                 raise MinidiffError(f"seed must be a whole number from 0 to {MAX_SEED} (got {seed!r:.40})")
         opts = dict(gen.sampler_options)
         if gen.eta is not None:
             opts["eta"] = gen.eta
-        if batch_size is not None and (not _is_int(batch_size) or batch_size < 1):
+        if batch_size is not None and (not is_int(batch_size) or batch_size < 1):
             raise MinidiffError(f"batch size must be at least 1 (got {batch_size!r:.40})")
         if len(prompts) != len(seeds):
             raise MinidiffError(f"need one seed per prompt: got {len(seeds)} for {len(prompts)} prompts")
@@ -169,15 +169,15 @@ class Pipeline:
     def _check(self, gen: Generation, num_images: int) -> None:
         """Every value of ``gen`` in range, before any work: a bad one is a one-line MinidiffError."""
         T = self.model.schedule.num_timesteps
-        if not _is_int(gen.steps) or not 1 <= gen.steps <= T:
+        if not is_int(gen.steps) or not 1 <= gen.steps <= T:
             raise MinidiffError(f"steps must be between 1 and {T} for this model (got {gen.steps!r:.40})")
         if not _is_number(gen.cfg) or not 0 <= gen.cfg <= MAX_CFG:
             raise MinidiffError(f"cfg must be 0 or more, at most {MAX_CFG:g} (got {gen.cfg!r:.40})")
         if gen.eta is not None and (not _is_number(gen.eta) or not 0 <= gen.eta <= 1):
             raise MinidiffError(f"eta must be between 0 and 1 (got {gen.eta!r:.40})")
-        if not _is_int(num_images) or num_images < 1:
+        if not is_int(num_images) or num_images < 1:
             raise MinidiffError(f"the number of images must be at least 1 (got {num_images!r:.40})")
-        if not _is_int(gen.seed) or not 0 <= gen.seed or gen.seed + num_images - 1 > MAX_SEED:
+        if not is_int(gen.seed) or not 0 <= gen.seed or gen.seed + num_images - 1 > MAX_SEED:
             raise MinidiffError(f"seed must be a whole number from 0 to {MAX_SEED - num_images + 1} "
                                 f"(got {gen.seed!r:.40})")
         for what, text in (("prompt", gen.prompt), ("negative prompt", gen.negative_prompt)):
@@ -267,10 +267,6 @@ def check_text(what: str, text) -> None:
         raise MinidiffError(f"the {what} holds characters that are not valid text (undecodable bytes?)") from None
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def _is_number(value) -> bool:
     """A finite real number (numpy scalars too), not a bool."""
     return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(float(value))
@@ -300,7 +296,7 @@ def _run_sampler(sampler, name: str, denoiser, x: torch.Tensor, schedule, steps:
         raise
     except Exception as exc:
         where = " in the model it called" if in_model else ""
-        raise PluginError(f"{who} failed{where}: {type(exc).__name__}: {_first_line(exc)}") from exc
+        raise PluginError(f"{who} failed{where}: {type(exc).__name__}: {first_line(exc)}") from exc
     if not torch.is_tensor(x0):
         raise PluginError(f"{who} returned {type(x0).__name__}, not a tensor of shape {tuple(x.shape)}")
     if tuple(x0.shape) != tuple(x.shape):
@@ -322,8 +318,3 @@ def _owner(name: str) -> str:
         return plugins.registry().owner("samplers", name)
     except KeyError:
         return "unknown"
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:300] if text else ""

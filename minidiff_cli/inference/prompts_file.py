@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from minidiff_cli.errors import MinidiffError
+from minidiff_cli.errors import MinidiffError, first_line, is_finite_number, is_int, shown
 
 MAX_FILE_BYTES = 16 * 1024 * 1024
 MAX_LINES = 10_000  # prompts; the images of the whole file are bounded like -n (MAX_IMAGES)
@@ -118,12 +117,12 @@ def _parse_line(line: str, path: Path, number: int) -> PromptLine:
     try:
         obj = json.loads(line, parse_constant=_not_a_number)
     except (ValueError, RecursionError) as exc:  # bad JSON, NaN/Infinity, too deep, 4300+ digit integers
-        raise MinidiffError(f"{where}: not a valid JSON object ({_first_line(exc)})") from None
+        raise MinidiffError(f"{where}: not a valid JSON object ({first_line(exc, 200, empty=type(exc).__name__)})") from None
     if not isinstance(obj, dict):
         raise MinidiffError(f"{where}: a line starting with '{{' must be one JSON object")
     unknown = [k for k in obj if k not in KEYS]
     if unknown:
-        raise MinidiffError(f"{where}: unknown key {_shown(unknown[0])}; a line may set {', '.join(KEYS)}")
+        raise MinidiffError(f"{where}: unknown key {shown(unknown[0])}; a line may set {', '.join(KEYS)}")
     if "prompt" not in obj:
         raise MinidiffError(f"{where}: no \"prompt\"")
     _check_prompt(obj["prompt"], where, "prompt")
@@ -140,12 +139,12 @@ def _checked(key: str, value: Any, where: str) -> Any:
         _check_prompt(value, where, "negative")
         return value
     if key == "cfg":
-        if not (_is_number(value) and 0 <= value <= MAX_CFG):
-            raise MinidiffError(f"{where}: \"cfg\" must be a number from 0 to {MAX_CFG:g} (got {_shown(value)})")
+        if not (is_finite_number(value) and 0 <= value <= MAX_CFG):
+            raise MinidiffError(f"{where}: \"cfg\" must be a number from 0 to {MAX_CFG:g} (got {shown(value)})")
         return float(value)
     low, high = {"seed": (0, MAX_SEED), "steps": (1, MAX_STEPS), "n": (1, MAX_IMAGES)}[key]
-    if not (_is_int(value) and low <= value <= high):
-        raise MinidiffError(f"{where}: \"{key}\" must be a whole number from {low} to {high} (got {_shown(value)})")
+    if not (is_int(value) and low <= value <= high):
+        raise MinidiffError(f"{where}: \"{key}\" must be a whole number from {low} to {high} (got {shown(value)})")
     return value
 
 
@@ -153,7 +152,7 @@ def _check_prompt(text: Any, where: str, what: str) -> None:
     from minidiff_cli.inference.pipeline import check_text
 
     if not isinstance(text, str):
-        raise MinidiffError(f"{where}: \"{what}\" must be text (got {_shown(text)})")
+        raise MinidiffError(f"{where}: \"{what}\" must be text (got {shown(text)})")
     try:
         check_text(what, text)
     except MinidiffError as exc:
@@ -215,28 +214,5 @@ def image_names(line_jobs: list[LineJob], folder: Path) -> dict[tuple[int, int],
             for job in line_jobs for k in range(job.count)}
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
-        return False
-    try:
-        return math.isfinite(value)
-    except OverflowError:  # an integer too large for a float
-        return False
-
-
 def _not_a_number(name: str):
     raise ValueError(f"{name} is not a number")
-
-
-def _shown(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:200] if text else type(exc).__name__

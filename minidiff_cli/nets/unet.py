@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from minidiff_cli.errors import MinidiffError
+from minidiff_cli.errors import MinidiffError, is_int
 
 MAX_IMAGE_SIZE = 1024
 MAX_PARAMETERS = 500_000_000
@@ -41,6 +41,13 @@ MAX_ACTIVATION_BYTES = 64 << 30  # feature maps plus the largest attention matri
 
 @dataclass
 class UNetConfig:
+    """The shape of a U-Net: sizes, channels per level, attention levels and condition widths.
+
+    A model file stores it as JSON and a hostile file can put anything there, so ``validate()``
+    bounds every field and ``check_activations(batch)`` refuses a configuration whose
+    activations would not fit in memory, before any tensor is allocated.
+    """
+
     image_size: int = 32  # the training size; H and W of the input
     in_channels: int = 3
     out_channels: int = 3
@@ -93,7 +100,7 @@ class UNetConfig:
                 _check_positive_int(name, getattr(self, name))
         for name in ("channel_mult", "attention_resolutions", "cross_attention_resolutions"):
             value = getattr(self, name)
-            if not isinstance(value, (tuple, list)) or not all(_is_int(v) and v > 0 for v in value):
+            if not isinstance(value, (tuple, list)) or not all(is_int(v) and v > 0 for v in value):
                 raise MinidiffError(f"{name} must be a list of positive integers, got {value!r}")
         if not self.channel_mult:
             raise MinidiffError("channel_mult needs at least one level, e.g. [1, 2, 2]")
@@ -225,12 +232,8 @@ class UNetConfig:
         return n + 2 * ch + conv(ch, self.out_channels)
 
 
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
 def _check_positive_int(name, value):
-    if not _is_int(value) or value <= 0:
+    if not is_int(value) or value <= 0:
         raise MinidiffError(f"{name} must be a positive integer, got {value!r}")
 
 

@@ -24,8 +24,8 @@ from typing import Any, Callable
 
 import pluggy
 
-from minidiff_cli.plugins import hookspecs
 from minidiff_cli.errors import PluginError, UnknownNameError, first_line
+from minidiff_cli.plugins import hookspecs
 from minidiff_cli.plugins.guard import PluginCodeExit, plugin_code
 
 ENTRY_POINT_GROUP = "minidiff"

@@ -6,7 +6,6 @@ import torch
 
 from minidiff_cli.errors import MinidiffError
 
-
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 

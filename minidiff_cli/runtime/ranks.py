@@ -1,7 +1,7 @@
 """Sharing one generate job between the processes torchrun starts.
 
 torchrun sets WORLD_SIZE, RANK and LOCAL_RANK; ``joined`` joins its process group the way
-training does (``training.init_distributed``: NCCL on GPUs, gloo on CPU), gives each
+training does (``runtime.distributed.init_distributed``: NCCL on GPUs, gloo on CPU), gives each
 process the GPU of its LOCAL_RANK, and leaves the group on the way out. Outside torchrun it
 is a no-op with rank 0 of 1. ``gather`` brings every process's results to rank 0, which
 alone prints.

@@ -9,16 +9,15 @@ previous complete checkpoint in place.
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from minidiff_cli.errors import ModelFileError
-from minidiff_cli.training.config import MAX_STEPS
+from minidiff_cli.errors import ModelFileError, first_line, is_count, is_finite_number
 from minidiff_cli.files.model_file import FORMAT_VERSION, load_finite_tensors, read_header, save_model_file
+from minidiff_cli.training.config import MAX_STEPS
 
 CHECKPOINT_FORMAT = "minidiff-checkpoint"
 
@@ -50,12 +49,12 @@ def read_checkpoint_meta(path: str | os.PathLike) -> dict[str, Any]:
         version = int(metadata.get("format_version", "0") or 0)
         meta = json.loads(metadata["config"])
     except (KeyError, TypeError, ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
-        raise ModelFileError(f"'{path}' is corrupt: {_first_line(exc)}") from None
+        raise ModelFileError(f"'{path}' is corrupt: {first_line(exc, empty=type(exc).__name__)}") from None
     if version > FORMAT_VERSION:
         raise ModelFileError(f"'{path}' comes from a newer minidiff; upgrade minidiff to resume it")
     if not isinstance(meta, dict) or not isinstance(meta.get("train"), dict) or "step" not in meta:
         raise ModelFileError(f"'{path}' is corrupt: its metadata lacks the step or the training config")
-    if not _is_count(meta["step"]) or meta["step"] > MAX_STEPS:
+    if not is_count(meta["step"]) or meta["step"] > MAX_STEPS:
         raise ModelFileError(f"'{path}' is corrupt: its step is {meta['step']!r:.40}, not a whole number "
                              f"from 0 to {MAX_STEPS:,}")
     if not isinstance(meta.get("param_groups"), list) or not all(isinstance(g, dict) for g in meta["param_groups"]):
@@ -106,7 +105,7 @@ def restore(meta: dict[str, Any], tensors: dict[str, torch.Tensor], path: Path, 
         optimizer.load_state_dict({"state": state, "param_groups": groups})
     except (ValueError, KeyError, TypeError, RuntimeError) as exc:
         raise ModelFileError(f"'{path}' has an optimizer state that does not fit this model: "
-                             f"{_first_line(exc)}") from None
+                             f"{first_line(exc, empty=type(exc).__name__)}") from None
     if rng is not None:
         try:
             torch.set_rng_state(rng)
@@ -191,9 +190,9 @@ def _same_kind(value: Any, default: Any) -> bool:
     if isinstance(default, bool) or default is None:
         return value is None or isinstance(value, bool)
     if isinstance(default, (int, float)):
-        return _is_number(value)
+        return is_finite_number(value)
     if isinstance(default, (tuple, list)):
-        return isinstance(value, list) and len(value) == len(default) and all(_is_number(v) for v in value)
+        return isinstance(value, list) and len(value) == len(default) and all(is_finite_number(v) for v in value)
     if isinstance(default, str):
         return isinstance(value, str)
     return False
@@ -208,18 +207,5 @@ def _in_range(key: str, value: Any) -> bool:
     return True
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _is_count(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
 def _is_loss(item: Any) -> bool:
-    return isinstance(item, list) and len(item) == 2 and _is_count(item[0]) and _is_number(item[1])
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:300] if text else type(exc).__name__
+    return isinstance(item, list) and len(item) == 2 and is_count(item[0]) and is_finite_number(item[1])

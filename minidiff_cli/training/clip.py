@@ -10,11 +10,9 @@ Pairs held out of the data set (``holdout``) are never seen in training; the
 zero-shot evaluation reports them apart, to show whether the text encoder
 composes a colour and a shape it never saw together.
 
-The output file is an open_clip CLIP state dict in safetensors (float16):
-the text tower under open_clip's names, the image tower under ``visual.``, and
-metadata ``format = minidiff-clip``, ``config`` (embed_dim, text_cfg,
-vision_cfg) and ``eval`` (the accuracies). ``minidiff train --conditioner clip
---clip-weights FILE`` reads it.
+It writes a CLIP file (``clip/clip_file.py``: both towers, the config and the evaluation),
+which ``minidiff train --conditioner clip --clip-weights FILE`` reads. The evaluation itself
+(retrieval, zero-shot accuracy) is ``evaluation/clip.py``.
 """
 
 from __future__ import annotations
@@ -28,11 +26,12 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from minidiff_cli.clip.clip_file import build_clip, fit_to_tower
 from minidiff_cli.clip.config import check_clip_model_config
 from minidiff_cli.clip.tokenizer import tokenizer_for
-from minidiff_cli.clip.clip_file import build_clip, fit_to_tower
 from minidiff_cli.data.sources import open_dataset
 from minidiff_cli.errors import MinidiffError
+from minidiff_cli.training.optim import warmup_cosine
 
 LOGIT_SCALE_MAX = math.log(100.0)  # CLIP clips the temperature so logits stay <= 100 (Sec. 2.5)
 
@@ -160,11 +159,8 @@ def _param_groups(model, weight_decay: float) -> list[dict]:
 
 
 def lr_at(step: int, recipe: ClipRecipe) -> float:
-    """Linear warm-up, then cosine decay to a tenth of the peak."""
-    if step < recipe.warmup:
-        return recipe.lr * (step + 1) / recipe.warmup
-    progress = (step - recipe.warmup) / max(1, recipe.steps - recipe.warmup)
-    return recipe.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+    """Linear warm-up, then cosine decay to a tenth of the peak at the last step."""
+    return warmup_cosine(step, recipe.lr, recipe.warmup, recipe.steps)
 
 
 def train_clip(recipe: ClipRecipe, callback: Optional[Callable[[dict], None]] = None,
@@ -252,8 +248,8 @@ def _mean_tail(losses: list[float], n: int = 50) -> float:
 
 
 def _save_clip_checkpoint(path: Path, model, optimizer, step: int, recipe: ClipRecipe, losses) -> None:
-    from minidiff_cli.training.checkpoint import save_checkpoint
     from minidiff_cli.files.atomic import ensure_writable_dir
+    from minidiff_cli.training.checkpoint import save_checkpoint
 
     ensure_writable_dir(Path(path).parent)
     save_checkpoint(path, modules={"clip": model}, optimizer=optimizer, step=step,

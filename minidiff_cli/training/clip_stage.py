@@ -64,9 +64,9 @@ def recipe_for(cfg):
 def run_clip_stage(cfg, *, resume: bool, callback: Optional[Callable[[dict], None]] = None,
                    log: Callable[[str], None] = print) -> Path:
     """Train (or continue, or skip) the run's CLIP; returns the path of the finished file."""
-    from minidiff_cli.training.clip import train_clip
-    from minidiff_cli.evaluation.clip import describe_accuracy, evaluate
     from minidiff_cli.clip.clip_file import save_clip
+    from minidiff_cli.evaluation.clip import describe_accuracy, evaluate
+    from minidiff_cli.training.clip import train_clip
 
     path = clip_path(cfg.out)
     if path.is_file():

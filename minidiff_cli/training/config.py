@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from minidiff_cli.errors import MinidiffError
 from minidiff_cli.diffusion.timestep_sampling import TIMESTEP_SAMPLING
+from minidiff_cli.errors import MinidiffError, is_int
 
 # Flags that may change when a run is resumed; anything else must stay as it was.
 RESUMABLE = ("max_steps", "save_every", "sample_every", "log_every", "quiet", "device", "threads", "out",
@@ -24,6 +24,13 @@ RESUMABLE = ("max_steps", "save_every", "sample_every", "log_every", "quiet", "d
 
 @dataclass
 class TrainConfig:
+    """The recipe of a ``minidiff train`` run: every flag (or TOML key), with checked bounds.
+
+    ``validate()`` refuses impossible values in one line each; ``to_dict``/``from_dict`` are how a
+    run folder stores it (train_config.json, the checkpoint), so that ``--resume`` continues
+    with the same recipe and only the ``RESUMABLE`` flags may change.
+    """
+
     # data
     data: str = "shapes"
     holdout: str = ""
@@ -186,7 +193,7 @@ class TrainConfig:
         for f in dataclasses.fields(self):
             value, kind, flag = getattr(self, f.name), str(f.type), f"--{f.name.replace('_', '-')}"
             if kind == "int":
-                ok, what = _is_int(value), "a whole number"
+                ok, what = is_int(value), "a whole number"
             elif kind == "float":
                 ok, what = _is_real(value) and math.isfinite(value), "a finite number"
             elif kind == "bool":
@@ -198,7 +205,7 @@ class TrainConfig:
             elif kind == "Optional[list[int]]" and value is None:
                 ok, what = True, ""
             elif kind in ("list[int]", "Optional[list[int]]"):
-                ok, what = isinstance(value, list) and all(_is_int(v) and v > 0 for v in value), \
+                ok, what = isinstance(value, list) and all(is_int(v) and v > 0 for v in value), \
                     "a list of positive whole numbers"
             elif kind == "dict":
                 ok, what = isinstance(value, dict) and all(isinstance(k, str) for k in value), "a table of settings"
@@ -215,10 +222,6 @@ MAX_BATCH = 65536
 MAX_STEPS = 1_000_000_000  # per-step seeds (seed, step, rank) must fit torch's 64-bit seed
 PREDICTIONS = ("eps", "v", "flow")  # model.PREDICTIONS; not imported from there, which needs torch
 MAX_SEED = 2**32 - 1  # the trainer derives per-step seeds from it; they must fit torch's 64-bit seeds
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _is_real(value: Any) -> bool:

@@ -34,9 +34,13 @@ def adamw(params: list[torch.Tensor], cfg: TrainConfig, device: torch.device) ->
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warm-up, then cosine decay to 10% of the peak at lr_decay_steps (else max_steps), then flat."""
-    if cfg.warmup and step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    horizon = cfg.lr_decay_steps or cfg.max_steps
-    progress = min(1.0, (step - cfg.warmup) / max(1, horizon - cfg.warmup))
-    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+    """The learning rate of a diffusion (or VAE) run at ``step``: its decay runs to lr_decay_steps, else max_steps."""
+    return warmup_cosine(step, cfg.lr, cfg.warmup, cfg.lr_decay_steps or cfg.max_steps)
+
+
+def warmup_cosine(step: int, peak: float, warmup: int, horizon: int) -> float:
+    """Linear warm-up over ``warmup`` steps, then cosine decay to 10% of ``peak`` at ``horizon``, then flat."""
+    if warmup and step < warmup:
+        return peak * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, horizon - warmup))
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))

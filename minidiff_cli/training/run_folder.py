@@ -27,7 +27,7 @@ STAGE_ONE = ("clip.safetensors", "clip.checkpoint.safetensors", "train_config.js
 RUN_FILES = (CHECKPOINT, MODEL, "train_config.json", "metrics.jsonl", "loss.png", *STAGE_ONE)
 SAMPLES = "samples"
 SAMPLE_NAME = re.compile(r"step-\d+\.png")
-TEMPORARY = re.compile(r"\.(?P<name>.+)\.[A-Za-z0-9_]{8}\.tmp")  # fileio.atomic_write's mkstemp names
+TEMPORARY = re.compile(r"\.(?P<name>.+)\.[A-Za-z0-9_]{8}\.tmp")  # files.atomic.atomic_write's mkstemp names
 
 
 def check_contents(out: Path, resume: bool) -> None:

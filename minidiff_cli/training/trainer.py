@@ -25,23 +25,21 @@ import torch
 import torch.nn.functional as F
 
 from minidiff_cli import plugins
+from minidiff_cli.data.dataset import EpochShuffle, caption_set
+from minidiff_cli.data.vocabulary import vocabulary
 from minidiff_cli.diffusion.conditioning import Conditioning
-from minidiff_cli.errors import MinidiffError
-from minidiff_cli.files.atomic import append_line, atomic_write, ensure_writable_dir
 from minidiff_cli.diffusion.model import DiffusionModel
 from minidiff_cli.diffusion.timestep_sampling import draw_timesteps
-from minidiff_cli.training.loss_plot import plot_losses
-from minidiff_cli.training.latents import draw_latents, open_latent_space, posterior_table
-from minidiff_cli.training.config import TrainConfig
-from minidiff_cli.data.vocabulary import vocabulary
-from minidiff_cli.data.dataset import EpochShuffle, caption_set
+from minidiff_cli.errors import MinidiffError
+from minidiff_cli.files.atomic import append_line, atomic_write, ensure_writable_dir
 from minidiff_cli.runtime.distributed import any_rank, check_replicas, start_training, wrap_ddp
 from minidiff_cli.runtime.signals import stop_signals
+from minidiff_cli.training.config import TrainConfig
+from minidiff_cli.training.latents import draw_latents, open_latent_space, posterior_table
+from minidiff_cli.training.loss_plot import plot_losses
 from minidiff_cli.training.model_card import model_card, schedule_entry
 from minidiff_cli.training.optim import adamw, ema_update, lr_at
-
-# The run folder's names live in runfolder.py (which checks whose a folder is); imported from here too.
-from minidiff_cli.training.run_folder import CHECKPOINT, MODEL, check_contents, check_creatable  # noqa: E402,F401
+from minidiff_cli.training.run_folder import CHECKPOINT, MODEL, check_contents, check_creatable
 
 RUN_CONFIG = "train_config.json"
 METRICS = "metrics.jsonl"
@@ -70,6 +68,16 @@ class TrainNet(torch.nn.Module):
 
 # -- the trainer -------------------------------------------------------------------------
 class Trainer:
+    """One diffusion training run, from its recipe to a run folder: ``Trainer(cfg).run()``.
+
+    It opens the data, builds the model (or loads ``--init-from``), and trains the U-Net (and a
+    trainable class embedding) to predict noise, v or flow velocity, with an EMA copy that is
+    what the model file holds. Every ``save_every`` steps it writes an exactly resumable
+    checkpoint and the model file; every ``sample_every`` steps it draws samples and measures
+    them. Under torchrun each rank trains its share of every batch through DDP. ``Ctrl-C`` or
+    SIGTERM finishes the step and saves; ``Trainer(cfg, resume=True)`` goes on from there.
+    """
+
     def __init__(self, cfg: TrainConfig, resume: bool = False, log: Callable[[str], None] = print):
         if not cfg.lr_decay_steps:  # fixed now, so that resuming with more steps keeps the schedule
             cfg = dataclasses.replace(cfg, lr_decay_steps=cfg.max_steps)

@@ -129,8 +129,8 @@ class VAETrainConfig:
 
 class VAETrainer:
     def __init__(self, cfg: VAETrainConfig, resume: bool = False, log: Callable[[str], None] = print):
-        from minidiff_cli.training.optim import adamw
         from minidiff_cli.runtime.distributed import start_training, wrap_ddp
+        from minidiff_cli.training.optim import adamw
 
         if not cfg.lr_decay_steps:
             cfg = dataclasses.replace(cfg, lr_decay_steps=cfg.max_steps)
@@ -159,8 +159,8 @@ class VAETrainer:
 
     # -- set-up --------------------------------------------------------------------------
     def _data(self):
-        from minidiff_cli.data.sources import open_dataset
         from minidiff_cli.data.holdout import holdout_fraction, split_items
+        from minidiff_cli.data.sources import open_dataset
 
         cfg = self.cfg
         fraction = holdout_fraction(cfg.holdout)
@@ -279,8 +279,8 @@ class VAETrainer:
 
     # -- the loop ------------------------------------------------------------------------
     def run(self, progress: Callable[[dict], None] | None = None) -> dict[str, Any]:
-        from minidiff_cli.runtime.signals import stop_signals
         from minidiff_cli.runtime.distributed import any_rank
+        from minidiff_cli.runtime.signals import stop_signals
 
         cfg, start_step, start_time = self.cfg, self.step, time.time()
         self.autoencoder.train()

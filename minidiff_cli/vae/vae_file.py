@@ -7,7 +7,7 @@ Layout::
               "config" = JSON: {"vae": VAEConfig, "image_size": the size it trained at,
                                 "name": ..., "training": {...}}
 
-A file from a stranger is hostile: the header is read and checked by hand (``weights.py``), the
+A file from a stranger is hostile: the header is read and checked by hand (``files/model_file.py``), the
 config is validated against bounds before any module is built, and the tensors the config
 implies are compared with the header (names, shapes, dtypes) before any weight is read.
 """
@@ -22,8 +22,8 @@ from typing import Any
 import torch
 
 from minidiff_cli.errors import MinidiffError, ModelFileError
-from minidiff_cli.vae.autoencoder import Autoencoder, VAEConfig
 from minidiff_cli.files.model_file import file_hash, load_finite_tensors, read_model_header, save_model_file
+from minidiff_cli.vae.autoencoder import Autoencoder, VAEConfig
 
 VAE_FORMAT = "minidiff-vae"
 

@@ -1,13 +1,13 @@
 """Init images and masks: read from strangers' files safely, then fitted to the model.
 
 Reading follows the rules for every picture minidiff opens (SECURITY.md): a PNG's chunk headers
-are walked by hand first (``imagemeta.read_texts``: pixel count within Pillow's
+are walked by hand first (``files.png_parameters.read_texts``: pixel count within Pillow's
 ``MAX_IMAGE_PIXELS``, text chunks within its limits); other formats are bounded by the size in
 their header, before any pixel is decoded. Only PNG, JPEG and WebP are opened, the formats of
 ``train --data DIR``.
 
 Fitting brings an image to the model's size and channels as training data is brought
-(``data.to_rgb``: EXIF rotation, transparency onto white; ``data.resize_center_crop``) and says
+(``data.images.to_rgb``: EXIF rotation, transparency onto white; ``data.images.resize_center_crop``) and says
 what it did in one line. A mask must have the init image's size (upright, after EXIF) and is
 read as grey levels: white (1) repaints, black (0) keeps, grey blends.
 """

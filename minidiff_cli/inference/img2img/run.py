@@ -16,9 +16,9 @@ import math
 
 import torch
 
+from minidiff_cli.diffusion.sampling import noise_like, supports_partial
 from minidiff_cli.errors import MinidiffError, PluginError
 from minidiff_cli.inference.img2img.inpaint import keep, pinned_denoiser
-from minidiff_cli.diffusion.sampling import noise_like, supports_partial
 
 
 def require_partial(sampler, who: str) -> None:

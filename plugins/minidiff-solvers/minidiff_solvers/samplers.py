@@ -23,8 +23,8 @@ from __future__ import annotations
 import math
 
 from minidiff_cli.errors import MinidiffError
-
-from minidiff_solvers import dpm_solver, karras as karras_solvers
+from minidiff_solvers import dpm_solver
+from minidiff_solvers import karras as karras_solvers
 from minidiff_solvers.sigmas import SigmaDenoiser, check_karras, check_options, sigma_grid, to_sigma_view, to_vp
 
 GRID_OPTIONS = ("karras", "spacing")
