@@ -1,4 +1,4 @@
-"""Shared test helpers: run the real console script, as a user would."""
+"""Shared test helpers: run the real console script, as a user would, or the CLI in this process; shared fixtures."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -65,6 +66,44 @@ def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) 
         assert fragment in lines[0], (fragment, lines[0])
 
 
+def assert_error(result: tuple[int, str, str], *fragments: str, code: int = 2) -> str:
+    """Exit ``code``, no traceback, exactly one line on stderr holding every fragment; returns the line."""
+    rc, out, err = result
+    assert rc == code, result
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+    return lines[0]
+
+
+def timed_cli(*args, limit: float = 5.0) -> tuple[int, str, str]:
+    """``run_in_process(*args)``, failing the test if it takes ``limit`` seconds or more (a refusal is quick)."""
+    start = time.perf_counter()
+    result = run_in_process(*args)
+    assert time.perf_counter() - start < limit, ("too slow to refuse", args)
+    return result
+
+
+def train_args(toml: Path, out: Path, *more: str) -> list:
+    """The arguments of a tiny class-conditional `minidiff train` into ``out`` (TINY_TRAIN, ``toml``)."""
+    from tinymodels import TINY_TRAIN
+
+    return ["train", "--data", "shapes", "--conditioner", "class", *TINY_TRAIN, "--config", toml,
+            "--sample-every", "1000", "--out", out, *more]
+
+
+def files_in(folder: Path) -> list[str]:
+    """Every file under ``folder``, hidden temporary files included."""
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()) if folder.exists() else []
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file under ``folder`` with its bytes."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
 @pytest.fixture
 def cli():
     return run_cli
@@ -93,6 +132,45 @@ def trained_run(tmp_path_factory) -> Path:
                      "--max-steps", "6", "--save-every", "3", "--sample-every", "1000", "--log-every", "1",
                      "--out", str(out))
     assert result.returncode == 0, result.stderr
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    """A tiny class-conditional model file, made once per test module."""
+    from tinymodels import tiny_model_file
+
+    return tiny_model_file(tmp_path_factory.mktemp("model") / "tiny.safetensors", "class", seed=1)
+
+
+@pytest.fixture
+def plugin_dir(tmp_path, monkeypatch):
+    """A plugins folder for this process's registry (write the plugins before the first look-up)."""
+    from minidiff_cli import plugins
+
+    folder = tmp_path / "plugs"
+    folder.mkdir()
+    monkeypatch.setenv("MINIDIFF_PLUGINS_DIR", str(folder))
+    monkeypatch.delenv("MINIDIFF_STRICT_PLUGINS", raising=False)
+    plugins.reset()
+    yield folder
+    plugins.reset()
+
+
+# The in-process twin of TINY_TRAIN + TINY_TOML: TrainConfig(**TINY, out=..., ...).
+TINY = dict(data="shapes", conditioner="class", image_size=16, base_channels=8, channel_mult=[1, 2],
+            attention_resolutions=[8], cross_attention_resolutions=[8], head_dim=8, class_dim=16, timesteps=100,
+            batch_size=4, warmup=2, lr=1e-3, quiet=True, device="cpu", sample_every=1000, log_every=1)
+
+
+@pytest.fixture(scope="module")
+def trained_checkpoint_run(tmp_path_factory) -> Path:
+    """A real (one-step) run to resume from, made once per test module; tests damage copies of it."""
+    from minidiff_cli.training.config import TrainConfig
+    from minidiff_cli.training.trainer import Trainer
+
+    out = tmp_path_factory.mktemp("ckpt") / "run"
+    Trainer(TrainConfig(**TINY, out=str(out), max_steps=1, save_every=1).validate(), log=lambda m: None).run()
     return out
 
 

@@ -4,7 +4,8 @@ Hypothesis draws option values (out of range, huge, negative, NaN and infinite f
 huge, unicode and control-character prompts, output paths that are files, folders, missing or
 under a file) and runs the CLI in-process. Every run must exit 0, or exit 2 with exactly one
 line on stderr; an exception escaping ``main`` (a traceback for the user) fails the test.
-`train` is only given values its validation refuses, so no example trains.
+`train` is only given values its validation refuses, so no example trains. The last test checks that an error's
+terminal escapes are shown escaped and torch's C++ stack is dropped from its one line.
 """
 
 from __future__ import annotations
@@ -14,12 +15,12 @@ import os
 from pathlib import Path
 
 import pytest
+from conftest import assert_error, run_in_process, timed_cli
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
-
-from conftest import run_in_process
-from minidiff_cli.files.png_parameters import read_parameters
 from tinymodels import CLASS_NAMES, TIMESTEPS, TINY_TOML, tiny_model_file
+
+from minidiff_cli.files.png_parameters import read_parameters
 
 SETTINGS = settings(max_examples=35, deadline=None, database=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
@@ -252,3 +253,16 @@ def test_train_refuses_bad_toml_values_in_one_line(world, no_training, toml):
     out = world["root"] / f"toml-{next(COUNTER)}"
     one_line_error(run(["train", "--config", path, "--out", out]))
     assert not out.exists()
+
+
+# -- error lines: a message's terminal escapes and torch's C++ stack -------------------------------------
+@pytest.mark.hostile
+def test_errors_show_a_files_escapes_escaped_and_drop_torchs_cpp_stack(tmp_path, plugin_dir):
+    (plugin_dir / "deep.py").write_text(
+        "import minidiff_cli\nfrom minidiff_cli.errors import MinidiffError\n\n"
+        "def data(source, **kwargs):\n"
+        "    raise MinidiffError('bad \\x1b[31mred\\x00 data\\nException raised from foo at bar.cpp:12 '\n"
+        "                        '(most recent call first):\\nframe #0: ' + 'c10::Error ' * 200)\n\n"
+        "@minidiff_cli.hookimpl\ndef register_datasets(register):\n    register('deep', data)\n")
+    line = assert_error(timed_cli("train", "--data", "deep", "--out", tmp_path / "run"), "bad \\x1b[31mred\\x00 data")
+    assert "frame #0" not in line and "Exception raised from" not in line and len(line) < 200

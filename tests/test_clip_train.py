@@ -11,9 +11,9 @@ from conftest import assert_one_line_error, run_cli
 from safetensors import safe_open
 
 from minidiff_cli import plugins
-from minidiff_cli.training.clip import ClipRecipe, train_clip
-from minidiff_cli.evaluation.clip import class_prompt, zero_shot_accuracy
 from minidiff_cli.clip.clip_file import load_clip
+from minidiff_cli.evaluation.clip import class_prompt, zero_shot_accuracy
+from minidiff_cli.training.clip import ClipRecipe, train_clip
 
 # A CLIP of a few thousand parameters (plus the 49408-row token table): seconds on a CPU.
 TINY = ["--width", "16", "--heads", "2", "--layers", "1", "--embed-dim", "16", "--context-length", "12",

@@ -11,14 +11,14 @@ import json
 
 import pytest
 import torch
-from PIL import Image
-
 from conftest import run_cli
-from minidiff_cli.training.checkpoint import read_checkpoint_meta
+from PIL import Image
+from tinymodels import TINY_TRAIN, tiny_model_file, without
+
 from minidiff_cli.diffusion.model import DiffusionModel
 from minidiff_cli.inference.pipeline import Generation, Pipeline
+from minidiff_cli.training.checkpoint import read_checkpoint_meta
 from minidiff_cli.training.trainer import CHECKPOINT, METRICS, MODEL
-from tinymodels import TINY_TRAIN, tiny_model_file, without
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

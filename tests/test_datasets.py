@@ -4,17 +4,20 @@ import json
 import subprocess
 import sys
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
+from conftest import assert_error, timed_cli
 from PIL import Image
+from tinymodels import TINY_TRAIN
 
 from minidiff_cli import plugins
 from minidiff_cli.data.dataset import caption_set, check_dataset
-from minidiff_cli.data.images import pil_to_tensor, tensor_to_pil
 from minidiff_cli.data.holdout import parse_holdout
-from minidiff_cli.errors import MinidiffError
+from minidiff_cli.data.images import pil_to_tensor, tensor_to_pil
 from minidiff_cli.data.shapes import BACKGROUNDS, COLOURS, DEFAULT_SHAPES, SHAPES, ShapesDataset, backgrounds_for
+from minidiff_cli.errors import MinidiffError
 
 
 @pytest.fixture(scope="module")
@@ -341,3 +344,25 @@ def test_imagefolder_cannot_hold_out_pairs(tmp_path, make_folder):
     _save(tmp_path / "a.png")
     with pytest.raises(MinidiffError, match="holdout"):
         make_folder(tmp_path, image_size=8, holdout=[("red", "circle")])
+
+
+# -- hostile captions ----------------------------------------------------------------
+def captioned_folder(tmp_path: Path, metadata: bytes) -> Path:
+    from PIL import Image
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    Image.new("RGB", (16, 16), "red").save(folder / "a.png")
+    (folder / "metadata.jsonl").write_bytes(metadata)
+    return folder
+
+
+@pytest.mark.hostile
+@pytest.mark.parametrize("metadata, message", [
+    (b'{"file_name": "a.png", "text": "caf\xe9"}\n', "is not UTF-8 text"),
+    (b"[" * 100_000 + b"]" * 100_000 + b"\n", "line 1 is nested too deeply"),
+])
+def test_a_hostile_metadata_jsonl_is_one_line(tmp_path, toml, metadata, message):
+    data = captioned_folder(tmp_path, metadata)
+    assert_error(timed_cli("train", "--data", data, "--conditioner", "class", *TINY_TRAIN, "--config", toml,
+                           "--max-steps", "1", "--out", tmp_path / "run"), "metadata.jsonl", message)

@@ -15,17 +15,17 @@ import json
 
 import pytest
 import torch
+from conftest import assert_one_line_error, run_cli, run_in_process
 from safetensors import safe_open
 from safetensors.torch import save_file
-
-from conftest import assert_one_line_error, run_cli, run_in_process
-from minidiff_cli.errors import MinidiffError, ModelFileError
-from minidiff_cli.diffusion.model import DiffusionModel
-from minidiff_cli.diffusion.schedule import get_schedule
-from minidiff_cli.plugins import get_sampler
-from minidiff_cli.diffusion.sampling import flow_denoiser, gaussian_denoiser, gaussian_velocity, timesteps
-from minidiff_cli.diffusion.timestep_sampling import draw_timesteps
 from tinymodels import TINY_TOML, TINY_TRAIN, without
+
+from minidiff_cli.diffusion.model import DiffusionModel
+from minidiff_cli.diffusion.sampling import flow_denoiser, gaussian_denoiser, gaussian_velocity, timesteps
+from minidiff_cli.diffusion.schedule import get_schedule
+from minidiff_cli.diffusion.timestep_sampling import draw_timesteps
+from minidiff_cli.errors import MinidiffError, ModelFileError
+from minidiff_cli.plugins import get_sampler
 
 MU, S, N = 0.5, 0.5, 20_000
 # Each sampler with a step count that keeps its own discretisation error on Gaussian data small.

@@ -8,16 +8,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import assert_error, assert_one_line_error, files_in, run_cli
+from conftest import run_in_process as cli
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
+from tinymodels import CLASS_NAMES, tiny_model, tiny_model_file
 
-from conftest import assert_one_line_error, run_cli
 from minidiff_cli.diffusion.conditioning import Conditioning
 from minidiff_cli.diffusion.guidance import guided_denoiser
+from minidiff_cli.errors import MinidiffError
+from minidiff_cli.files.model_file import file_hash
 from minidiff_cli.files.models_dir import DEFAULT_MODEL, SHIPPED_DIR
 from minidiff_cli.inference.pipeline import Generation, Pipeline
-from minidiff_cli.files.model_file import file_hash
-from tinymodels import CLASS_NAMES, tiny_model, tiny_model_file
 
 
 def pixels(path: Path) -> np.ndarray:
@@ -347,3 +349,31 @@ def test_sampler_options_reach_the_sampler_and_are_recorded(trained_run, tmp_pat
     assert np.array_equal(pixels(tmp_path / "a.png"), pixels(tmp_path / "c.png"))
     bad = run_cli(*args, "-O", "nonsense", "-o", str(tmp_path / "d.png"))
     assert_one_line_error(bad, "KEY=VALUE")
+
+
+# -- sampler options and the Python API refuse what the CLI refuses -------------------------------
+@pytest.mark.hostile
+def test_sampler_options_that_clash_with_the_pipelines_own_arguments(tmp_path, tiny):
+    out = tmp_path / "out"
+    for option in ("generator=1", "callback=1", "steps=3", "x=1"):
+        assert_error(cli("generate", "red circle", "--model", tiny, "-O", option, "-o", out, "-q"),
+                     "is not a sampler option: the pipeline passes it itself")
+    for option in ("eta=NaN", "eta=Infinity", "eta=1e999", "eta=[1e999]"):
+        assert_error(cli("generate", "red circle", "--model", tiny, "-O", option, "-o", out, "-q"),
+                     "--sampler-option eta")
+    code, _, err = cli("generate", "red circle", "--model", tiny, "--steps", "2", "-O", "eta=0.5", "-o", out, "-q")
+    assert code == 0, err  # -O eta=... is a plain sampler option, as --eta is
+    assert files_in(out) == ["minidiff-00000.png"]
+
+
+@pytest.mark.hostile
+def test_the_python_api_refuses_what_the_cli_refuses():
+    pipe = Pipeline(tiny_model("class"), name="tiny")
+    bad = [dict(cfg=float("nan")), dict(cfg=float("inf")), dict(cfg=1e6), dict(eta=float("nan")),
+           dict(seed=-1), dict(seed=2**64), dict(seed=1.5), dict(steps=2.5), dict(num_images=10**9),
+           dict(batch_size=0), dict(prompt="\ud800"), dict(prompt="x" * 10_001), dict(negative="x" * 10_001),
+           dict(generator=5), dict(schedule=1), dict(sampler="no-such-sampler")]
+    for kwargs in bad:
+        args = {"prompt": "red circle", "steps": 2, **kwargs}
+        with pytest.raises(MinidiffError):
+            pipe.generate(**args)

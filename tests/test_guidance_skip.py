@@ -8,15 +8,15 @@ from contextlib import contextmanager
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
 from conftest import run_in_process
+from PIL import Image
+from tinymodels import tiny_model, tiny_model_file
+
 from minidiff_cli.diffusion.conditioning import Conditioning
 from minidiff_cli.diffusion.guidance import clipped, combine, guided_denoiser
 from minidiff_cli.diffusion.model import DiffusionModel
 from minidiff_cli.diffusion.sampling import sample
 from minidiff_cli.nets.unet import UNet
-from tinymodels import tiny_model, tiny_model_file
 
 
 @contextmanager

@@ -15,18 +15,18 @@ import zlib
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
 from conftest import assert_one_line_error, run_cli, run_in_process
+from PIL import Image
+from tinymodels import tiny_model, tiny_model_file
+
+from minidiff_cli.diffusion.sampling import gaussian_denoiser, timesteps
+from minidiff_cli.diffusion.schedule import get_schedule
 from minidiff_cli.errors import MinidiffError, PluginError
 from minidiff_cli.inference.img2img.images import fit_image, fit_mask
 from minidiff_cli.inference.img2img.run import sample_from
 from minidiff_cli.inference.img2img.settings import ImageStart
 from minidiff_cli.inference.pipeline import Pipeline
-from minidiff_cli.diffusion.schedule import get_schedule
 from minidiff_cli.plugins import get_sampler
-from minidiff_cli.diffusion.sampling import gaussian_denoiser, timesteps
-from tinymodels import tiny_model, tiny_model_file
 
 # Every first-party sampler, with a step count that keeps its own discretisation error on Gaussian
 # data within 3 %. Karras sigmas stay out of the Gaussian checks: between the cosine schedule's sparse
@@ -218,8 +218,8 @@ def test_inpainting_independent_gaussian_data_draws_the_hole_from_its_law(sample
 
 # -- the shipped model ------------------------------------------------------------------------------
 def test_a_red_circle_becomes_a_green_circle_at_strength_0_7():
-    from minidiff_cli.evaluation.shape_classifier import classify
     from minidiff_cli.data.shapes import ShapeSpec, draw
+    from minidiff_cli.evaluation.shape_classifier import classify
 
     pipe = Pipeline.load(device="cpu")
     red = draw(ShapeSpec("red", "circle", "white", 0.6, (0.5, 0.5), 0.0, "a red circle"), pipe.model.image_size)

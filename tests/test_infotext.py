@@ -10,14 +10,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import assert_one_line_error, run_cli, run_in_process
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
+from tinymodels import tiny_model_file
 
-from conftest import assert_one_line_error, run_cli, run_in_process
 from minidiff_cli.errors import ImageMetadataError
 from minidiff_cli.files.png_parameters import format_parameters
 from minidiff_cli.inference.infotext import MAX_INFOTEXT_CHARS, Infotext, parse, to_minidiff
-from tinymodels import tiny_model_file
 
 A1111 = ("red circle\nNegative prompt: blue square\n"
          "Steps: 4, Sampler: DPM++ 2M Karras, CFG scale: 2.5, Seed: 12345, Size: 512x512, "

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from conftest import assert_one_line_error, run_cli
+from PIL import Image
+from tinymodels import tiny_config, tiny_model_file
+
 from minidiff_cli.diffusion.schedule import get_schedule
 from minidiff_cli.nets.unet import UNetConfig
-from tinymodels import tiny_config, tiny_model_file
 
 SIZE = 64  # frames of 64 px are drawn as they are (smaller ones are enlarged for their labels)
 DEFAULT_TIMESTEPS = [0, 100, 250, 500, 750, 999]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 
 from conftest import assert_one_line_error, run_cli, run_in_process
 from tinymodels import tiny_model_file

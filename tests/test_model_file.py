@@ -10,14 +10,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import assert_error, assert_one_line_error, run_cli, timed_cli
+from conftest import run_in_process as cli
+from hostile_models import HOSTILE_MODELS, header_only_model
 from safetensors.torch import save_file
+from tinymodels import TINY_TRAIN, tiny_config, tiny_model
 
-from conftest import assert_one_line_error, run_cli
 from minidiff_cli.diffusion.conditioning import Conditioning
-from minidiff_cli.errors import MinidiffError, ModelFileError
 from minidiff_cli.diffusion.model import DiffusionModel
+from minidiff_cli.errors import MinidiffError, ModelFileError
 from minidiff_cli.files.model_file import FORMAT_VERSION, file_hash, read_config, save_model_file
-from tinymodels import tiny_config, tiny_model
+from minidiff_cli.inference.pipeline import Pipeline
+from minidiff_cli.training.trainer import CHECKPOINT
 
 
 def predictions(model: DiffusionModel, prompts: list[str]) -> torch.Tensor:
@@ -317,3 +321,74 @@ def test_a_float16_unet_file_is_half_the_bytes_and_loads_as_float32(tmp_path):
     bad = dict(loaded.config, unet_storage="int8")
     with pytest.raises(MinidiffError, match="unknown unet_storage"):
         DiffusionModel(loaded.unet, loaded.conditioner, loaded.schedule, bad).save(tmp_path / "bad.safetensors")
+
+
+# -- hostile model files through `train --init-from` ---------------------------------------------------
+@pytest.mark.hostile
+@pytest.mark.parametrize("make, message", [c[1:] for c in HOSTILE_MODELS], ids=[c[0] for c in HOSTILE_MODELS])
+def test_hostile_init_from_file_is_a_one_line_error_and_nothing_is_written(tmp_path, toml, make, message):
+    path = make(tmp_path)
+    out = tmp_path / "run"
+    result = cli("train", *TINY_TRAIN, "--config", toml, "--out", out, "--init-from", path, "--max-steps", "1")
+    assert_error(result, f"'{path}'", message)
+    assert not out.exists()
+    with pytest.raises(ModelFileError, match="bad.safetensors"):  # the Python API: the same check, its own type
+        Pipeline.load(path, device="cpu")
+
+
+@pytest.mark.hostile
+def test_init_from_a_missing_file_a_folder_or_a_checkpoint(tmp_path, toml, trained_checkpoint_run):
+    out = tmp_path / "run"
+    for target, message in ((tmp_path / "nothing.safetensors", "does not exist"), (tmp_path, "is not a file"),
+                            (trained_checkpoint_run / CHECKPOINT, "not a minidiff model")):
+        result = cli("train", *TINY_TRAIN, "--config", toml, "--out", out, "--init-from", target, "--max-steps", "1")
+        assert_error(result, f"'{target}'", message)
+    assert not out.exists()
+
+
+# -- small files that would cost gigabytes or minutes -------------------------------------------
+def _unet(**changes):
+    def change(config):
+        config["unet"].update(changes)
+    return change
+
+
+def _text(**changes):
+    def change(config):
+        config["conditioner"]["config"]["text_cfg"].update(changes)
+    return change
+
+
+def _clip(**changes):
+    def change(config):
+        config["conditioner"]["config"].update(changes)
+    return change
+
+
+COSTLY = {
+    # 6,000,000 residual blocks at 1 channel: few parameters, but 6 GB and minutes of modules
+    "res blocks": ("class", _unet(num_res_blocks=6_000_000, base_channels=1, norm_groups=1, head_dim=1,
+                                  channel_mult=[1], attention_resolutions=[], cross_attention_resolutions=[]),
+                   "num_res_blocks 6000000 is more than the 32"),
+    # self-attention over every pixel of 1024 x 1024: a 4 TB attention matrix for one image
+    "attention activations": ("class", _unet(image_size=1024, base_channels=8, channel_mult=[1],
+                                             attention_resolutions=[1024], head_dim=1, mid_attention=False),
+                              "GiB of activations for one image"),
+    "clip layers": ("clip", _text(layers=10**7), "layers must be a whole number from 1 to 64"),
+    "clip context": ("clip", _text(context_length=40_000), "context_length must be a whole number from 4 to 1,024"),
+    "clip width": ("clip", _text(width=10**6, heads=1), "width must be a whole number from 1 to 8,192"),
+    "clip embed_dim": ("clip", _clip(embed_dim=10**9), "embed_dim must be a whole number"),
+}
+
+
+@pytest.mark.hostile
+@pytest.mark.parametrize("case", list(COSTLY))
+def test_a_small_file_that_would_cost_gigabytes_is_refused_at_once_by_info_and_generate(tmp_path, case):
+    conditioner, change, message = COSTLY[case]
+    config = json.loads(json.dumps(tiny_config(conditioner)))
+    change(config)
+    path = header_only_model(tmp_path / "costly.safetensors", config)
+    assert path.stat().st_size < 2000
+    assert_error(timed_cli("info", path), message, str(path))
+    assert_error(timed_cli("generate", "x", "--model", path, "-o", tmp_path / "out"), message)
+    assert not (tmp_path / "out").exists()

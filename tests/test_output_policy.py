@@ -9,9 +9,13 @@ import stat
 import subprocess
 import time
 
-from conftest import assert_one_line_error, cli_command, run_cli
-from minidiff_cli.files.png_parameters import read_parameters
+import pytest
+from conftest import assert_error, assert_one_line_error, cli_command, files_in, run_cli
+from conftest import run_in_process as cli
 from tinymodels import tiny_model_file
+
+from minidiff_cli.files.png_parameters import read_parameters
+
 
 def usual_mode() -> int:
     """What the umask gives a new file (0644 under the usual 022)."""
@@ -115,3 +119,69 @@ def test_eval_replaces_its_report_and_grid_only_with_overwrite(tmp_path):
     assert report.read_text() == "mine" and grid.read_bytes() == b"mine"
     assert run_cli(*args, "--overwrite").returncode == 0
     assert report.read_text().startswith("{") and grid.read_bytes()[:4] == b"\x89PNG"
+
+
+# -- Ctrl-C and names the filesystem refuses ----------------------------------------------------------
+SLOW_SAMPLER = '''
+import os
+import time
+
+from minidiff_cli import hookimpl
+
+
+class Slow:
+    name = "slow"
+    default_steps = 1
+
+    def sample(self, denoiser, x, schedule, steps, *, generator=None, callback=None, **opts):
+        from minidiff_cli.diffusion.sampling import batch_t
+
+        open(os.environ["MINIDIFF_TEST_MARKER"], "w").close()
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            denoiser(x, batch_t(0, x))
+            time.sleep(0.02)
+        return x
+
+
+@hookimpl
+def register_samplers(register):
+    register(Slow())
+'''
+
+
+@pytest.mark.hostile
+def test_ctrl_c_during_generate_exits_130_with_one_line_and_no_files(tmp_path, tiny):
+    plugs = tmp_path / "plugs"
+    plugs.mkdir()
+    (plugs / "slow.py").write_text(SLOW_SAMPLER)
+    marker, out = tmp_path / "sampling", tmp_path / "out"
+    env = {**os.environ, "MINIDIFF_PLUGINS_DIR": str(plugs), "MINIDIFF_TEST_MARKER": str(marker)}
+    proc = subprocess.Popen([*cli_command(), "generate", "red circle", "--model", str(tiny), "--sampler", "slow",
+                             "-n", "3", "-o", str(out), "-q"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while not marker.exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        assert marker.exists(), proc.communicate(timeout=30)
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr
+    assert [line for line in stderr.splitlines() if line.strip()] == [
+        "Interrupted; nothing half-written was left behind."]
+    assert stdout == "" and files_in(out) == []
+
+
+@pytest.mark.hostile
+def test_output_names_the_filesystem_refuses_are_one_line_errors_before_sampling(tmp_path, tiny):
+    long_name = "x" * 300
+    for target in (tmp_path / long_name, tmp_path / f"{long_name}.png", tmp_path / long_name / "a.png"):
+        line = assert_error(cli("generate", "red circle", "--model", tiny, "-o", target, "-q"))
+        assert "too long" in line.lower(), line
+    assert list(tmp_path.iterdir()) == []

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from minidiff_cli import plugins
-from minidiff_cli.errors import MinidiffError
-from minidiff_cli.diffusion.schedule import get_schedule
-from minidiff_cli.plugins import get_sampler
 from minidiff_cli.diffusion.sampling import gaussian_denoiser, supports_partial
+from minidiff_cli.diffusion.schedule import get_schedule
+from minidiff_cli.errors import MinidiffError
+from minidiff_cli.plugins import get_sampler
 
 MU, S, N = 0.5, 0.5, 20_000
 # Each sampler, and each option that moves its grid.

@@ -1,4 +1,5 @@
-"""Plugin discovery: installed entry points, plugin folders, clashes, broken plugins."""
+"""Plugin discovery: installed entry points, plugin folders, clashes, broken plugins, and plugins that return
+garbage or misbehave (exit, Ctrl-C, print, load slowly, take a command's name): each is named in one line."""
 
 from __future__ import annotations
 
@@ -6,14 +7,19 @@ import json
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
+from conftest import assert_error, assert_one_line_error, files_in, run_cli, run_in_process, timed_cli
+from conftest import run_in_process as cli
+from tinymodels import CLASS_NAMES, TINY_TRAIN, tiny_model
 
-from conftest import assert_one_line_error, run_cli
 from minidiff_cli import plugins
+from minidiff_cli.cli.app import main
 from minidiff_cli.diffusion.schedule import get_schedule
 from minidiff_cli.errors import PluginError, UnknownNameError
+from minidiff_cli.inference.pipeline import Pipeline
 
 GOOD_PLUGIN = '''
 from minidiff_cli import hookimpl
@@ -208,3 +214,413 @@ def test_plugins_dir_flag_plugins_can_add_commands(tmp_path):
         assert result.returncode == 0, result.stderr
         assert result.stdout.strip() == "hello from the plugins folder"
         assert result.stderr == ""
+
+
+# -- plugins that return garbage -----------------------------------------------------------------------
+GARBAGE_REGISTRATIONS = '''
+from minidiff_cli import hookimpl
+
+
+def fine(num_timesteps):
+    import torch
+    return torch.full((num_timesteps,), 0.01, dtype=torch.float64)
+
+
+class NoSteps:
+    name = "g-no-steps"
+    def sample(self, *args, **kwargs):
+        raise AssertionError
+
+
+class ZeroSteps(NoSteps):
+    name = "g-zero-steps"
+    default_steps = 0
+
+
+class Good(NoSteps):
+    name = "g-good"
+    default_steps = 3
+
+
+@hookimpl
+def register_schedules(register):
+    register("g-not-callable", 42)
+    register("", fine)
+    register(None, fine)
+    register("two\\nlines", fine)
+    register("g-one-argument")
+    register("g-fine", fine)
+
+
+@hookimpl
+def register_samplers(register):
+    register(NoSteps())
+    register(ZeroSteps())
+    register("g-named", Good())
+    register(object())
+    register(Good())
+
+
+@hookimpl
+def register_datasets(register):
+    register("g-data", "not a factory")
+
+
+@hookimpl
+def register_conditioners(register):
+    register("g-conditioner", 3.5)
+'''
+
+
+@pytest.mark.hostile
+def test_garbage_registrations_are_recorded_one_line_each_and_the_rest_registers(tmp_path):
+    (tmp_path / "garbage.py").write_text(GARBAGE_REGISTRATIONS)
+    warnings: list[str] = []
+    reg = plugins.Registry(plugins_dir=tmp_path, load=[], warn=warnings.append).discover()
+    info = reg.plugins["garbage"]
+    assert info.registered == {"schedules": ["g-fine"], "samplers": ["g-good"]}
+    errors = "\n".join(info.errors)
+    for fragment in ("schedule 'g-not-callable' was registered with int, which cannot be called",
+                     "needs a name (a short printable string) and a value (got 2 argument(s))",
+                     "(got 1 argument(s))", "sampler 'g-no-steps' needs a 'default_steps' of at least 1 (got None)",
+                     "sampler 'g-zero-steps' needs a 'default_steps' of at least 1 (got 0)",
+                     "register(sampler) needs one object", "dataset 'g-data' was registered with str",
+                     "conditioner 'g-conditioner' was registered with float"):
+        assert fragment in errors, fragment
+    assert len(info.errors) == 11 and len(warnings) == 11
+    assert all("\n" not in w and w.startswith("plugin 'garbage' ") for w in warnings)
+    assert reg.get("schedules", "g-fine")(4).tolist() == [0.01] * 4
+    assert "ddim" in reg.names("samplers")  # the built-ins are untouched
+
+
+@pytest.mark.hostile
+def test_strict_mode_refuses_garbage_registrations_naming_the_plugin(tmp_path, plugin_dir, monkeypatch):
+    (tmp_path / "garbage.py").write_text(GARBAGE_REGISTRATIONS)
+    with pytest.raises(PluginError) as caught:
+        plugins.Registry(plugins_dir=tmp_path, load=[], strict=True).discover()
+    assert "plugin 'garbage'" in str(caught.value) and "MINIDIFF_STRICT_PLUGINS" in str(caught.value)
+
+    (plugin_dir / "garbage.py").write_text(GARBAGE_REGISTRATIONS)
+    monkeypatch.setenv("MINIDIFF_STRICT_PLUGINS", "1")
+    plugins.reset()
+    assert_error(cli("schedules", "list"), "plugin 'garbage'", "MINIDIFF_STRICT_PLUGINS is set")
+    monkeypatch.delenv("MINIDIFF_STRICT_PLUGINS")
+    plugins.reset()
+    code, out, err = cli("schedules", "show", "g-fine", "-T", "4", "--json")
+    assert code == 0 and json.loads(out)["betas"] == [0.01] * 4
+    assert err.count("plugin 'garbage'") == 11  # one warning line per garbage registration
+
+
+@pytest.mark.hostile
+def test_register_with_keywords_is_reported_as_a_hook_failure(tmp_path):
+    (tmp_path / "keywords.py").write_text(textwrap.dedent('''
+        from minidiff_cli import hookimpl
+
+        @hookimpl
+        def register_schedules(register):
+            register(name="k", fn=len)
+    '''))
+    reg = plugins.Registry(plugins_dir=tmp_path, load=[], warn=lambda m: None).discover()
+    [error] = reg.plugins["keywords"].errors
+    assert error.startswith("failed in register_schedules: TypeError: ")
+    assert error.endswith("register() got an unexpected keyword argument 'name'")
+
+
+GARBAGE_SCHEDULES = '''
+import torch
+from minidiff_cli import hookimpl
+
+
+def short(num_timesteps):
+    return torch.full((num_timesteps - 1,), 0.01, dtype=torch.float64)
+
+
+def nan(num_timesteps):
+    betas = torch.full((num_timesteps,), 0.01, dtype=torch.float64)
+    betas[3] = float("nan")
+    return betas
+
+
+def too_big(num_timesteps):
+    return torch.full((num_timesteps,), 1.5)
+
+
+def text(num_timesteps):
+    return "not betas"
+
+
+def none(num_timesteps):
+    return None
+
+
+def matrix(num_timesteps):
+    return torch.full((num_timesteps, 2), 0.01)
+
+
+def boom(num_timesteps):
+    raise RuntimeError("schedule exploded\\nsecond line")
+
+
+@hookimpl
+def register_schedules(register):
+    for fn in (short, nan, too_big, text, none, matrix, boom):
+        register(f"bad-{fn.__name__.replace('_', '-')}", fn)
+'''
+
+SCHEDULE_GARBAGE = [
+    ("bad-short", "returned 999 betas for 1000 timesteps"),
+    ("bad-nan", "returned unusable betas: betas must be finite"),
+    ("bad-too-big", "returned unusable betas: every beta must lie in (0, 0.999]"),
+    ("bad-text", "returned unusable betas: betas must be"),
+    ("bad-none", "returned unusable betas: betas must be"),
+    ("bad-matrix", "returned unusable betas: betas must be 1-D"),
+    ("bad-boom", "failed: RuntimeError: schedule exploded"),
+]
+
+
+@pytest.mark.hostile
+@pytest.mark.parametrize("name, message", SCHEDULE_GARBAGE, ids=[n for n, _ in SCHEDULE_GARBAGE])
+def test_schedule_returning_garbage_is_an_error_naming_the_plugin_when_used(plugin_dir, tmp_path, toml, name,
+                                                                             message):
+    (plugin_dir / "garbage_schedules.py").write_text(GARBAGE_SCHEDULES)
+    who = f"schedule '{name}' (plugin 'garbage_schedules')"
+    with pytest.raises(PluginError) as caught:
+        get_schedule(name, 1000)
+    assert who in str(caught.value) and message in str(caught.value)
+    assert_error(cli("schedules", "show", name), who, message)
+    out = tmp_path / "run"
+    assert_error(cli("train", *TINY_TRAIN, "--config", toml, "--out", out, "--schedule", name, "--timesteps", "1000",
+                     "--max-steps", "1"), who)
+    assert not out.exists()
+    code, listing, err = cli("schedules", "list")  # every other schedule still shows
+    assert code == 0 and "cosine" in listing and err == ""
+
+
+GARBAGE_SAMPLERS = '''
+import torch
+from minidiff_cli import hookimpl
+
+
+class Garbage:
+    default_steps = 2
+
+    def __init__(self, kind):
+        self.kind = kind
+        self.name = f"bad-{kind}"
+
+    def sample(self, denoiser, x, schedule, steps, *, generator=None, callback=None, **opts):
+        t = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+        if self.kind == "model":
+            return denoiser(x[:, :1], t)  # one channel where the model takes three
+        denoiser(x, t)
+        if self.kind == "shape":
+            return x[:, :1]
+        if self.kind == "nan":
+            return torch.full_like(x, float("nan"))
+        if self.kind == "inf":
+            return torch.full_like(x, float("inf"))
+        if self.kind == "none":
+            return None
+        if self.kind == "list":
+            return x.tolist()
+        if self.kind == "int":
+            return x.long()
+        if self.kind == "raise":
+            raise ValueError("garbage in the sampler\\nsecond line")
+
+
+@hookimpl
+def register_samplers(register):
+    for kind in ("model", "shape", "nan", "inf", "none", "list", "int", "raise"):
+        register(Garbage(kind))
+'''
+
+SAMPLER_GARBAGE = [
+    ("bad-shape", "returned a tensor of shape (1, 1, 8, 8), expected (1, 3, 8, 8)"),
+    ("bad-nan", "returned NaN or infinite values"),
+    ("bad-inf", "returned NaN or infinite values"),
+    ("bad-none", "returned NoneType, not a tensor of shape (1, 3, 8, 8)"),
+    ("bad-list", "returned list, not a tensor"),
+    ("bad-int", "returned a torch.int64 tensor, not floats"),
+    ("bad-raise", "failed: ValueError: garbage in the sampler"),
+    ("bad-model", "failed in the model it called: ValueError: x must be [B, 3, H, W]"),
+]
+
+
+@pytest.mark.hostile
+@pytest.mark.parametrize("name, message", SAMPLER_GARBAGE, ids=[n for n, _ in SAMPLER_GARBAGE])
+def test_sampler_returning_garbage_is_an_error_naming_its_plugin_and_the_rest_works(plugin_dir, tmp_path, tiny,
+                                                                                     name, message):
+    (plugin_dir / "garbage_samplers.py").write_text(GARBAGE_SAMPLERS)
+    who = f"sampler '{name}' (plugin 'garbage_samplers')"
+    out = tmp_path / "out"
+    assert_error(cli("generate", "red circle", "--model", tiny, "--sampler", name, "-o", out, "-q"), who, message)
+    assert files_in(out) == []
+    pipe = Pipeline.load(tiny, device="cpu")
+    with pytest.raises(PluginError) as caught:
+        pipe.generate("red circle", steps=2, sampler=name)
+    assert who in str(caught.value) and message in str(caught.value) and "\n" not in str(caught.value)
+    code, printed, err = cli("generate", "red circle", "--model", tiny, "--steps", "2", "-o", out, "-q")
+    assert code == 0 and printed.split() == [str(out / "minidiff-00000.png")], err
+
+
+@pytest.mark.hostile
+def test_debug_shows_the_samplers_own_traceback(plugin_dir, tmp_path, tiny):
+    (plugin_dir / "garbage_samplers.py").write_text(GARBAGE_SAMPLERS)
+    with pytest.raises(PluginError) as caught:
+        main(["--debug", "generate", "red circle", "--model", str(tiny), "--sampler", "bad-raise",
+              "-o", str(tmp_path / "o"), "-q"])
+    assert isinstance(caught.value.__cause__, ValueError)
+
+
+# -- plugins are contained ----------------------------------------------------------------------
+PLUGINS = {
+    "exits": "import sys\nsys.exit(0)\n",
+    "interrupts": ("import minidiff_cli\n\n@minidiff_cli.hookimpl\ndef register_schedules(register):\n"
+                   "    raise KeyboardInterrupt\n"),
+    "chatty": "print('hello from a plugin')\n",
+    "base": "class Odd(BaseException):\n    pass\n\nraise Odd('odd')\n",
+}
+
+
+@pytest.mark.hostile
+def test_base_exceptions_and_prints_from_plugins_leave_every_command_working(plugin_dir):
+    for name, code in PLUGINS.items():
+        (plugin_dir / f"{name}.py").write_text(code)
+    rc, out, err = run_in_process("schedules", "list", "--json")
+    assert rc == 0, err
+    assert "linear" in [s["name"] for s in json.loads(out)]  # stdout is the JSON alone
+    assert "hello from a plugin" in err
+    assert "plugin 'exits' failed to load: raised SystemExit 0" in err
+    assert "plugin 'interrupts' failed in register_schedules: raised KeyboardInterrupt" in err
+    assert "plugin 'base' failed to load: raised Odd odd" in err
+
+
+@pytest.mark.hostile
+def test_a_real_ctrl_c_while_a_plugin_loads_still_stops_minidiff(tmp_path):
+    import signal
+    import subprocess
+
+    from conftest import cli_command
+
+    (tmp_path / "slow.py").write_text("import time\ntime.sleep(30)\n")
+    proc = subprocess.Popen([*cli_command(), "--plugins-dir", str(tmp_path), "schedules", "list"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(4)  # into the plugin's sleep (the CLI starts in about a second)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+
+
+@pytest.mark.hostile
+def test_a_slow_plugin_is_named_while_it_loads(plugin_dir, monkeypatch):
+    from minidiff_cli.plugins import guard as plugin_guard
+
+    monkeypatch.setattr(plugin_guard, "SLOW_SECONDS", 0.3)
+    (plugin_dir / "sleepy.py").write_text("import time\ntime.sleep(1.0)\n")
+    rc, _, err = run_in_process("schedules", "list")
+    assert rc == 0, err
+    assert "loading plugin 'sleepy' is taking more than" in err
+
+
+COMMANDS = '''
+import minidiff_cli
+import typer
+
+
+@minidiff_cli.hookimpl
+def register_commands(cli):
+    @cli.command("generate")
+    def fake_generate():
+        print("hijacked")
+
+    @cli.command("info")
+    def fake_info():
+        print("hijacked")
+
+    @cli.command("hello-there")
+    def hello():
+        print("hello")
+'''
+
+
+@pytest.mark.hostile
+def test_a_plugin_cannot_replace_a_built_in_command(plugin_dir):
+    (plugin_dir / "hijack.py").write_text(COMMANDS)
+    rc, out, err = run_in_process("info")
+    assert rc == 0 and "hijacked" not in out, (out, err)
+    assert "command name 'generate' clashes: registered by both minidiff itself and plugin 'hijack'" in err
+    assert "command name 'info' clashes" in err
+    from minidiff_cli import plugins
+
+    plugins.reset()
+    rc, out, _ = run_in_process("hello-there")
+    assert rc == 0 and out.strip() == "hello"  # its other command still works
+
+
+USE_TIME = '''
+import minidiff_cli
+from minidiff_cli import plugins
+
+
+class Half:
+    name = "half"
+    default_steps = 2
+
+    def sample(self, denoiser, x, schedule, steps, **kwargs):
+        return plugins.get_sampler("ddim").sample(denoiser, x, schedule, steps, **kwargs).half()
+
+
+def broken_dataset(source, **kwargs):
+    raise ValueError("cannot open the data")
+
+
+class BrokenConditioner:
+    name = "brokenc"
+    context_dim = pooled_dim = None
+
+    @classmethod
+    def from_options(cls, **options):
+        return {}["missing"]
+
+
+class Quitter:
+    name = "quitter"
+    default_steps = 2
+
+    def sample(self, denoiser, x, schedule, steps, **kwargs):
+        raise SystemExit(0)
+
+
+@minidiff_cli.hookimpl
+def register_samplers(register):
+    register(Half())
+    register(Quitter())
+
+
+@minidiff_cli.hookimpl
+def register_datasets(register):
+    register("broken", broken_dataset)
+
+
+@minidiff_cli.hookimpl
+def register_conditioners(register):
+    register("brokenc", BrokenConditioner)
+'''
+
+
+@pytest.mark.hostile
+def test_plugins_failing_at_use_are_one_line_errors_naming_them(plugin_dir, tmp_path, toml):
+    (plugin_dir / "usetime.py").write_text(USE_TIME)
+    model = tmp_path / "tiny.safetensors"
+    tiny_model("class").save(model)
+    generate = ["generate", CLASS_NAMES[0], "--model", model, "--quiet", "-o", tmp_path / "out", "--sampler"]
+    assert_error(timed_cli(*generate, "half"), "sampler 'half' (plugin 'usetime') returned a torch.float16 tensor",
+                 "expected torch.float32")
+    assert_error(timed_cli(*generate, "quitter"), "plugin 'usetime' failed: SystemExit")
+    run = ["train", *TINY_TRAIN, "--config", toml, "--max-steps", "1", "--out", tmp_path / "run"]
+    assert_error(timed_cli(*run, "--data", "broken", "--conditioner", "class"),
+                 "plugin 'usetime' failed: ValueError: cannot open the data")
+    assert_error(timed_cli(*run, "--data", "shapes", "--conditioner", "brokenc"), "plugin 'usetime' failed: KeyError")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "run").exists()

@@ -7,8 +7,8 @@ import pty
 import subprocess
 
 import pytest
-
 from conftest import cli_command
+
 from minidiff_cli.cli.display import preview_layout
 
 BLOCK = "\u2580"

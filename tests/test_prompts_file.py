@@ -11,9 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from conftest import assert_one_line_error, run_cli, run_in_process
+from PIL import Image
 from tinymodels import tiny_model_file
 
 PROMPTS = "\n".join([

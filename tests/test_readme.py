@@ -16,7 +16,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT, run_cli
 
 README = ROOT / "README.md"

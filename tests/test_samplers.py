@@ -10,10 +10,10 @@ import math
 import pytest
 import torch
 
-from minidiff_cli.errors import MinidiffError, UnknownNameError
-from minidiff_cli.diffusion.schedule import get_schedule
-from minidiff_cli.plugins import get_sampler
 from minidiff_cli.diffusion.sampling import Sampler, gaussian_denoiser, noise_like, sample, timesteps
+from minidiff_cli.diffusion.schedule import get_schedule
+from minidiff_cli.errors import MinidiffError, UnknownNameError
+from minidiff_cli.plugins import get_sampler
 
 MU, S, N = 0.5, 0.5, 20_000
 SCHEDULES = ("linear", "cosine", "scaled-linear", "sigmoid")

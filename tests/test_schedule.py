@@ -4,11 +4,12 @@ import math
 
 import pytest
 import torch
+from conftest import assert_error
+from conftest import run_in_process as cli
 
 from minidiff_cli.builtin import schedules as builtin
+from minidiff_cli.diffusion.schedule import NoiseSchedule, get_schedule
 from minidiff_cli.errors import MinidiffError
-from minidiff_cli.diffusion.schedule import get_schedule
-from minidiff_cli.diffusion.schedule import NoiseSchedule
 
 NAMES = ["linear", "cosine", "scaled-linear", "sigmoid", "flow"]
 
@@ -181,3 +182,14 @@ def test_from_betas_accepts_a_list_and_stores_float64():
     assert schedule.betas.dtype == torch.float64 and schedule.num_timesteps == 3
     assert schedule.alphas_cumprod[-1].item() == pytest.approx(0.9 * 0.8 * 0.7)
     assert repr(schedule) == "NoiseSchedule(name=None, num_timesteps=3)"
+
+
+# -- timesteps -------------------------------------------------------------------
+@pytest.mark.hostile
+def test_schedule_timesteps_are_checked_before_the_plugin_is_called(plugin_dir):
+    for T in (0, 1, 2.5, "1000", True):
+        with pytest.raises(MinidiffError, match="timesteps must be at least 2, a whole number"):
+            get_schedule("cosine", T)
+    with pytest.raises(MinidiffError, match="1000000000000 timesteps is more than the 100000 minidiff allows"):
+        get_schedule("cosine", 10**12)  # would need 8 TB
+    assert_error(cli("schedules", "show", "cosine", "-T", "1000000000000"), "is more than the 100000")

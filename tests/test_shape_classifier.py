@@ -5,8 +5,8 @@ import torch
 from PIL import Image, ImageFilter
 
 from minidiff_cli.data.images import pil_to_tensor
+from minidiff_cli.data.shapes import COLOURS, SHAPES, ShapesDataset, ShapeSpec, draw
 from minidiff_cli.evaluation.shape_classifier import analyse, classify
-from minidiff_cli.data.shapes import COLOURS, SHAPES, ShapeSpec, ShapesDataset, draw
 
 
 def _accuracy(dataset, count, transform=lambda image: image):

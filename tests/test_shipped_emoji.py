@@ -11,11 +11,11 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from conftest import ROOT, run_cli
+
+from minidiff_cli.files.model_file import read_config
 from minidiff_cli.files.models_dir import SHIPPED_DIR, resolve_model
 from minidiff_cli.training.config import load_toml
-from minidiff_cli.files.model_file import read_config
 
 MODEL = SHIPPED_DIR / "emoji.safetensors"
 CLIP = SHIPPED_DIR / "clip" / "emoji.safetensors"

@@ -7,14 +7,14 @@ import json
 
 import pytest
 import torch
-
 from conftest import ROOT, run_cli
-from minidiff_cli.evaluation.shapes_judge import score
+
 from minidiff_cli.diffusion.model import DiffusionModel
+from minidiff_cli.evaluation.shapes_judge import score
+from minidiff_cli.files.model_file import read_config
 from minidiff_cli.files.models_dir import DEFAULT_MODEL, SHIPPED_DIR, resolve_model
 from minidiff_cli.inference.pipeline import Generation, Pipeline
 from minidiff_cli.training.config import load_toml
-from minidiff_cli.files.model_file import read_config
 
 MODEL = SHIPPED_DIR / f"{DEFAULT_MODEL}.safetensors"
 RECIPE = ROOT / "recipes" / "shapes-clip.toml"

@@ -11,12 +11,12 @@ from conftest import assert_one_line_error, run_cli
 from safetensors import safe_open
 from tinymodels import TINY_TOML, TINY_TRAIN
 
-from minidiff_cli.training.clip_stage import checkpoint_path
-from minidiff_cli.training.clip import ClipRecipe, train_clip
-from minidiff_cli.data.sources import open_dataset
 from minidiff_cli.data.holdout import CaptionHoldout, split_captions
+from minidiff_cli.data.sources import open_dataset
 from minidiff_cli.data.vocabulary import vocabulary
 from minidiff_cli.files.model_file import read_config
+from minidiff_cli.training.clip import ClipRecipe, train_clip
+from minidiff_cli.training.clip_stage import checkpoint_path
 
 HOLDOUT = "25%"  # of the 12 captions: 'green square', 'red circle', 'yellow square' (by their hashes)
 TINY_CLIP = dict(width=16, heads=2, layers=1, embed_dim=16, context_length=12, vision_width=8, batch_size=8,

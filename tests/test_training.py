@@ -14,22 +14,20 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import ROOT, assert_error, assert_one_line_error, cli_command, run_cli, timed_cli
 from PIL import Image
 from safetensors.torch import load_file
-
-from conftest import ROOT, assert_one_line_error, cli_command, run_cli
-from minidiff_cli.training.checkpoint import read_checkpoint_meta
-from minidiff_cli.errors import MinidiffError
-from minidiff_cli.diffusion.model import DiffusionModel
-from minidiff_cli.inference.pipeline import Pipeline
-from minidiff_cli.training.config import TrainConfig, merge
-from minidiff_cli.training.trainer import CHECKPOINT, METRICS, MODEL, RUN_CONFIG, Trainer
-from minidiff_cli.training.config import check_resume_flags
-from minidiff_cli.training.optim import lr_at
-from minidiff_cli.runtime.distributed import Dist
-from minidiff_cli.runtime.distributed import weights_fingerprint
-from minidiff_cli.files.model_file import read_config
 from tinymodels import TINY_TOML, TINY_TRAIN, tiny_clip_file, tiny_model, without
+
+from minidiff_cli.diffusion.model import DiffusionModel
+from minidiff_cli.errors import MinidiffError
+from minidiff_cli.files.model_file import read_config
+from minidiff_cli.inference.pipeline import Pipeline
+from minidiff_cli.runtime.distributed import Dist, weights_fingerprint
+from minidiff_cli.training.checkpoint import read_checkpoint_meta
+from minidiff_cli.training.config import TrainConfig, check_resume_flags, merge
+from minidiff_cli.training.optim import lr_at
+from minidiff_cli.training.trainer import CHECKPOINT, METRICS, MODEL, RUN_CONFIG, Trainer
 
 # The in-process twin of TINY_TRAIN + TINY_TOML (a test below checks that they agree).
 TINY = dict(data="shapes", conditioner="class", image_size=16, base_channels=8, channel_mult=[1, 2],
@@ -417,3 +415,11 @@ def test_attention_defaults_follow_the_image_size_unless_given():
     assert (given.attention_resolutions, given.cross_attention_resolutions) == ([32, 16], [16])
     recipe = merge({"image_size": 64}, ROOT / "recipes" / "shapes-clip.toml")  # sets them: they stay
     assert (recipe.attention_resolutions, recipe.cross_attention_resolutions) == ([8], [8])
+
+
+# -- hostile config files -------------------------------------------------------------------------
+@pytest.mark.hostile
+def test_a_deeply_nested_toml_is_one_line(tmp_path):
+    config = tmp_path / "deep.toml"
+    config.write_text("x = " + "[" * 5000 + "]" * 5000 + "\n")
+    assert_error(timed_cli("train", "--config", config, "--out", tmp_path / "run"), "nested too deeply", str(config))

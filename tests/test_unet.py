@@ -5,6 +5,8 @@ import time
 
 import pytest
 import torch
+from conftest import assert_error, timed_cli
+from tinymodels import CLASS_NAMES, tiny_config
 
 from minidiff_cli.errors import MinidiffError
 from minidiff_cli.nets.unet import UNet, UNetConfig, timestep_embedding
@@ -302,3 +304,19 @@ def test_runs_on_cuda_like_on_cpu():
 @pytest.mark.skipif(not torch.backends.mps.is_available(), reason="needs Apple MPS")
 def test_runs_on_mps_like_on_cpu():
     _runs_like_cpu("mps")
+
+
+# --- a batch's activations --------------------------------------------------------------
+@pytest.mark.hostile
+def test_activations_are_bounded_at_the_batch_chosen(tmp_path):
+    """A model fine for one image (0.5 GiB of attention) is refused for a batch that needs over 64 GiB."""
+    from minidiff_cli.diffusion.model import DiffusionModel
+
+    config = json.loads(json.dumps(tiny_config("class")))
+    config["unet"].update(image_size=64, base_channels=8, channel_mult=[1], attention_resolutions=[64], head_dim=1,
+                          mid_attention=False)
+    path = tmp_path / "wide-attention.safetensors"
+    DiffusionModel.build(config).save(path)
+    assert_error(timed_cli("generate", CLASS_NAMES[0], "--model", path, "-n", "200", "--batch-size", "200", "--quiet",
+                           "-o", tmp_path / "out"), "GiB of activations for 200 images")
+    assert not (tmp_path / "out").exists()

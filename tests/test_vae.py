@@ -9,14 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
-
 from conftest import assert_one_line_error
+from PIL import Image
 from tinymodels import TINY_TOML, TINY_TRAIN, without
 
+from minidiff_cli.diffusion.model import DiffusionModel
 from minidiff_cli.errors import MinidiffError, ModelFileError
 from minidiff_cli.evaluation.reconstruction import bytes_per_image, psnr, ssim
-from minidiff_cli.diffusion.model import DiffusionModel
 from minidiff_cli.vae.autoencoder import Autoencoder, Posterior, VAEConfig
 from minidiff_cli.vae.latent_space import LatentSpace, measure
 from minidiff_cli.vae.vae_file import check_vae_file, load_vae, save_vae, vae_factor
@@ -153,9 +152,9 @@ def test_vae_train_learns_saves_and_checks_held_out_images(vae_run):
     checks = [r for r in records if "check_psnr" in r]
     assert [r["step"] for r in checks] == [50, 100] and all(r["check_on"] == "held-out" for r in checks)
     untrained = tiny_vae()
+    from minidiff_cli.data.holdout import split_items
     from minidiff_cli.data.sources import open_dataset
     from minidiff_cli.evaluation.vae import reconstruct, summarise
-    from minidiff_cli.data.holdout import split_items
 
     dataset = open_dataset("shapes", image_size=16, holdout="")
     train, held = split_items(dataset, 0.05)

@@ -16,7 +16,7 @@ import torch
 
 from minidiff_cli import plugins
 from minidiff_cli.diffusion.conditioning import Conditioning
-from minidiff_cli.diffusion.schedule import NoiseSchedule, get_schedule
+from minidiff_cli.diffusion.schedule import MAX_TIMESTEPS, NoiseSchedule, get_schedule
 from minidiff_cli.errors import MinidiffError, ModelFileError
 from minidiff_cli.files.model_file import (
     ModelFile,
@@ -167,9 +167,6 @@ class DiffusionModel:
             config["unet_storage"] = unet_dtype
         tensors = _tensors(self.unet, self.conditioner, unet_storage(config), self.latent)
         return save_model_file(path, tensors, config, overwrite=overwrite)
-
-
-MAX_TIMESTEPS = 100_000  # far beyond any real schedule; a bigger T in a file is garbage
 
 
 def _schedule(config: dict[str, Any]) -> NoiseSchedule:
