@@ -1,11 +1,13 @@
 """``ImageStart``: what a generation starts from instead of pure noise, and how far it goes.
 
-``strength`` s in [0, 1] runs the last round(s * steps) steps of the sampler's grid (at least
-one for s > 0), as diffusers' and stable-diffusion.cpp's img2img do: 0 returns the image,
-1 starts from (almost) pure noise. ``resample`` adds RePaint's resampling jumps at each step
-but the last (inpainting only). Its ``params`` go into the PNG: strength, resample and the
-hashes of the image and mask (``images.pixel_hash``), so that ``--from`` can tell whether it
-is given the same picture.
+``strength`` s in [0, 1] runs the last int(s * steps) steps of the sampler's grid, truncated
+as diffusers' img2img and inpainting pipelines do (``get_timesteps``: min(int(steps * strength),
+steps)): 1 runs every step, from (almost) pure noise. Where diffusers would run no step (and
+fails or refuses), minidiff keeps its own answer: 0 returns the image, and 0 < s < 1 / steps
+runs one step. stable-diffusion.cpp runs one step more than diffusers below s = 1 (its t_enc
++ 1). ``resample`` adds RePaint's resampling jumps at each step but the last (inpainting only).
+Its ``params`` go into the PNG: strength, resample and the hashes of the image and mask
+(``images.pixel_hash``), so that ``--from`` can tell whether it is given the same picture.
 """
 
 from __future__ import annotations
@@ -56,8 +58,11 @@ class ImageStart:
                                 f"{(channels, size, size)}; fit it with Pipeline.image_start")
 
     def first_step(self, steps: int) -> int:
-        """Index of the first step taken on a ``steps``-step grid (``steps`` when none is)."""
-        taken = round(self.strength * steps)
+        """Index of the first step taken on a ``steps``-step grid (``steps`` when none is).
+
+        diffusers' count, int(steps * strength) in floating point (so 0.29 x 100 takes 28 steps,
+        as there), at least one for strength > 0."""
+        taken = min(int(steps * self.strength), steps)
         return steps - (max(1, taken) if self.strength > 0 else 0)
 
     def steps_taken(self, steps: int) -> int:

@@ -21,22 +21,22 @@ from __future__ import annotations
 import math
 
 
-def sample_dpmpp_2m(model, x, sigmas, lower_order_final=False, callback=None, steps=None):
+def sample_dpmpp_2m(model, x, sigmas, callback=None, steps=None):
     """DPM-Solver++(2M) over ``sigmas`` (descending, ending at 0); one model call per step.
 
     First order on the first step (there is no x0 before it) and on the step to sigma = 0,
     where lambda = +inf and the second-order term has no limit: that step is x = D, the
-    model's own x0. ``lower_order_final`` makes the step before it first order as well.
+    model's own x0. Every other step is second order. This is k-diffusion's ``sample_dpmpp_2m``
+    and diffusers' ``DPMSolverMultistepScheduler`` (solver_order=2, final_sigmas_type="zero"),
+    whose ``lower_order_final`` only touches the step to sigma = 0, first order anyway.
     ``steps`` (a range, default all) picks the steps to take; the first of them is first order.
     """
-    last = len(sigmas) - 2
     denoised_prev, h_prev = None, None
     for i in steps or range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         denoised, _ = model(x, sigma)
         h = math.log(sigma / sigma_next) if sigma_next > 0 else math.inf  # lambda_next - lambda
-        first_order = denoised_prev is None or sigma_next == 0 or (lower_order_final and i == last - 1)
-        if first_order:
+        if denoised_prev is None or sigma_next == 0:
             d = denoised
         else:
             r = h_prev / h

@@ -5,7 +5,9 @@ noise at the first timestep), a ``denoiser(x_t, t) -> eps`` and the model's sche
 one of the solver loops in the sigma view, and returns x_0. Options:
 
 - ``karras`` (bool, default False): Karras et al.'s rho = 7 sigmas between the schedule's
-  sigma_min and sigma_max instead of the schedule's own levels;
+  sigma_min and sigma_max instead of the schedule's own levels (on a schedule whose top level
+  is capped, such as cosine, the curve starts at sigma = 80 after a first step from the top:
+  ``minidiff_solvers.sigmas.karras_grid``);
 - ``spacing``: which of the schedule's timesteps make the grid when karras is off
   ("trailing", the default, "linspace" or "leading"; see ``minidiff_cli.diffusion.sampling.timesteps``);
 - ``eta`` (euler-ancestral only, in [0, 1], default 1): the share of fresh noise per step.
@@ -20,15 +22,12 @@ x_t after the step, t the timestep the model was asked about, x0 the model's pre
 
 from __future__ import annotations
 
-import math
-
 from minidiff_cli.errors import MinidiffError
 from minidiff_solvers import dpm_solver
 from minidiff_solvers import karras as karras_solvers
 from minidiff_solvers.sigmas import SigmaDenoiser, check_karras, check_options, sigma_grid, to_sigma_view, to_vp
 
 GRID_OPTIONS = ("karras", "spacing")
-LOWER_ORDER_FINAL_BELOW = 15  # steps; Lu et al. 2022 sec. 5 and their code's lower_order_final, diffusers' 15
 
 
 def prepare(name, denoiser, x, schedule, steps, karras, spacing, callback, start=0, stop=None):
@@ -91,12 +90,7 @@ class DPMSolverPP2M(GridLevels):
         check_options(self.name, unknown, GRID_OPTIONS)
         model, x_sigma, sigmas, report, run = prepare(self.name, denoiser, x, schedule, steps, karras, spacing,
                                                       callback, start, stop)
-        # Lu et al.'s final step lands on their smallest time, t = 0 here; with few steps they take
-        # it first order. Grids that end there (karras, linspace, leading) get that; the trailing
-        # grid stops short of t = 0, and its final step, the jump to sigma = 0, is first order anyway.
-        ends_at_t0 = len(sigmas) > 2 and math.isclose(sigmas[-2], schedule.sigmas[0].item(), rel_tol=1e-9)
-        lower_order_final = steps < LOWER_ORDER_FINAL_BELOW and ends_at_t0
-        x_sigma = dpm_solver.sample_dpmpp_2m(model, x_sigma, sigmas, lower_order_final, callback=report, steps=run)
+        x_sigma = dpm_solver.sample_dpmpp_2m(model, x_sigma, sigmas, callback=report, steps=run)
         return finish(x_sigma, sigmas, stop, x)
 
 

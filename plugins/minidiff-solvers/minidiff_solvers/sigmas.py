@@ -25,6 +25,7 @@ import math
 from minidiff_cli.errors import MinidiffError
 
 RHO = 7.0  # Karras et al. 2022, eq. 5 and table 1: rho = 7
+CAPPED_SIGMA_MAX = 80.0  # Karras et al. 2022, table 1: sigma_max = 80; the Karras curve's top on capped schedules
 
 
 def karras_sigmas(sigma_min: float, sigma_max: float, n: int, rho: float = RHO) -> list[float]:
@@ -48,14 +49,49 @@ def discrete_sigmas(schedule, steps: int, spacing: str) -> list[float]:
     return schedule.sigmas[ts].tolist() + [0.0]
 
 
+def karras_grid(schedule, steps: int) -> list[float]:
+    """The ``karras=True`` grid: Karras et al.'s curve (``karras_sigmas``) from ``curve_sigma_max``
+    down to the schedule's sigma_min, whose first level is then moved up to the schedule's top level,
+    where minidiff's noise is; then 0.
+
+    On a schedule whose top level is on its own curve (linear, scaled-linear, sigmoid) the curve
+    starts there and this is the grid k-diffusion's ``get_sigmas_karras`` and diffusers'
+    ``use_karras_sigmas`` give. On a capped one (cosine, flow) it starts lower, and the first step
+    goes from the capped level straight to the curve's second level (see ``curve_sigma_max``).
+    """
+    sigmas = schedule.sigmas
+    grid = karras_sigmas(sigmas[0].item(), curve_sigma_max(schedule), steps)
+    grid[0] = sigmas[-1].item()
+    return grid
+
+
+def curve_sigma_max(schedule) -> float:
+    """Where the Karras curve starts: the schedule's top level, unless that level is capped.
+
+    A schedule whose last beta sits at minidiff's cap (``MAX_BETA`` = 0.999: the cosine and flow
+    schedules, whose alpha_bar reaches 0 at t = T) has its top level far above the rest: 20291
+    for cosine at T = 1000, where the level below is 642. A rho = 7 curve from there puts 5 of
+    20 levels above 3000, where data of std s = 0.5 are invisible (s / sigma < 0.0002), and too
+    few where they take shape. There the curve starts at EDM's sigma_max = 80 (Karras et al.
+    2022, table 1, for data of std 0.5), or at the level below the capped one if that is lower
+    (32 for cosine at T = 50). Above the curve the denoiser is the data mean to within s^2 / sigma,
+    so the one step from the capped level onto the curve loses next to nothing.
+    """
+    from minidiff_cli.diffusion.schedule import MAX_BETA
+
+    sigmas = schedule.sigmas
+    if schedule.betas[-1].item() < MAX_BETA:
+        return sigmas[-1].item()
+    return min(CAPPED_SIGMA_MAX, sigmas[-2].item())
+
+
 def sigma_grid(schedule, steps: int, karras: bool, spacing: str) -> list[float]:
     """The ``steps + 1`` noise levels a solver visits: ``steps`` levels of the schedule's range, then 0."""
     if karras:
         from minidiff_cli.diffusion.sampling import timesteps
 
         timesteps(schedule.num_timesteps, steps)  # the same bounds on steps as every sampler
-        sigmas = schedule.sigmas
-        return karras_sigmas(sigmas[0].item(), sigmas[-1].item(), steps)
+        return karras_grid(schedule, steps)
     return discrete_sigmas(schedule, steps, spacing)
 
 
