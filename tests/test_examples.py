@@ -14,7 +14,7 @@ from minidiff_cli.files.models_dir import DEFAULT_MODEL, SHIPPED_DIR
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 SHIPPED = SHIPPED_DIR / f"{DEFAULT_MODEL}.safetensors"
-NEEDS_MODEL = {"05_samplers.py", "06_guidance.py", "07_text_conditioning.py", "08_img2img.py"}
+NEEDS_MODEL = {"05_samplers.py", "06_guidance.py", "07_text_conditioning.py", "08_img2img.py", "11_distill.py"}
 SCRIPTS = sorted(p.name for p in EXAMPLES.glob("[0-9][0-9]_*.py"))
 
 pytestmark = pytest.mark.slow
@@ -29,7 +29,7 @@ def run_example(name: str, out: Path) -> subprocess.CompletedProcess:
 def test_there_is_one_example_per_concept():
     assert SCRIPTS == ["01_forward_process.py", "02_unet_layers.py", "03_schedules.py", "04_training_loop.py",
                        "05_samplers.py", "06_guidance.py", "07_text_conditioning.py", "08_img2img.py",
-                       "09_flow_matching.py", "10_latent_space.py"]
+                       "09_flow_matching.py", "10_latent_space.py", "11_distill.py"]
 
 
 @pytest.mark.parametrize("name", SCRIPTS)

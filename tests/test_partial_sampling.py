@@ -28,7 +28,7 @@ def test_the_built_in_and_first_party_samplers_can_start_part_way():
     registry = plugins.registry()
     first_party = [n for n in registry.names("samplers") if registry.owner("samplers", n) in ("minidiff.samplers",
                                                                                               "solvers")]
-    assert sorted(first_party) == ["ddim", "ddpm", "dpmpp-2m", "euler", "euler-ancestral", "heun"]
+    assert sorted(first_party) == ["ddim", "ddpm", "dpmpp-2m", "euler", "euler-ancestral", "heun", "lcm"]
     assert all(supports_partial(get_sampler(name)) for name in first_party)
 
 

@@ -157,7 +157,7 @@ def test_name_clash_names_both_plugins(tmp_path):
     assert "'ddim'" in errors and "'minidiff.samplers'" in errors and "'clasher'" in errors
     # the first registration keeps the name; the plugin's other names still register
     assert listed["clasher"]["registered"] == {"samplers": ["clasher-sampler"]}
-    assert listed["minidiff.samplers"]["registered"]["samplers"] == ["ddpm", "ddim"]
+    assert listed["minidiff.samplers"]["registered"]["samplers"] == ["ddpm", "ddim", "lcm"]
 
 
 def test_entry_point_plugin_that_fails_to_import(tmp_path):

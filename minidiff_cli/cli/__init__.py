@@ -5,7 +5,7 @@
     display.py        rich progress and terminal previews
     completion.py     shell completion of model, sampler and schedule names
     generate*.py      ``generate`` (with --init-image, --mask, --prompts)
-    train.py, clip.py, vae.py, eval.py, info.py, models.py, noise.py, explain.py,
+    train.py, distill.py, clip.py, vae.py, eval.py, info.py, models.py, noise.py, explain.py,
     schedules.py, plugins_cmd.py: one command (or group) each
 
 The top layer: may import every other subpackage; nothing in minidiff_cli imports it

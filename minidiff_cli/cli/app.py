@@ -64,7 +64,7 @@ def _global_options(
 
 
 # Each module adds its commands to ``app`` when imported.
-COMMAND_MODULES = ("generate", "train", "eval", "info", "models", "schedules", "clip", "vae", "plugins_cmd",
+COMMAND_MODULES = ("generate", "train", "distill", "eval", "info", "models", "schedules", "clip", "vae", "plugins_cmd",
                    "noise", "explain")
 
 

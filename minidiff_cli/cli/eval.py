@@ -10,7 +10,7 @@ import typer
 
 from minidiff_cli.cli import completion
 from minidiff_cli.cli.app import app
-from minidiff_cli.cli.options import threads_option
+from minidiff_cli.cli.options import model_sampling_defaults, threads_option
 from minidiff_cli.errors import MinidiffError
 from minidiff_cli.files.atomic import refuse_existing
 from minidiff_cli.runtime.threads import apply_threads
@@ -21,8 +21,9 @@ def eval_command(
     model: Optional[str] = typer.Option(None, "--model", "-m", autocompletion=completion.models, help="Model name or path [default: the shipped model]."),
     n: Optional[int] = typer.Option(None, "-n", "--per-prompt", help="Images per prompt [default: 8 on shapes, "
                                     "1 per caption with --data]."),
-    runs: str = typer.Option("ddim:50", "--runs", help="Sampler:steps pairs, e.g. \"ddim:50,ddim:20,ddpm:100\"."),
-    cfg: float = typer.Option(3.0, "--cfg", help="Guidance scale."),
+    runs: Optional[str] = typer.Option(None, "--runs", help="Sampler:steps pairs, e.g. \"ddim:50,ddim:20,ddpm:100\" "
+                                       "[default: the model's sampler and steps (a distilled student's), else ddim:50]."),
+    cfg: Optional[float] = typer.Option(None, "--cfg", help="Guidance scale [default: the model's, else 3]."),
     seed: int = typer.Option(0, "--seed", help="Seed of the first image of each prompt."),
     holdout: Optional[str] = typer.Option(None, "--holdout", help="Held-out pairs [default: those the model was trained without]."),
     batch_size: int = typer.Option(64, "--batch-size", help="Images sampled at once."),
@@ -66,6 +67,10 @@ def eval_command(
       minidiff eval --model runs/mine/model.safetensors --data ./my_images -n 1
     """
     apply_threads(threads)
+    defaults = model_sampling_defaults(model)
+    if runs is None:
+        runs = f"{defaults.get('sampler', 'ddim')}:{defaults.get('steps', 50)}"
+    cfg = defaults.get("cfg", 3.0) if cfg is None else cfg
     if data is not None:
         return _eval_folder(model, data, clip, captions, inception, n=1 if n is None else n, runs=runs, cfg=cfg,
                             seed=seed, batch_size=batch_size, device=device, dtype=dtype, output=output,

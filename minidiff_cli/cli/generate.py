@@ -14,7 +14,7 @@ import typer
 from minidiff_cli.cli import completion
 from minidiff_cli.cli.app import app
 from minidiff_cli.cli.generate_init import image_start, open_init_files
-from minidiff_cli.cli.options import threads_option
+from minidiff_cli.cli.options import model_sampling_defaults, threads_option
 from minidiff_cli.errors import MinidiffError, shown
 from minidiff_cli.runtime.threads import apply_threads
 
@@ -29,12 +29,12 @@ def generate_command(
     prompt: Optional[str] = typer.Argument(None, help="What to draw, e.g. \"a red circle\"."),
     model: Optional[str] = typer.Option(None, "--model", "-m", autocompletion=completion.models, help="Model name or .safetensors path "
                                         "[default: the shipped model]."),
-    steps: Optional[int] = typer.Option(None, "--steps", help="Sampling steps [default: 50]."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Sampling steps [default: the model's, else 50; a distilled student says 1 to 4]."),
     cfg: Optional[float] = typer.Option(None, "--cfg", help="Classifier-free guidance scale: 0 ignores the "
                                         "prompt, 1 is plain conditioning (at 0 and 1 the network runs once per step, "
-                                        "not twice) [default: 3]."),
+                                        "not twice) [default: the model's, else 3; 1 for a student with guidance folded in]."),
     sampler: Optional[str] = typer.Option(None, "--sampler", autocompletion=completion.samplers, help="Sampler name (see `minidiff plugins`) "
-                                          "[default: ddim]."),
+                                          "[default: the model's, else ddim]."),
     eta: Optional[float] = typer.Option(None, "--eta", help="DDIM noise: 0 deterministic, 1 like DDPM."),
     negative: Optional[str] = typer.Option(None, "--negative", help="Negative prompt: steer away from it."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the first image; image k uses seed + k "
@@ -170,13 +170,15 @@ def _resolve(given: dict[str, Any], from_image: Path | None) -> dict[str, Any]:
             print(f"minidiff: note: {note}", file=sys.stderr)
         stored = _checked_types(stored, from_image)
     params = {}
+    model_defaults = _model_defaults(given.get("model") or (stored.get("model") if from_image else None),
+                                     installed_only=given.get("model") is None)
     for key in ("prompt", "model", *DEFAULTS):
         if given.get(key) is not None:
             params[key] = given[key]
         elif key in stored and key != "model":
             params[key] = stored[key]
         else:
-            params[key] = DEFAULTS.get(key)
+            params[key] = model_defaults.get(key, DEFAULTS.get(key))
     if params["prompt"] is None:
         raise MinidiffError("no prompt given; pass one, e.g. minidiff generate \"a red circle\", or use --from IMAGE.png")
     if given.get("model") is None and stored.get("model"):
@@ -186,6 +188,13 @@ def _resolve(given: dict[str, Any], from_image: Path | None) -> dict[str, Any]:
                                 "name; pass --model NAME or --model FILE.safetensors")
         params["model"] = stored["model"]
     return params
+
+
+def _model_defaults(model: str | None, installed_only: bool) -> dict[str, Any]:
+    """What the model's file asks generate to default to; a name from a PNG only among installed models."""
+    if model is not None and installed_only and not _is_model_name(model):
+        return {}
+    return model_sampling_defaults(model, installed_only=installed_only and model is not None)
 
 
 # What each stored parameter must be; a PNG from a stranger may hold anything.

@@ -22,3 +22,17 @@ def int_list(text: str, key: str) -> list[int]:
 
 def threads_option() -> Optional[int]:
     return typer.Option(None, "--threads", help=THREADS_HELP, show_default=False)
+
+
+def model_sampling_defaults(model: str | None, installed_only: bool = False) -> dict:
+    """The sampler, steps and cfg a model's file asks for (a distilled student's few steps, say); {} where
+    the file says nothing or cannot be read here (loading it later reports why)."""
+    from minidiff_cli.diffusion.student import sampling_defaults
+    from minidiff_cli.errors import MinidiffError
+    from minidiff_cli.files.model_file import read_config
+    from minidiff_cli.files.models_dir import resolve_model
+
+    try:
+        return sampling_defaults(read_config(resolve_model(model, installed_only=installed_only)))
+    except (MinidiffError, OSError):
+        return {}

@@ -6,6 +6,7 @@
     guidance.py           classifier-free guidance and its clipping, as a denoiser
     conditioning.py       Conditioning (context, pooled) and the Conditioner protocol
     model.py              DiffusionModel: U-Net + conditioner + schedule (+ latent space), its file
+    student.py            a distilled student's file: an adapter that names its teacher by hash
 
 May import: nets, vae, files, plugins, errors. Never inference, training, evaluation or cli.
 """

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from minidiff_cli import plugins
+from minidiff_cli.diffusion import student
 from minidiff_cli.diffusion.conditioning import Conditioning
 from minidiff_cli.diffusion.schedule import MAX_TIMESTEPS, NoiseSchedule, get_schedule
 from minidiff_cli.errors import MinidiffError, ModelFileError
@@ -58,8 +59,19 @@ class DiffusionModel:
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> "DiffusionModel":
-        """Load and check a model file; a mismatch names the file and the problem."""
+        """Load and check a model file; a mismatch names the file and the problem.
+
+        A student file (``diffusion/student.py``) loads its teacher and merges its adapter into it.
+        """
+        config, entries = read_model_header(path)
+        if student.is_student(config):
+            student.check_student_file(Path(path), config, entries)
+            teacher = cls.load(student.find_teacher(config, Path(path)), device="cpu")
+            model = student.merge_into_teacher(teacher, Path(path), config)
+            _check_sampling(path, config, model.schedule)
+            return model.to(device).eval()
         config, schedule, (unet, conditioner, latent) = _checked(path, build=True)
+        _check_sampling(path, config, schedule)
         mf = load_model_file(path)
         model = cls(unet, conditioner, schedule, config, latent=latent)
         check_finite(mf.path, mf.tensors)
@@ -69,7 +81,12 @@ class DiffusionModel:
 
     @staticmethod
     def check_file(path: str | os.PathLike) -> dict[str, Any]:
-        """The config of a model file whose tensors fit it, checked without reading the weights."""
+        """The config of a model file whose tensors fit it, checked without reading the weights
+        (a student's adapter is checked against the U-Net its config names, not its teacher's file)."""
+        config, entries = read_model_header(path)
+        if student.is_student(config):
+            student.check_student_file(Path(path), config, entries)
+            return config
         return _checked(path, build=False)[0]
 
     def _load_tensors(self, mf: ModelFile) -> None:
@@ -205,6 +222,7 @@ def _latent_space(entry: Any, unet_config: UNetConfig):
     if not isinstance(entry, dict):
         raise MinidiffError("vae must be a JSON object")
     vae_config = VAEConfig.from_dict(entry.get("config"))
+    vae_config.check_size(unet_config.image_size * vae_config.factor, what="its picture size")  # what decode runs at
     shift, scale = check_normalisation(entry)
     channels = vae_config.latent_channels
     if unet_config.in_channels != channels or unet_config.out_channels != channels:
@@ -271,6 +289,14 @@ def _checked(path: str | os.PathLike, build: bool) -> tuple[dict[str, Any], Nois
         unet, conditioner, latent = modules
         check_entries(where, _tensors(unet, conditioner, unet_storage(config), latent), entries)
     return config, schedule, modules
+
+
+def _check_sampling(path, config: dict[str, Any], schedule: NoiseSchedule) -> None:
+    """The sampling defaults a file asks for are usable with its schedule (a hostile file's are refused)."""
+    try:
+        student.sampling_defaults(config, schedule.num_timesteps)
+    except MinidiffError as exc:
+        raise ModelFileError(f"'{Path(path)}' has an invalid config: {exc}") from None
 
 
 def _describe(exc: BaseException) -> str:

@@ -15,12 +15,13 @@ from typing import Any
 
 import torch
 
+from minidiff_cli.data.vocabulary import article
 from minidiff_cli.inference.pipeline import Generation, Pipeline
 
 
 def prompt_for(name: str) -> str:
     """ "orange square" -> "an orange square": the article the training captions use."""
-    return f"{'an' if name[:1] in 'aeiou' else 'a'} {name}"
+    return f"{article(name)} {name}"
 
 
 def class_prompts(colours, shapes) -> list[tuple[str, str, str]]:
@@ -71,13 +72,13 @@ def diversity(images: torch.Tensor) -> float:
 
 
 def sample_and_score(model, prompts: list[str], path: Path, *, shapes: bool, per_prompt: int = 4,
-                     steps: int = 25, cfg: float = 3.0) -> dict[str, Any]:
+                     steps: int = 25, cfg: float = 3.0, sampler: str = "ddim") -> dict[str, Any]:
     """A grid (one row per prompt) of samples saved to ``path``; adherence when on shapes."""
     from minidiff_cli.data.images import make_grid, tensor_to_pil
     from minidiff_cli.files.atomic import atomic_write
 
     pipe = Pipeline(model, name=model.config.get("name", "model"))
-    gen = Generation("", steps=steps, cfg=cfg, sampler="ddim", seed=0)
+    gen = Generation("", steps=steps, cfg=cfg, sampler=sampler, seed=0)
     rows = [p for p in prompts for _ in range(per_prompt)]
     seeds = list(range(per_prompt)) * len(prompts)
     x = pipe.sample_many(gen, rows, seeds, batch_size=32)

@@ -91,6 +91,12 @@ class Pipeline:
     def device(self) -> torch.device:
         return self.model.device
 
+    def sampling_defaults(self) -> dict[str, Any]:
+        """The sampler, steps and cfg the model file asks for ({} for most models)."""
+        from minidiff_cli.diffusion.student import sampling_defaults
+
+        return sampling_defaults(self.model.config, self.model.schedule.num_timesteps)
+
     def image_start(self, init_image, strength: float | None = None, mask=None, resample: int = 0):
         """An init image (and mask) fitted to this model, for ``Generation.init``."""
         from minidiff_cli.inference.img2img.settings import image_start
@@ -98,7 +104,8 @@ class Pipeline:
         return image_start(init_image, size=self.model.image_size, channels=self.model.channels,
                            strength=strength, mask=mask, resample=resample)
 
-    def generate(self, prompt: str, steps: int = 50, cfg: float = 3.0, sampler: str = "ddim", seed: int = 0,
+    def generate(self, prompt: str, steps: int | None = None, cfg: float | None = None, sampler: str | None = None,
+                 seed: int = 0,
                  num_images: int = 1, *, negative: str = "", eta: float | None = None,
                  batch_size: int | None = None, callback: Callable[[dict], None] | None = None,
                  init_image=None, strength: float | None = None, mask=None, resample: int = 0,
@@ -109,7 +116,13 @@ class Pipeline:
         it, 1 redraws it from noise (default 0.8). ``mask`` (white = repaint, black = keep) inpaints
         (default strength 1); ``resample`` adds RePaint's jumps. See ``minidiff_cli.inference.img2img``.
         Save them with ``Pipeline.save(image, path)``: PIL's own ``image.save`` drops ``.info``.
+        ``steps``, ``cfg`` and ``sampler`` default to what the model file asks for (a distilled
+        student's few steps), else 50, 3 and "ddim".
         """
+        defaults = {"steps": 50, "cfg": 3.0, "sampler": "ddim", **self.sampling_defaults()}
+        steps = defaults["steps"] if steps is None else steps
+        cfg = defaults["cfg"] if cfg is None else cfg
+        sampler = defaults["sampler"] if sampler is None else sampler
         gen = Generation(prompt, negative or "", steps, float(cfg), sampler, seed, eta, sampler_options)
         if init_image is not None:
             gen.init = self.image_start(init_image, strength, mask, resample)
@@ -160,6 +173,8 @@ class Pipeline:
             raise MinidiffError(f"need one seed per prompt: got {len(seeds)} for {len(prompts)} prompts")
         batch_size = batch_size or min(len(prompts), 16)
         self.model.unet.config.check_activations(min(batch_size, len(prompts)))  # before any is allocated
+        if self.model.latent is not None:  # a latent model decodes the batch with its VAE
+            self.model.latent.autoencoder.check_size(self.model.image_size, min(batch_size, len(prompts)))
         out = []
         for start in range(0, len(prompts), batch_size):
             rows = slice(start, start + batch_size)

@@ -4,6 +4,7 @@
     trainer.py     Trainer: the training loop (EMA, guidance dropout, checkpoints, DDP)
     optim.py       fused AdamW, warm-up + cosine learning rate, the EMA update
     latents.py     a latent run's data: the measured latent space, posterior cache
+    captions.py    a frozen text conditioner's encoded captions, in batches fixed by the data set
     checkpoint.py  safetensors checkpoints: saved atomically, checked on resume
     run_folder.py  whose a run folder is: its files, its lock, stale temporaries
     model_card.py  what a trained model file says about itself
@@ -11,6 +12,7 @@
     clip_stage.py  the text encoder a ``--conditioner clip`` run trains first
     clip.py        ``clip train``: a small open_clip CLIP, contrastive loss
     vae.py         ``vae train``: the KL autoencoder (L1 + KL, optional PatchGAN)
+    distill.py     ``distill``: a few-step student (latent consistency distillation, LoRA)
 
 May import every layer below it (evaluation, inference, clip, diffusion, nets, vae, data,
 files, runtime, plugins, errors); only the CLI imports training.

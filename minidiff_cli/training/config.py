@@ -268,12 +268,17 @@ def merge(flags: dict[str, Any], config_file: str | Path | None) -> TrainConfig:
 
 def check_resume_flags(stored: TrainConfig, given: dict[str, Any]) -> TrainConfig:
     """On --resume the stored recipe stands; only RESUMABLE flags may change."""
-    values = stored.to_dict()
+    return TrainConfig.from_dict(resumed_values(stored.to_dict(), given, RESUMABLE))
+
+
+def resumed_values(stored: dict[str, Any], given: dict[str, Any], resumable: tuple[str, ...]) -> dict[str, Any]:
+    """A stored recipe with the flags given now, which may only be ``resumable`` ones (or unchanged)."""
+    values = dict(stored)
     for key, value in given.items():
         if value is None or values.get(key) == value:
             continue
-        if key not in RESUMABLE:
+        if key not in resumable:
             raise MinidiffError(f"--{key.replace('_', '-')} cannot change when resuming "
                                 f"(the run used {values.get(key)!r})")
         values[key] = value
-    return TrainConfig.from_dict(values)
+    return values
