@@ -9,8 +9,7 @@ is ``minidiff_cli.diffusion.sampling``, the same module object), through ``_Move
 """
 
 import importlib
-import importlib.abc
-import importlib.util
+import importlib.machinery
 import sys
 
 from minidiff_cli.plugins.hookspecs import hookimpl
@@ -37,15 +36,17 @@ MOVED = {
 }
 
 
-class _MovedModules(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    """Answers an import of an old path with the module at its new path (imported on first use)."""
+class _MovedModules:
+    """Answers an import of an old path with the module at its new path (imported on first use).
+
+    A meta path finder and loader by protocol (importlib.abc would cost ``--help`` 17 ms to import)."""
 
     def __init__(self):
         self.specs = {}
 
     def find_spec(self, name, path=None, target=None):
         if name in MOVED:
-            return importlib.util.spec_from_loader(name, self)
+            return importlib.machinery.ModuleSpec(name, self)
         return None
 
     def create_module(self, spec):

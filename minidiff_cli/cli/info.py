@@ -132,6 +132,26 @@ def _count(entries: dict[str, Any]) -> dict[str, int]:
     return counts
 
 
+def _student_rows(config: dict[str, Any]) -> list[tuple[str, str]]:
+    """What a distilled student is (its teacher, method, adapter) and how it draws; [] for other models."""
+    from minidiff_cli.diffusion.student import sampling_defaults, student_entry
+    from minidiff_cli.errors import MinidiffError
+
+    rows = []
+    try:
+        if "student" in config:
+            entry = student_entry(config)
+            guidance = f", guidance {entry['guidance']:g} folded in" if entry["guidance"] != 1 else ""
+            rows.append(("student", f"of '{entry['teacher']['name']}' (hash {entry['teacher']['hash']}): "
+                                    f"{entry['method']}, rank {entry['rank']} adapter{guidance}"))
+        defaults = sampling_defaults(config)
+        if defaults:
+            rows.append(("draws with", ", ".join(f"{k} {v}" for k, v in defaults.items())))
+    except MinidiffError as exc:  # info shows a damaged file's other rows; loading it says what is wrong
+        rows.append(("student", f"invalid: {exc}"))
+    return rows
+
+
 def _print_model(summary: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -149,6 +169,7 @@ def _print_model(summary: dict[str, Any]) -> None:
         ("conditioner", config.get("conditioner", {}).get("name", "")),
         ("unet", json.dumps(config.get("unet", {}))),
     ]
+    rows += _student_rows(config)
     if config.get("class_names"):
         rows.append(("classes", ", ".join(config["class_names"])))
     card = config.get("card") if isinstance(config.get("card"), dict) else {}

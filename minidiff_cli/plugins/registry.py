@@ -18,7 +18,6 @@ import importlib.util
 import os
 import sys
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable
 
@@ -131,6 +130,8 @@ class Registry:
         return self
 
     def _load_entry_points(self) -> None:
+        from importlib import metadata  # here, not at import: `minidiff --help` never discovers plugins
+
         for ep in sorted(metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
             dist = ep.dist.name if ep.dist else None
             is_core = dist == CORE_DISTRIBUTION
