@@ -52,6 +52,11 @@ def nan_ema(meta, tensors):
     tensors[key].view(-1)[0] = float("nan")
 
 
+def drop_optimizer_state(meta, tensors, index: str = ""):
+    for key in [k for k in tensors if k.startswith(f"optim.{index}")]:
+        del tensors[key]
+
+
 CHECKPOINT_DAMAGE = [
     ("step-not-a-number", lambda m, t: m.__setitem__("step", "many"), "its step is 'many'"),
     ("negative-step", lambda m, t: m.__setitem__("step", -1), "its step is -1"),
@@ -78,6 +83,16 @@ CHECKPOINT_DAMAGE = [
     ("stray-tensor", lambda m, t: t.__setitem__("vae.weight", torch.zeros(1)), "unexpected tensor vae.weight"),
     ("rng-garbage", lambda m, t: t.__setitem__("rng.torch", torch.zeros(3, dtype=torch.uint8)),
      "random-number state"),
+    # What resume needs: AdamW's moments of every parameter that had them (a fresh state before, without a word).
+    ("optimizer-state-removed", drop_optimizer_state, "it lacks the optimizer state of parameter 0"),
+    ("optimizer-state-of-one-parameter-removed", lambda m, t: drop_optimizer_state(m, t, "3."),
+     "it lacks the optimizer state of parameter 3 (1 of the"),
+    ("optimizer-state-and-its-list-removed", lambda m, t: (m.pop("optimizer_state"), drop_optimizer_state(m, t)),
+     "it lacks the optimizer state that resuming at step 1 needs"),
+    ("optimizer-state-list-garbage", lambda m, t: m.__setitem__("optimizer_state", "all"),
+     "its list of optimizer states is not a list of parameter numbers"),
+    ("optimizer-state-unlisted", lambda m, t: m["optimizer_state"].remove(0),
+     "holds an optimizer state for parameter 0, which its own list does not name"),
 ]
 
 
@@ -217,3 +232,19 @@ def test_init_from_in_a_checkpoint_pointing_at_a_hostile_file_is_one_line(tmp_pa
         path.mkdir()
     rewrite_checkpoint_config(out / "checkpoint.safetensors", lambda c: c["train"].__setitem__("init_from", str(path)))
     assert_error(timed_cli("train", "--out", out, "--resume", "--max-steps", "10"), str(path))
+
+
+@pytest.mark.hostile
+def test_a_vae_checkpoint_without_its_optimizer_state_is_refused_on_resume(tmp_path):
+    from minidiff_cli.training.vae import VAETrainConfig, VAETrainer
+
+    out = tmp_path / "vae.safetensors"
+    VAETrainer(VAETrainConfig(data="shapes", image_size=16, base_channels=8, channel_mult=[1, 2], batch_size=4,
+                              warmup=2, device="cpu", quiet=True, max_steps=2, save_every=2, out=str(out)),
+               log=lambda m: None).run()
+    run = tmp_path / "vae-run"
+    rewrite_checkpoint(run / CHECKPOINT, drop_optimizer_state)
+    before = snapshot(tmp_path)
+    assert_error(cli("vae", "train", "--out", out, "--resume", "--max-steps", "4", "--quiet"),
+                 f"'{run / CHECKPOINT}' is corrupt: it lacks the optimizer state of parameter 0")
+    assert snapshot(tmp_path) == before

@@ -366,3 +366,29 @@ def test_a_hostile_metadata_jsonl_is_one_line(tmp_path, toml, metadata, message)
     data = captioned_folder(tmp_path, metadata)
     assert_error(timed_cli("train", "--data", data, "--conditioner", "class", *TINY_TRAIN, "--config", toml,
                            "--max-steps", "1", "--out", tmp_path / "run"), "metadata.jsonl", message)
+
+
+# -- hostile pictures ------------------------------------------------------------------------
+@pytest.mark.hostile
+def test_imagefolder_skips_thin_strips_and_bombs_from_their_headers(tmp_path, make_folder, capsys, monkeypatch):
+    _save(tmp_path / "good.png")
+    Image.new("RGB", (2_000_000, 1)).save(tmp_path / "strip.png")  # 5.9 KB; fitted to 8 px: 16,000,000 x 8
+    Image.new("L", (40, 40)).save(tmp_path / "bomb.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 1,600 pixels: more than Pillow allows
+    dataset = make_folder(tmp_path, image_size=8)
+    assert dataset.skipped == 2 and [p.name for p in dataset.files] == ["good.png"]
+    warning = capsys.readouterr().err.strip()
+    assert warning.startswith("minidiff: warning: skipped 2 unreadable image(s)") and "\n" not in warning
+    assert "e.g. 'bomb.png' (" in warning and "more than Pillow's limit of 1000" in warning
+    assert dataset[0]["image"].shape == (3, 8, 8)
+
+
+@pytest.mark.hostile
+def test_training_on_a_folder_of_thin_strips_is_one_line(tmp_path, toml):
+    folder = tmp_path / "strips"
+    folder.mkdir()
+    for k in range(2):
+        Image.new("RGB", (89_000, 1), (k, 0, 0)).save(folder / f"{k}.png")
+    assert_error(timed_cli("train", "--data", folder, *TINY_TRAIN, "--out", tmp_path / "run"),
+                 "none of the 2 images")
+    assert not (tmp_path / "run").exists()

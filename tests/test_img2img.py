@@ -349,3 +349,51 @@ def test_init_image_does_not_combine_with_a_prompts_file(files, tmp_path):
     code, _, err = run_in_process("generate", "--prompts", tmp_path / "prompts.txt", "--model",
                                   files / "tiny.safetensors", "--init-image", files / "in.png", "-o", tmp_path)
     assert code == 2 and "does not combine with --prompts" in err, err
+
+
+# -- hostile pictures: tiny files that claim huge, thin pictures ------------------------------------
+def thin_png(path, width: int, height: int):
+    """A real PNG of width x height when it is small to make (a few MB), else only its header (a file whose
+    pixels cannot be decoded: refusing it must not need them)."""
+    if width * height <= 2_000_000:
+        Image.new("RGB", (width, height), (200, 30, 30)).save(path)
+    else:
+        path.write_bytes(bomb_png(width, height))
+    return path
+
+
+THIN = [(89_000_000, 1), (2_000_000, 1), (89_000, 1), (1, 100_000), (33, 1)]
+
+
+@pytest.mark.hostile
+@pytest.mark.parametrize("flag", ["--init-image", "--mask"])
+@pytest.mark.parametrize("width, height", THIN, ids=[f"{w}x{h}" for w, h in THIN])
+def test_a_thin_strip_as_init_image_or_mask_is_one_line_before_any_pixel_is_decoded(files, tmp_path, flag, width,
+                                                                                       height):
+    import resource
+    import time
+
+    strip = thin_png(tmp_path / "strip.png", width, height)
+    picture = ("--init-image", strip) if flag == "--init-image" else ("--init-image", files / "in.png", "--mask", strip)
+    before, start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, time.perf_counter()
+    code, _, err = cli(files, "red circle", *picture, "-o", tmp_path / "out.png")
+    assert time.perf_counter() - start < 5 and resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 300_000
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert f"'{strip}' is {width}x{height} pixels, more than 32 times as long as it is wide" in err, err
+    assert not (tmp_path / "out.png").exists()
+
+
+@pytest.mark.hostile
+def test_fitting_refuses_thin_or_oversized_pictures_before_resizing_and_fits_a_panorama():
+    from minidiff_cli.data.images import resize_center_crop
+
+    with pytest.raises(MinidiffError, match="the init image is 89000x1 pixels, more than 32 times"):
+        fit_image(Image.new("RGB", (89_000, 1)), 64, 3)  # through the Python API: a PIL image
+    with pytest.raises(MinidiffError, match="the mask is 1x89000 pixels"):
+        fit_mask(Image.new("L", (1, 89_000)), (1, 89_000), 64)
+    with pytest.raises(MinidiffError, match=r"would scale it to 122880x4096 pixels, more than the 67,108,864"):
+        resize_center_crop(Image.new("L", (30, 1)), 4096)  # thin enough to pass, too large once fitted
+    with pytest.raises(MinidiffError, match="the size must be a whole number from 1"):
+        resize_center_crop(Image.new("L", (8, 8)), -8)
+    tensor, note = fit_image(Image.new("RGB", (320, 10), (0, 0, 255)), 8, 3)  # 32:1, the widest allowed
+    assert tensor.shape == (3, 8, 8) and note == "320x10 scaled and centre-cropped to 8x8"

@@ -148,3 +148,19 @@ def test_explain_shows_a_tree_with_shapes_the_conditioner_and_the_schedule(tmp_p
 def test_explain_missing_model_is_a_one_line_error(tmp_path):
     missing = tmp_path / "missing.safetensors"
     assert_one_line_error(run_cli("explain", str(missing)), str(missing))
+
+
+@pytest.mark.hostile
+@pytest.mark.parametrize("width, height", [(2_000_000, 1), (89_000, 1), (1, 33)])
+def test_noise_refuses_a_thin_strip_before_decoding_or_scaling_it(tmp_path, width, height):
+    import time
+
+    from conftest import assert_error, run_in_process
+
+    strip = tmp_path / "strip.png"
+    Image.new("RGB", (width, height), (200, 30, 30)).save(strip)  # 5.9 KB for 2,000,000 x 1
+    start = time.perf_counter()
+    result = run_in_process("noise", strip, "--image-size", "1024", "-o", tmp_path / "out.png")
+    assert time.perf_counter() - start < 5, "too slow to refuse"
+    assert_error(result, f"image '{strip}' is {width}x{height} pixels, more than 32 times as long as it is wide")
+    assert not (tmp_path / "out.png").exists()

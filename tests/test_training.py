@@ -423,3 +423,71 @@ def test_a_deeply_nested_toml_is_one_line(tmp_path):
     config = tmp_path / "deep.toml"
     config.write_text("x = " + "[" * 5000 + "]" * 5000 + "\n")
     assert_error(timed_cli("train", "--config", config, "--out", tmp_path / "run"), "nested too deeply", str(config))
+
+
+# -- a clip run resumes bit for bit ----------------------------------------------------------------
+def clip_file(path: Path, width: int) -> Path:
+    """A seeded `clip train`-style text encoder of ``width`` (64: wide enough that this CPU's matrix kernels
+    give a caption other last bits in a batch of one or two than in a larger one)."""
+    from safetensors.torch import save_file
+    from tinymodels import TINY_CLIP
+
+    from minidiff_cli import plugins
+
+    config = json.loads(json.dumps(TINY_CLIP))
+    config["embed_dim"] = config["text_cfg"]["width"] = width
+    torch.manual_seed(0)
+    encoder = plugins.get_conditioner("clip").from_config(config)
+    metadata = {"format": "minidiff-clip", "format_version": "1", "config": json.dumps(config)}
+    save_file({k: v.contiguous() for k, v in encoder.state_dict().items()}, str(path), metadata=metadata)
+    return path
+
+
+def batch_sensitive(monkeypatch) -> None:
+    """Make the clip conditioner's output depend on the batch it is encoded in, in the last bits, as real
+    kernels do on some machines and widths (whatever this machine's kernels do)."""
+    from minidiff_cli.clip.conditioner import ClipTextConditioner
+
+    encode_tokens = ClipTextConditioner.encode_tokens
+
+    def sensitive(self, tokens):
+        context, pooled = encode_tokens(self, tokens)
+        wobble = 1 + 2.0 ** -22 * (len(tokens) % 7)
+        return context * wobble, pooled * wobble
+
+    monkeypatch.setattr(ClipTextConditioner, "encode_tokens", sensitive)
+
+
+@pytest.mark.hostile
+@pytest.mark.parametrize("kernels", ["this-machine", "batch-sensitive"])
+def test_a_clip_run_interrupted_and_resumed_is_bit_identical_to_an_uninterrupted_one(tmp_path, monkeypatch, kernels):
+    """A frozen text encoder's rows must not depend on which captions were new together (a resume changes
+    that history): the caption table encodes in batches fixed by the data set (training/captions.py)."""
+    if kernels == "batch-sensitive":
+        batch_sensitive(monkeypatch)
+    clip = clip_file(tmp_path / "clip.safetensors", width=16 if kernels == "batch-sensitive" else 64)
+    data = tmp_path / "captioned"  # few captions, so that steps meet captions seen before
+    data.mkdir()
+    lines = []
+    for k in range(12):
+        Image.new("RGB", (16, 16), (20 * k, 200 - 15 * k, 90)).save(data / f"{k}.png")
+        lines.append(json.dumps({"file_name": f"{k}.png", "text": f"picture number {k % 7} in colour"}))
+    (data / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    cfg = dict(data=str(data), holdout="", conditioner="clip", clip_weights=str(clip), max_steps=12, save_every=100,
+               lr_decay_steps=12)
+    whole = train(tiny_cfg(tmp_path / "whole", **cfg))
+
+    def stop_at_5(info):  # as a Ctrl-C at step 5: the loop saves, then stops
+        if info["step"] == 5:
+            raise KeyboardInterrupt
+
+    first = Trainer(tiny_cfg(tmp_path / "parts", **cfg), log=lambda m: None)
+    with pytest.raises(KeyboardInterrupt):
+        first.run(progress=stop_at_5)
+    stored = TrainConfig.from_dict(read_checkpoint_meta(tmp_path / "parts" / CHECKPOINT)["train"])
+    second = Trainer(check_resume_flags(stored, {}), resume=True, log=lambda m: None)
+    assert second.step == 5
+    second.run()
+    assert [loss for _, loss in second.losses] == [loss for _, loss in whole.losses]
+    assert same_tensors(tmp_path / "whole" / MODEL, tmp_path / "parts" / MODEL)  # every bit: net, EMA
+    assert same_tensors(tmp_path / "whole" / CHECKPOINT, tmp_path / "parts" / CHECKPOINT)  # and AdamW's moments

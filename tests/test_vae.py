@@ -387,3 +387,221 @@ def test_the_patchgan_term_trains_saves_and_resumes(tmp_path, cli):
     assert resumed.returncode == 0, resumed.stderr
     assert load_vae(out).meta["training"]["step"] == 5
     assert not any(k.startswith("disc") for k in load_vae(out).autoencoder.state_dict())  # the VAE file has no critic
+
+
+# -- hostile VAE files, latent models and pictures ------------------------------------------------
+def vae_file(path: Path, image_size=16, in_channels: int = 3) -> Path:
+    """A VAE file (base 8, two levels: 111 KB) whose config says ``image_size`` (save_vae writes what it is told)."""
+    torch.manual_seed(0)
+    return save_vae(path, Autoencoder(VAEConfig(in_channels, 8, (1, 2), 1, 4)), {"name": "t", "image_size": image_size})
+
+
+def with_config(source: Path, out: Path, edit) -> Path:
+    """A copy of a safetensors file whose JSON config ``edit(config)`` changed (the tensors left as they are)."""
+    raw = source.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + n])
+    config = json.loads(header["__metadata__"]["config"])
+    edit(config)
+    header["__metadata__"]["config"] = json.dumps(config)
+    text = json.dumps(header).encode()
+    out.write_bytes(struct.pack("<Q", len(text)) + text + raw[8 + n:])
+    return out
+
+
+def latent_model_file(path: Path, in_channels: int = 3) -> Path:
+    """A tiny class-conditional latent model (an 8x8x4 latent U-Net on a factor-2 VAE: 16 px pictures)."""
+    from tinymodels import tiny_config
+
+    config = tiny_config("class")
+    config["unet"].update(in_channels=4, out_channels=4)
+    config["vae"] = {"config": VAEConfig(in_channels, 8, (1, 2), 1, 4).to_dict(), "shift": 0.1, "scale": 2.0,
+                     "hash": "", "name": "v"}
+    torch.manual_seed(0)
+    return DiffusionModel.build(config).save(path)
+
+
+def picture_file(path: Path, size=(20, 16)) -> Path:
+    Image.new("RGB", size, (200, 30, 30)).save(path)
+    return path
+
+
+@pytest.mark.hostile
+def test_a_vae_file_saying_a_huge_image_size_is_refused_before_anything_runs(tmp_path):
+    from conftest import assert_error, timed_cli
+
+    bomb = vae_file(tmp_path / "bomb.safetensors", image_size=4096)  # 111 KB: 8.6 GB and a traceback before
+    assert bomb.stat().st_size < 120_000
+    message = "image_size 4096 is not a size minidiff handles: a whole number of pixels from 1 to 1024"
+    with pytest.raises(ModelFileError, match=message):
+        check_vae_file(bomb)
+    picture = picture_file(tmp_path / "p.png")
+    assert_error(timed_cli("vae", "reconstruct", picture, "--vae", bomb, "-o", tmp_path / "r.png"), f"'{bomb}'",
+                 message)
+    assert_error(timed_cli("vae", "eval", "--vae", bomb, "--data", "shapes", "--limit", "2"), message)
+    # within the size, a config whose activations would not fit: refused from the header, before the tensors
+    wide = with_config(vae_file(tmp_path / "v.safetensors", image_size=1024), tmp_path / "wide.safetensors",
+                       lambda c: c["vae"].update(base_channels=512, channel_mult=[1, 1, 1, 1], num_res_blocks=8))
+    assert_error(timed_cli("vae", "reconstruct", picture, "--vae", wide, "-o", tmp_path / "r.png"),
+                 "this VAE would need about 279 GiB of activations for one picture of 1024x1024, more than the 64 GiB")
+    assert not (tmp_path / "r.png").exists()
+    assert VAEConfig(3, 8, (1, 2), 1, 4).activation_bytes(512) < 400 << 20  # 390 MB measured for a training pass
+
+
+@pytest.mark.hostile
+def test_a_vae_train_whose_batch_would_not_fit_is_one_line(tmp_path):
+    from conftest import assert_error, timed_cli
+
+    out = tmp_path / "v.safetensors"
+    assert_error(timed_cli("vae", "train", "--data", "shapes", *without(TINY_VAE, "--image-size", "--base-channels",
+                                                                         "--batch-size"),
+                           "--image-size", "512", "--base-channels", "256", "--batch-size", "4096", "--out", out),
+                 "GiB of activations for 4096 pictures of 512x512, more than the 64 GiB allowed")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.hostile
+@pytest.mark.parametrize("size", ["-8", "0", "17", "4096", "1000000000000"])
+def test_a_bad_image_size_for_vae_reconstruct_and_eval_is_one_line(tmp_path, size):
+    from conftest import assert_error, timed_cli
+
+    vae, picture = vae_file(tmp_path / "v.safetensors"), picture_file(tmp_path / "p.png")
+    fragment = "not a multiple of the VAE's factor 2; use 16" if size == "17" else "not a size minidiff handles"
+    assert_error(timed_cli("vae", "reconstruct", picture, "--vae", vae, "--image-size", size, "-o", tmp_path / "r.png"),
+                 f"--image-size {size}", fragment)
+    assert_error(timed_cli("vae", "eval", "--vae", vae, "--data", "shapes", "--image-size", size), fragment)
+    assert not (tmp_path / "r.png").exists()
+
+
+@pytest.mark.hostile
+@pytest.mark.parametrize("channels", [1, 2, 4])
+def test_vae_reconstruct_and_eval_fit_pictures_to_grey_or_refuse_other_channels_in_one_line(tmp_path, channels):
+    from conftest import assert_error, run_in_process
+
+    vae, picture = vae_file(tmp_path / "v.safetensors", in_channels=channels), picture_file(tmp_path / "p.png")
+    sources = [vae]
+    if channels == 2:
+        sources.append(latent_model_file(tmp_path / "latent.safetensors", in_channels=2))  # a latent model's VAE
+    for source in sources:
+        out = tmp_path / f"r-{source.stem}.png"
+        reconstructed = run_in_process("vae", "reconstruct", picture, "--vae", source, "-o", out)
+        evaluated = run_in_process("vae", "eval", "--vae", source, "--data", "shapes", "--limit", "4", "--json")
+        if channels == 1:  # grey: fitted as init images are, and measured on grey pictures of the data
+            assert reconstructed[0] == 0, reconstructed
+            assert "RGB converted to grey" in reconstructed[2] and Image.open(out).size == (16 + 2, 2 * 16 + 3)
+            report = json.loads(evaluated[1])
+            assert evaluated[0] == 0 and report["bytes_per_image"]["pixels_uint8"] == 16 * 16 and report["psnr"] > 0
+        else:
+            message = f"this VAE takes {channels}-channel pictures; minidiff fits pictures to grey (1 channel) or RGB"
+            assert_error(reconstructed, message)
+            assert_error(evaluated, message)
+            assert not out.exists()
+
+
+@pytest.mark.hostile
+@pytest.mark.parametrize("size", [(2_000_000, 1), (89_000, 1)], ids=["2000000x1", "89000x1"])
+def test_vae_reconstruct_refuses_a_thin_strip_before_decoding_or_scaling_it(tmp_path, size):
+    from conftest import assert_error, timed_cli
+
+    vae, strip = vae_file(tmp_path / "v.safetensors"), picture_file(tmp_path / "strip.png", size)
+    assert_error(timed_cli("vae", "reconstruct", strip, "--vae", vae, "-o", tmp_path / "r.png"),
+                 f"picture '{strip}' is {size[0]}x{size[1]} pixels, more than 32 times as long as it is wide")
+    assert not (tmp_path / "r.png").exists()
+
+
+SHIFTS = [
+    ("shift-1e308", {"shift": 1e308}, "vae.shift 1e+308 lies more than 10000 spreads of the latents (1 / vae.scale "
+                                      "= 0.5) from zero"),
+    ("shift-beyond-float32", {"shift": 5e4, "scale": 1.0}, "vae.shift 50000 lies more than 10000 spreads"),
+    ("shift-swallows-the-spread", {"shift": 1.0, "scale": 1e5}, "vae.shift 1 lies more than 10000 spreads"),
+    ("scale-too-small", {"scale": 1e-9}, "vae.scale must be between 1e-06 and 1e+06"),
+    ("shift-nan", {"shift": float("nan")}, "vae.shift must be a finite number"),
+    ("scale-a-string", {"scale": "2"}, "vae.scale must be a finite number"),
+]
+
+
+@pytest.mark.hostile
+@pytest.mark.parametrize("change, message", [c[1:] for c in SHIFTS], ids=[c[0] for c in SHIFTS])
+def test_a_latent_model_whose_shift_or_scale_no_measurement_gives_is_refused(tmp_path, change, message):
+    from conftest import assert_error, timed_cli
+
+    good = latent_model_file(tmp_path / "good.safetensors")
+    bad = with_config(good, tmp_path / "bad.safetensors", lambda c: c["vae"].update(change))
+    with pytest.raises(ModelFileError, match=re_escape(message)):
+        DiffusionModel.load(bad)
+    assert_error(timed_cli("generate", "a red circle", "-m", bad, "--steps", "2", "-o", tmp_path / "out.png"),
+                 f"'{bad}'", message)  # an all-black picture before, exit code 0
+    assert not (tmp_path / "out.png").exists()
+    assert DiffusionModel.load(good).latent.shift == pytest.approx(0.1)
+
+
+def re_escape(text: str) -> str:
+    import re
+
+    return re.escape(text)
+
+
+@pytest.mark.hostile
+def test_a_latent_model_whose_pictures_would_pass_the_size_bound_is_refused(tmp_path):
+    good = latent_model_file(tmp_path / "good.safetensors")
+    bad = with_config(good, tmp_path / "bad.safetensors",
+                      lambda c: c["unet"].update(image_size=520, attention_resolutions=[], mid_attention=False))
+    with pytest.raises(ModelFileError, match="its picture size 1040 is not a size minidiff handles"):
+        DiffusionModel.load(bad)
+
+
+@pytest.mark.hostile
+def test_measuring_a_latent_space_no_model_file_may_hold_is_refused():
+    ae = tiny_vae()
+    with torch.no_grad():  # latents of mean 1e6 and spread 1: the shift would swallow the spread
+        ae.encoder.conv_out.weight.zero_()
+        ae.encoder.conv_out.bias.copy_(torch.tensor([1e6] * 4 + [0.0] * 4))
+    images = torch.rand(8, 3, 16, 16) * 2 - 1
+    with pytest.raises(MinidiffError, match="not usable for diffusion: vae.shift 1e.06 lies more than 10000 spreads"):
+        measure(ae, lambda a, b: images[a:b], len(images))
+
+
+@pytest.mark.hostile
+def test_two_vae_runs_given_one_out_the_later_is_refused_before_it_trains(tmp_path):
+    """Both start before either has written the file (each passes the check of a new run); the first to
+    save claims the name, and the other is refused at its first save instead of replacing the file."""
+    from minidiff_cli.training.vae import VAETrainConfig, VAETrainer, check_new_run
+
+    out = tmp_path / "vae.safetensors"
+    flags = dict(data="shapes", image_size=16, base_channels=8, channel_mult=[1, 2], batch_size=4, warmup=2,
+                 device="cpu", quiet=True, max_steps=2, save_every=2, sample_every=1000, out=str(out))
+    first = VAETrainConfig(**flags, run_dir=str(tmp_path / "a"))
+    second = VAETrainConfig(**flags, run_dir=str(tmp_path / "b"), seed=1)
+    for cfg in (first, second):
+        check_new_run(cfg, resume=False)
+    a, b = VAETrainer(first, log=lambda m: None), VAETrainer(second, log=lambda m: None)
+    a.run()
+    with pytest.raises(MinidiffError, match=re_escape("appeared after this run started (another run writing it?); "
+                                                      "choose another --out")):
+        b.run()
+    assert b.step == 0 and not (tmp_path / "b").exists()
+    held = load_vae(out).autoencoder.state_dict()
+    assert all(torch.equal(held[k], v) for k, v in a.ema.state_dict().items())
+    assert load_vae(out).meta["training"]["flags"]["run_dir"] == str(tmp_path / "a")
+
+
+@pytest.mark.hostile
+def test_two_concurrent_vae_train_commands_with_one_out_one_wins_and_the_file_is_its(tmp_path):
+    import subprocess
+
+    from conftest import cli_command
+
+    from minidiff_cli.training.checkpoint import load_checkpoint
+
+    out = tmp_path / "vae.safetensors"
+    runs = [subprocess.Popen([*cli_command(), "vae", "train", "--data", "shapes", *TINY_VAE, "--max-steps", "3",
+                              "--seed", str(k), "--out", str(out), "--run-dir", str(tmp_path / f"run{k}")],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for k in range(2)]
+    results = [(run.wait(timeout=300), *run.communicate()) for run in runs]
+    assert sorted(code for code, _, _ in results) == [0, 2], results
+    winner = next(k for k, (code, _, _) in enumerate(results) if code == 0)
+    loser = results[1 - winner][2].strip().splitlines()
+    assert len(loser) == 1 and str(out) in loser[0] and "choose another --out" in loser[0], loser
+    _, tensors = load_checkpoint(tmp_path / f"run{winner}" / "checkpoint.safetensors")
+    held = load_vae(out).autoencoder.state_dict()
+    assert all(torch.equal(held[k], tensors[f"ema.{k}"]) for k in held)

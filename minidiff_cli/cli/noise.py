@@ -97,23 +97,31 @@ def parse_timesteps(text: str | None, num_timesteps: int) -> list[int]:
 
 
 def _read_image(path: Path, size: int):
-    """The image at ``path``, RGB, scaled and centre-cropped to ``size`` x ``size``; or a one-line error."""
+    """The image at ``path``, RGB, scaled and centre-cropped to ``size`` x ``size``; or a one-line error.
+
+    Its size is checked from its header before any pixel is decoded (pixel count, sides at most 32 to
+    one: ``data.images.check_fit``), as for every picture minidiff reads."""
+    import warnings
+
     from PIL import Image, UnidentifiedImageError
 
-    from minidiff_cli.data.images import resize_center_crop, to_rgb
+    from minidiff_cli.data.images import check_fit, resize_center_crop, to_rgb
 
     if not path.exists():
         raise MinidiffError(f"image '{path}' does not exist")
     if not path.is_file():
         raise MinidiffError(f"'{path}' is not a file; pass an image file")
     try:
-        with Image.open(path) as img:
-            img.load()
-            rgb = to_rgb(img)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # check_fit refuses it, in one line
+            with Image.open(path) as img:
+                check_fit(img.size, size, f"image '{path}'")
+                img.load()
+                rgb = to_rgb(img)
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
         reason = "not an image Pillow can read" if isinstance(exc, UnidentifiedImageError) else str(exc)
         raise MinidiffError(f"cannot read '{path}': {reason}") from None
-    return resize_center_crop(rgb, size)
+    return resize_center_crop(rgb, size, f"image '{path}'")
 
 
 def noised_frames(x0, schedule, ts: list[int], seed: int):

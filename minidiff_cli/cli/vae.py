@@ -94,6 +94,7 @@ def _train(cfg, resume: bool) -> None:
     main = int(os.environ.get("RANK", "0")) == 0
     with locked(cfg.run_folder(), main=main):
         trainer = VAETrainer(cfg, resume=resume, log=lambda msg: print(msg, file=sys.stderr))
+        trainer.claim()  # a new run takes --out's name first: another run writing it is refused here
         if main:
             n = sum(p.numel() for p in trainer.autoencoder.parameters())
             vae = cfg.vae_config()
@@ -161,6 +162,7 @@ def reconstruct_command(
     import torch
 
     from minidiff_cli.evaluation.vae import (
+        check_picture_channels,
         decode_means,
         encode_means,
         latent_channels_image,
@@ -171,9 +173,10 @@ def reconstruct_command(
 
     dev = pick_device(device)
     autoencoder, size = load_any_vae(vae, dev)
-    size = image_size or size
-    autoencoder.check_size(size)
-    x = torch.stack([_picture(path, size) for path in images]).to(dev)
+    channels = check_picture_channels(autoencoder)
+    size = size if image_size is None else image_size
+    autoencoder.check_size(size, what="--image-size" if image_size is not None else "image size")
+    x = torch.stack([_picture(path, size, channels) for path in images]).to(dev)
     mean = encode_means(autoencoder, x)
     recon = decode_means(autoencoder, mean)
     reconstruction_grid(x, recon, out)
@@ -182,14 +185,15 @@ def reconstruct_command(
         _latents_png(latent_channels_image, mean, latents, upscale=max(1, 64 // mean.shape[-1]))
     c, h, w = mean.shape[1:]
     ssim = f", SSIM {report['ssim']:.3f}" if report["ssim"] is not None else ""
-    print(f"{len(images)} picture(s) {size}x{size} -> latents {c}x{h}x{w} ({3 * size * size / (c * h * w):.0f}x fewer "
+    fewer = channels * size * size / (c * h * w)
+    print(f"{len(images)} picture(s) {size}x{size} -> latents {c}x{h}x{w} ({fewer:.0f}x fewer "
           f"values); PSNR {report['psnr']:.2f} dB{ssim}; wrote {out}" + (f" and {latents}" if latents else ""))
 
 
-def _picture(path: Path, size: int):
+def _picture(path: Path, size: int, channels: int):
     from minidiff_cli.inference.img2img.images import fit_image, open_image
 
-    tensor, note = fit_image(open_image(path, "picture"), size, 3)
+    tensor, note = fit_image(open_image(path, "picture"), size, channels, what=f"picture '{path}'")
     if note:
         print(f"note: {path}: {note}", file=sys.stderr)
     return tensor
@@ -255,7 +259,9 @@ def eval_command(
 
     dev = pick_device(device)
     autoencoder, size = load_any_vae(vae, dev)
-    report = evaluate_data(autoencoder, data, image_size or size, holdout, limit)
+    if image_size is not None:
+        autoencoder.check_size(image_size, what="--image-size")
+    report = evaluate_data(autoencoder, data, size if image_size is None else image_size, holdout, limit)
     if as_json:
         print(json.dumps(report, indent=2))
         return

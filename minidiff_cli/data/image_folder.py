@@ -15,7 +15,9 @@ two of them, the subfolder names (sorted) are the classes, as in ``cat/1.png``, 
 ``require_classes=True`` a folder without them is an error.
 
 Each file is checked up front (``PIL.Image.verify``, which reads headers and
-checksums without decoding), so that a broken file is skipped now, with a
+checksums without decoding, and the size in its header: at most Pillow's
+``MAX_IMAGE_PIXELS``, sides at most 32 to one, fitting to ``image_size`` bounded:
+``data.images.check_fit``), so that a broken or absurd file is skipped now, with a
 warning and a count in ``skipped``, instead of stopping training hours later.
 """
 
@@ -23,13 +25,14 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
-from minidiff_cli.data.images import IMAGE_EXTENSIONS, pil_to_uint8, resize_center_crop, to_rgb
-from minidiff_cli.errors import MinidiffError
+from minidiff_cli.data.images import IMAGE_EXTENSIONS, check_fit, pil_to_uint8, resize_center_crop, to_rgb
+from minidiff_cli.errors import MinidiffError, first_line
 
 METADATA_FILE = "metadata.jsonl"
 CACHE_BYTES = 1 << 30  # keep decoded images of folders up to 1 GiB at the training size
@@ -54,13 +57,14 @@ class ImageFolderDataset(Dataset):
         if not files:
             raise MinidiffError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in '{self.root}'")
         metadata = _read_metadata(self.root)
-        readable, broken = _check_readable(files)
+        readable, broken = _check_readable(files, self.image_size)
         self.skipped = len(broken)
-        if broken:
-            print(f"minidiff: warning: skipped {len(broken)} unreadable image(s) in '{self.root}', "
-                  f"e.g. '{broken[0].relative_to(self.root)}'", file=sys.stderr)
+        example = f"e.g. '{broken[0][0].relative_to(self.root)}' ({broken[0][1]})" if broken else ""
         if not readable:
-            raise MinidiffError(f"none of the {len(files)} images in '{self.root}' could be read")
+            raise MinidiffError(f"none of the {len(files)} images in '{self.root}' could be read, {example}")
+        if broken:
+            print(f"minidiff: warning: skipped {len(broken)} unreadable image(s) in '{self.root}', {example}",
+                  file=sys.stderr)
         self.files = readable
         self.captions = [_caption(path, self.root, metadata) for path in readable]
         self.class_names, self.labels = _classes(readable, self.root)
@@ -89,10 +93,11 @@ class ImageFolderDataset(Dataset):
         path = self.files[index]
         try:
             with Image.open(path) as image:
+                check_fit(image.size, self.image_size, f"image '{path}'")  # changed since the check?
                 image = to_rgb(image)
         except (OSError, UnidentifiedImageError) as exc:  # damaged after the check, or truncated data
             raise MinidiffError(f"cannot read image '{path}': {exc}") from exc
-        return pil_to_uint8(resize_center_crop(image, self.image_size))
+        return pil_to_uint8(resize_center_crop(image, self.image_size, f"image '{path}'"))
 
     def all_captions(self) -> list[str]:
         return sorted(set(self.captions))
@@ -144,15 +149,21 @@ def _read_metadata(root: Path) -> dict[Path, str]:
     return captions
 
 
-def _check_readable(files: list[Path]) -> tuple[list[Path], list[Path]]:
+def _check_readable(files: list[Path], size: int) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """(the files to use, (file, why not) for the others): headers, checksums and sizes, nothing decoded."""
     readable, broken = [], []
     for path in files:
         try:
-            with Image.open(path) as image:
-                image.verify()  # headers and checksums, without decoding: cheap
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # refused just below
+                with Image.open(path) as image:
+                    check_fit(image.size, size, "it")  # a thin strip or a decompression bomb
+                    image.verify()  # headers and checksums, without decoding: cheap
             readable.append(path)
-        except Exception:  # PIL raises many kinds here (OSError, SyntaxError, ValueError, ...)
-            broken.append(path)
+        except MinidiffError as exc:
+            broken.append((path, first_line(exc)))
+        except Exception as exc:  # PIL raises many kinds here (OSError, SyntaxError, ValueError, ...)
+            broken.append((path, first_line(exc, 120, empty=type(exc).__name__)))
     return readable, broken
 
 

@@ -10,22 +10,51 @@ import torch
 
 from minidiff_cli.vae.autoencoder import Autoencoder
 
+BATCH = 64  # pictures per batch, fewer where their activations would pass VAEConfig.batch_within's budget
+LUMA = (0.299, 0.587, 0.114)  # ITU-R 601-2, as Pillow's convert("L")
+
+
+def _batch(autoencoder: Autoencoder, side: int, batch_size: int | None) -> int:
+    return batch_size or autoencoder.config.batch_within(side, BATCH)
+
 
 @torch.no_grad()
-def encode_means(autoencoder: Autoencoder, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+def encode_means(autoencoder: Autoencoder, images: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
     """The posterior means of pictures in [-1, 1], in batches: each picture's deterministic latent."""
-    return torch.cat([autoencoder.encode(images[k:k + batch_size]).mean for k in range(0, len(images), batch_size)])
+    n = _batch(autoencoder, images.shape[-1], batch_size)
+    return torch.cat([autoencoder.encode(images[k:k + n]).mean for k in range(0, len(images), n)])
 
 
 @torch.no_grad()
-def decode_means(autoencoder: Autoencoder, means: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+def decode_means(autoencoder: Autoencoder, means: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
     """Pictures from latents, clamped to [-1, 1], in batches."""
-    return torch.cat([autoencoder.decode(means[k:k + batch_size]).clamp(-1, 1) for k in range(0, len(means), batch_size)])
+    n = _batch(autoencoder, means.shape[-1] * autoencoder.config.factor, batch_size)
+    return torch.cat([autoencoder.decode(means[k:k + n]).clamp(-1, 1) for k in range(0, len(means), n)])
 
 
-def reconstruct(autoencoder: Autoencoder, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+def reconstruct(autoencoder: Autoencoder, images: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
     """decode(mean of encode(x)) for pictures in [-1, 1], clamped to [-1, 1]: the deterministic round trip."""
     return decode_means(autoencoder, encode_means(autoencoder, images, batch_size), batch_size)
+
+
+def check_picture_channels(autoencoder: Autoencoder) -> int:
+    """The VAE's picture channels, when they are grey (1) or RGB (3), the pictures minidiff fits; a
+    one-line MinidiffError for others (a config may say 2 or 4, which no picture is fitted to)."""
+    from minidiff_cli.errors import MinidiffError
+
+    channels = autoencoder.config.in_channels
+    if channels not in (1, 3):
+        raise MinidiffError(f"this VAE takes {channels}-channel pictures; minidiff fits pictures to grey (1 channel) "
+                            "or RGB (3) only, so it cannot measure or reconstruct them")
+    return channels
+
+
+def to_channels(images: torch.Tensor, channels: int) -> torch.Tensor:
+    """RGB pictures [B, 3, H, W] in [-1, 1] with ``channels`` channels: as they are (3), or grey (1)."""
+    if channels == images.shape[1]:
+        return images
+    weights = torch.tensor(LUMA, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
+    return (images * weights).sum(dim=1, keepdim=True)
 
 
 def summarise(reconstructed: torch.Tensor, original: torch.Tensor) -> dict[str, Any]:
@@ -83,6 +112,7 @@ def evaluate_data(autoencoder: Autoencoder, data: str, image_size: int, holdout:
     from minidiff_cli.errors import MinidiffError
     from minidiff_cli.evaluation.reconstruction import bytes_per_image
 
+    channels = check_picture_channels(autoencoder)
     autoencoder.check_size(image_size)
     fraction = holdout_fraction(holdout)
     if holdout and fraction is None:
@@ -95,7 +125,7 @@ def evaluate_data(autoencoder: Autoencoder, data: str, image_size: int, holdout:
     if not items:
         raise MinidiffError(f"--holdout {holdout} holds out no image of {data}; use a larger share or ''")
     device = next(autoencoder.parameters()).device
-    x = torch.stack([dataset[i]["image"] for i in items]).to(device)
+    x = to_channels(torch.stack([dataset[i]["image"] for i in items]).to(device), channels)
     start = time.perf_counter()
     recon = reconstruct(autoencoder, x)
     seconds = time.perf_counter() - start
@@ -103,6 +133,7 @@ def evaluate_data(autoencoder: Autoencoder, data: str, image_size: int, holdout:
     f, c = autoencoder.config.factor, autoencoder.config.latent_channels
     report.update({"on": "held-out" if fraction else "all", "image_size": image_size,
                    "latent_shape": [c, image_size // f, image_size // f],
-                   "bytes_per_image": bytes_per_image((c, image_size // f, image_size // f), (3, image_size, image_size)),
+                   "bytes_per_image": bytes_per_image((c, image_size // f, image_size // f),
+                                                      (channels, image_size, image_size)),
                    "seconds_per_image": seconds / len(items)})
     return report

@@ -1,9 +1,11 @@
 """Training checkpoints in safetensors: weights, EMA, optimizer state, step, RNG.
 
 Never pickle: the optimizer's per-parameter tensors are stored as named tensors
-(``optim.<index>.<key>``), its hyper-parameters and the step as JSON metadata.
-The file is written atomically, so a process killed at any moment leaves the
-previous complete checkpoint in place.
+(``optim.<index>.<key>``), its hyper-parameters and the step as JSON metadata, with the
+list of the parameters that have a state (``optimizer_state``): a checkpoint that lacks
+some of them is refused on resume, where AdamW would otherwise start those moments
+again from zero without a word. The file is written atomically, so a process killed at
+any moment leaves the previous complete checkpoint in place.
 """
 
 from __future__ import annotations
@@ -35,7 +37,8 @@ def save_checkpoint(path: str | os.PathLike, *, modules: dict[str, torch.nn.Modu
         for key, value in param_state.items():
             tensors[f"optim.{index}.{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
     tensors["rng.torch"] = torch.get_rng_state()
-    meta = {"step": step, "param_groups": state["param_groups"], "train": train_config, **(extra or {})}
+    meta = {"step": step, "param_groups": state["param_groups"], "train": train_config,
+            "optimizer_state": sorted(int(index) for index in state["state"]), **(extra or {})}
     return save_model_file(path, tensors, meta, overwrite=True, format=CHECKPOINT_FORMAT)
 
 
@@ -59,6 +62,9 @@ def read_checkpoint_meta(path: str | os.PathLike) -> dict[str, Any]:
                              f"from 0 to {MAX_STEPS:,}")
     if not isinstance(meta.get("param_groups"), list) or not all(isinstance(g, dict) for g in meta["param_groups"]):
         raise ModelFileError(f"'{path}' is corrupt: its optimizer settings are missing or not a list")
+    held = meta.get("optimizer_state")
+    if held is not None and (not isinstance(held, list) or not all(is_count(i) for i in held)):
+        raise ModelFileError(f"'{path}' is corrupt: its list of optimizer states is not a list of parameter numbers")
     losses = meta.get("losses", [])
     if not isinstance(losses, list) or not all(_is_loss(x) for x in losses):
         raise ModelFileError(f"'{path}' is corrupt: its loss history is not a list of [step, loss] pairs")
@@ -91,6 +97,7 @@ def restore(meta: dict[str, Any], tensors: dict[str, torch.Tensor], path: Path, 
         parts[prefix] = {k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
         _check_module(path, prefix, module, parts[prefix])
     state = _optimizer_state(path, tensors, optimizer)
+    _check_complete(path, meta, state)
     groups = _param_groups(path, meta["param_groups"], optimizer)
     rng = tensors.get("rng.torch")
     if rng is not None and (rng.dtype != torch.uint8 or rng.shape != torch.get_rng_state().shape):
@@ -158,6 +165,25 @@ def _optimizer_state(path: Path, tensors: dict[str, torch.Tensor],
         if missing:
             raise ModelFileError(f"'{path}' is corrupt: optimizer state optim.{index} lacks {missing[0]}")
     return state
+
+
+def _check_complete(path: Path, meta: dict[str, Any], state: dict[int, dict[str, torch.Tensor]]) -> None:
+    """Every parameter state the saving run had is in the file. Without its list (a checkpoint from before
+    minidiff wrote one), a checkpoint past step 0 must hold some optimizer state at least."""
+    held = meta.get("optimizer_state")
+    if held is None:
+        if meta["step"] > 0 and not state:
+            raise ModelFileError(f"'{path}' is corrupt: it lacks the optimizer state that resuming at step "
+                                 f"{meta['step']} needs (AdamW's moments would start again from zero)")
+        return
+    missing, unlisted = sorted(set(held) - set(state)), sorted(set(state) - set(held))
+    if missing:
+        raise ModelFileError(f"'{path}' is corrupt: it lacks the optimizer state of parameter {missing[0]} "
+                             f"({len(missing)} of the {len(set(held))} it lists are missing); resuming without "
+                             "them would start their AdamW moments again from zero")
+    if unlisted:
+        raise ModelFileError(f"'{path}' is corrupt: it holds an optimizer state for parameter {unlisted[0]}, "
+                             "which its own list does not name")
 
 
 # How the live optimizer computes, not what it has learnt: these stay as the resuming run set

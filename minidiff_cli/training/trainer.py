@@ -34,6 +34,7 @@ from minidiff_cli.errors import MinidiffError
 from minidiff_cli.files.atomic import append_line, atomic_write, ensure_writable_dir
 from minidiff_cli.runtime.distributed import any_rank, check_replicas, start_training, wrap_ddp
 from minidiff_cli.runtime.signals import stop_signals
+from minidiff_cli.training.captions import CaptionTable
 from minidiff_cli.training.config import TrainConfig
 from minidiff_cli.training.latents import draw_latents, open_latent_space, posterior_table
 from minidiff_cli.training.loss_plot import plot_losses
@@ -97,8 +98,7 @@ class Trainer:
         self.optimizer = adamw(params, cfg, self.device)
         self.step = 0
         self.losses: list[tuple[int, float]] = []
-        self.caption_rows: dict[str, int] = {}  # caption -> its row in caption_table
-        self.caption_table: Conditioning | None = None
+        self.captions: CaptionTable | None = None  # a frozen conditioner's encoded captions, made at first use
         if resume:
             self._resume()
         self.ddp = self._wrap_ddp()
@@ -251,20 +251,14 @@ class Trainer:
         return self._posteriors
 
     def encode_captions(self, captions: list[str]) -> Conditioning:
-        """A frozen conditioner's output, each distinct caption encoded once per run.
+        """A frozen conditioner's output, each distinct caption encoded once per run, in batches fixed by the
+        data set alone (training/captions.py): a resumed run conditions on the same bits."""
+        return self._caption_table().encode(captions)
 
-        Encoded captions are rows of one table on the training device, so a batch is one
-        gather, not a concatenation of a row per caption.
-        """
-        missing = sorted({c for c in captions if c not in self.caption_rows})
-        if missing:
-            with torch.no_grad():
-                enc = self.model.conditioner.encode(missing).to(self.device)
-            first = len(self.caption_rows)
-            self.caption_rows.update((caption, first + k) for k, caption in enumerate(missing))
-            self.caption_table = enc if self.caption_table is None else Conditioning.cat(self.caption_table, enc)
-        rows = torch.tensor([self.caption_rows[c] for c in captions], device=self.device)
-        return self.caption_table[rows]
+    def _caption_table(self) -> CaptionTable:
+        if self.captions is None:
+            self.captions = CaptionTable(self.model.conditioner, self.device, caption_set(self.dataset))
+        return self.captions
 
     # -- one step ------------------------------------------------------------------------
     def loss(self, step: int) -> torch.Tensor:
@@ -304,10 +298,7 @@ class Trainer:
         return {"context": cond.context, "pooled": cond.pooled}
 
     def null_condition(self) -> Conditioning:
-        if not hasattr(self, "_null"):
-            with torch.no_grad():
-                self._null = self.model.conditioner.null(1).to(self.device)
-        return self._null
+        return self._caption_table().null()
 
     def _weights(self, t: torch.Tensor) -> torch.Tensor:
         gamma = self.cfg.min_snr_gamma

@@ -13,6 +13,11 @@ As with ``minidiff train``: step s's images and noise come from generators seede
 rank), so a resumed run equals an uninterrupted one; checkpoints are safetensors in the run
 folder, with reconstructions of held-out images every ``sample_every`` steps and the EMA
 weights in the VAE file (``--out``) at every save.
+
+The VAE file lies outside the run folder, whose lock does not cover it: a new run claims its
+name before it trains, by publishing the untrained file at step 0 only if the name is free (as
+``generate`` claims names), so a second run given the same ``--out`` is refused instead of
+replacing the first run's weights at its saves.
 """
 
 from __future__ import annotations
@@ -136,6 +141,8 @@ class VAETrainer:
             cfg = dataclasses.replace(cfg, lr_decay_steps=cfg.max_steps)
         self.cfg, self.log, self.run_dir = cfg, log, cfg.run_folder()
         self.device, self.dist, self.auto_threads = start_training(cfg)
+        # This rank's share of a batch must fit, before anything is built (as the U-Net trainer checks).
+        cfg.vae_config().check_size(cfg.image_size, max(1, cfg.batch_size // self.dist.world), "--image-size")
         self.dataset, self.train_items, self.heldout_items = self._data()
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank and in every run
         self.autoencoder = Autoencoder(cfg.vae_config()).to(self.device)
@@ -152,6 +159,7 @@ class VAETrainer:
         self.optimizer = adamw(groups, cfg, self.device)
         self.shuffle = EpochShuffle(len(self.train_items), cfg.seed)
         self.step, self.losses = 0, []
+        self.claimed = resume  # whether the VAE file's name is this run's (a resumed run claimed it when it began)
         if resume:
             self._resume()
         self.net = wrap_ddp(self.autoencoder, self.dist, self.device)
@@ -261,21 +269,38 @@ class VAETrainer:
         recent = [loss for _, loss in self.losses[-100:]]
         return sum(recent) / len(recent) if recent else None
 
-    def save(self) -> None:
-        """Checkpoint, then the VAE file (EMA weights); both atomic, rank 0 only."""
+    def save(self, claim: bool = False) -> None:
+        """Checkpoint, then the VAE file (EMA weights); both atomic, rank 0 only.
+
+        ``claim``: a new run's first save; the VAE file comes first and only under a free name, so that a
+        run whose --out another run took is refused before it writes anything."""
         if not self.dist.main:
             return
+        from minidiff_cli.files.atomic import NameTaken
         from minidiff_cli.training.checkpoint import save_checkpoint
         from minidiff_cli.vae.vae_file import save_vae
 
-        ensure_writable_dir(self.run_dir)
-        save_checkpoint(self.run_dir / CHECKPOINT, modules=self._modules(), optimizer=self.optimizer,
-                        step=self.step, train_config=self.cfg.to_dict(), extra={"losses": self.losses[-5000:]})
         meta = {"name": self.cfg.name or Path(self.cfg.out).stem, "image_size": self.cfg.image_size,
                 "training": {"step": self.step, "data": self.cfg.data, "holdout": self.cfg.holdout,
                              "flags": self.cfg.to_dict(), "final_loss": self.smoothed_loss()}}
-        save_vae(self.cfg.out, self.ema, meta, overwrite=True)
+        if claim:
+            try:
+                save_vae(self.cfg.out, self.ema, meta, overwrite=False)
+            except NameTaken:
+                raise MinidiffError(f"'{self.cfg.out}' appeared after this run started (another run writing it?); "
+                                    "choose another --out (a new run never replaces a file)") from None
+        ensure_writable_dir(self.run_dir)
+        save_checkpoint(self.run_dir / CHECKPOINT, modules=self._modules(), optimizer=self.optimizer,
+                        step=self.step, train_config=self.cfg.to_dict(), extra={"losses": self.losses[-5000:]})
+        if not claim:
+            save_vae(self.cfg.out, self.ema, meta, overwrite=True)
         atomic_write(self.run_dir / RUN_CONFIG, lambda p: p.write_text(json.dumps(self.cfg.to_dict(), indent=2)))
+
+    def claim(self) -> None:
+        """A new run's first save, at step 0, which takes the VAE file's name (run() does it if not done)."""
+        if not self.claimed:
+            self.save(claim=True)
+            self.claimed = True
 
     # -- the loop ------------------------------------------------------------------------
     def run(self, progress: Callable[[dict], None] | None = None) -> dict[str, Any]:
@@ -283,6 +308,7 @@ class VAETrainer:
         from minidiff_cli.runtime.signals import stop_signals
 
         cfg, start_step, start_time = self.cfg, self.step, time.time()
+        self.claim()
         self.autoencoder.train()
         last: dict[str, Any] = {}
         with stop_signals(self.log if self.dist.main else None) as stop_asked:

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minidiff_cli.errors import MinidiffError
+from minidiff_cli.errors import MinidiffError, is_int
 
 # Bounds a config must keep, checked before any module is built (a VAE file can be hostile).
 MAX_CHANNELS = 512
@@ -25,6 +25,10 @@ MAX_MULT = 8
 MAX_LEVELS = 4  # downsampling factor 8
 MAX_RES_BLOCKS = 8
 MAX_LATENT_CHANNELS = 64
+# Bounds on what a VAE is run on, checked before any picture is fitted or any activation allocated.
+MAX_IMAGE_SIZE = 1024  # pixels a side: the U-Net's bound for pixel models (vae train goes to 512)
+MAX_ACTIVATION_BYTES = 64 << 30  # as the U-Net's: feature maps of a forward pass at the batch run
+BATCH_BYTES = 8 << 30  # evaluation runs pictures in batches whose activations stay about this small
 
 
 @dataclass(frozen=True)
@@ -65,6 +69,42 @@ class VAEConfig:
             raise MinidiffError(f"VAE widths reach {max(self.widths())} channels, more than {MAX_CHANNELS}")
         count("num_res_blocks", self.num_res_blocks, 1, MAX_RES_BLOCKS)
         count("latent_channels", self.latent_channels, 1, MAX_LATENT_CHANNELS)
+
+    def activation_bytes(self, size: int, batch: int = 1) -> int:
+        """About the float32 activation memory of a training pass (encoder and decoder) over ``batch``
+        pictures of ``size`` x ``size``: the feature maps autograd keeps; no allocation. A pass without
+        gradients needs less (a third to a quarter of it at 256 to 512 px, measured)."""
+        widths, nrb = self.widths(), self.num_res_blocks
+        values = 4 * widths[0] * size * size  # the full-size ends: conv_in, and the decoder's norm and conv_out
+        for level, width in enumerate(widths):
+            pixels = (size >> level) ** 2
+            values += (12 * nrb + 4) * width * pixels  # residual blocks of encoder and decoder, down and up convs
+            if level:
+                values += 8 * width * pixels  # the decoder's upsampling: its input enlarged 4x, then convolved
+        values += 12 * widths[-1] * (size >> (len(widths) - 1)) ** 2  # the two middle blocks
+        return 4 * batch * values
+
+    def check_size(self, size: Any, batch: int = 1, what: str = "image size") -> None:
+        """Refuse, before any picture is fitted or any module run, a size this VAE cannot take: not a
+        whole number from 1 to MAX_IMAGE_SIZE, not a multiple of its factor, or activations at ``batch``
+        pictures beyond MAX_ACTIVATION_BYTES (a 111 KB file saying 4096 px made ``vae reconstruct``
+        take 8.6 GB and die)."""
+        if not is_int(size) or not 1 <= size <= MAX_IMAGE_SIZE:
+            raise MinidiffError(f"{what} {size!r:.40} is not a size minidiff handles: a whole number of pixels "
+                                f"from 1 to {MAX_IMAGE_SIZE}")
+        if size % self.factor:
+            raise MinidiffError(f"{what} {size} is not a multiple of the VAE's factor {self.factor}; "
+                                f"use {max(self.factor, size // self.factor * self.factor)}")
+        need = self.activation_bytes(size, batch)
+        if need > MAX_ACTIVATION_BYTES:
+            per = f"{batch} pictures" if batch > 1 else "one picture"
+            raise MinidiffError(f"this VAE would need about {need / 2**30:,.0f} GiB of activations for {per} of "
+                                f"{size}x{size}, more than the {MAX_ACTIVATION_BYTES >> 30} GiB allowed; use a "
+                                "smaller size or batch, or a narrower VAE")
+
+    def batch_within(self, size: int, most: int, budget: int = BATCH_BYTES) -> int:
+        """The largest batch, at most ``most``, whose activations at ``size`` stay within ``budget`` (at least 1)."""
+        return max(1, min(most, budget // max(1, self.activation_bytes(size))))
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -176,10 +216,9 @@ class Autoencoder(nn.Module):
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg)
 
-    def check_size(self, size: int) -> None:
-        if size % self.config.factor:
-            raise MinidiffError(f"image size {size} is not a multiple of the VAE's factor {self.config.factor}; "
-                                f"use {max(self.config.factor, size // self.config.factor * self.config.factor)}")
+    def check_size(self, size: Any, batch: int = 1, what: str = "image size") -> None:
+        """``VAEConfig.check_size``: a size (and batch) this VAE can be run at, or a one-line MinidiffError."""
+        self.config.check_size(size, batch, what)
 
     def encode(self, x: torch.Tensor) -> Posterior:
         """Pictures in [-1, 1], [B, C, H, W] -> the Gaussian over their latents [B, c, H/f, W/f]."""

@@ -9,6 +9,14 @@ have whatever spread training gave them (SD's had a standard deviation near 5.5,
 
 with ``shift`` the mean and ``scale`` 1 / the standard deviation of posterior samples over the
 measured images (SD3 and Flux store a shift as well as a scale). Both live in the model file.
+
+A model file can say anything, so both are bounded to what a measurement can give
+(``check_normalisation``): the spread 1 / scale from 1e-6 to 1e6, and the mean at most
+MAX_SHIFT_SPREADS spreads from zero. Beyond that float32 keeps no digits for the spread itself
+(latent = z / scale + shift rounds z away: the decoder sees a constant), and a finite but huge
+shift (1e308) overflows the decoder into NaN, which was written as an all-black picture.
+``measure`` refuses to produce values outside these bounds, so minidiff never writes a file it
+would refuse.
 """
 
 from __future__ import annotations
@@ -19,10 +27,12 @@ from typing import Any, Callable
 
 import torch
 
-from minidiff_cli.errors import MinidiffError
+from minidiff_cli.errors import MinidiffError, is_finite_number
 from minidiff_cli.vae.autoencoder import Autoencoder
 
 MEASURE_IMAGES = 512  # enough images for a mean and spread to three digits
+MIN_SCALE, MAX_SCALE = 1e-6, 1e6  # 1 / the latents' spread
+MAX_SHIFT_SPREADS = 1e4  # |shift| * scale: float32 then still resolves z to 1e-3 of a spread
 
 
 @dataclass
@@ -63,14 +73,20 @@ class LatentSpace:
 
 
 def check_normalisation(entry: dict[str, Any]) -> tuple[float, float]:
-    """(shift, scale) of a model file's vae entry, checked: finite, scale positive."""
+    """(shift, scale) of a model file's vae entry, checked against what a measured latent space can be:
+    finite, scale from 1e-6 to 1e6, the shift at most MAX_SHIFT_SPREADS spreads (1 / scale) from zero."""
     shift, scale = entry.get("shift"), entry.get("scale")
     for name, value in (("shift", shift), ("scale", scale)):
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        if not is_finite_number(value):
             raise MinidiffError(f"vae.{name} must be a finite number (got {value!r:.40})")
-    if not 1e-6 <= scale <= 1e6:
-        raise MinidiffError(f"vae.scale must be between 1e-6 and 1e6 (got {scale!r:.40})")
-    return float(shift), float(scale)
+    shift, scale = float(shift), float(scale)
+    if not MIN_SCALE <= scale <= MAX_SCALE:
+        raise MinidiffError(f"vae.scale must be between {MIN_SCALE:g} and {MAX_SCALE:g} (got {scale!r:.40})")
+    if abs(shift) > MAX_SHIFT_SPREADS / scale:
+        raise MinidiffError(f"vae.shift {shift:.6g} lies more than {MAX_SHIFT_SPREADS:g} spreads of the latents "
+                            f"(1 / vae.scale = {1 / scale:.6g}) from zero, where no measured latent space lies "
+                            "(float32 would keep nothing of the latents but the shift)")
+    return shift, scale
 
 
 @torch.no_grad()
@@ -95,4 +111,8 @@ def measure(autoencoder: Autoencoder, images: Callable[[int, int], torch.Tensor]
     std = math.sqrt(max(total_sq / values - mean * mean, 0.0))
     if not std > 1e-8:
         raise MinidiffError("the VAE's latents of these images do not vary; it cannot have been trained on them")
+    try:  # what a model file may hold: a measurement outside it would make a file minidiff refuses
+        check_normalisation({"shift": mean, "scale": 1.0 / std})
+    except MinidiffError as exc:
+        raise MinidiffError(f"the VAE's latents of these images are not usable for diffusion: {exc}") from None
     return mean, 1.0 / std, n

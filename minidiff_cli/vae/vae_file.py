@@ -8,8 +8,10 @@ Layout::
                                 "name": ..., "training": {...}}
 
 A file from a stranger is hostile: the header is read and checked by hand (``files/model_file.py``), the
-config is validated against bounds before any module is built, and the tensors the config
-implies are compared with the header (names, shapes, dtypes) before any weight is read.
+config is validated against bounds before any module is built (its ``image_size`` too: at most
+1024 px, and the activations of one picture at that size within ``VAEConfig.check_size``'s cap),
+and the tensors the config implies are compared with the header (names, shapes, dtypes) before
+any weight is read.
 """
 
 from __future__ import annotations
@@ -60,8 +62,8 @@ def check_vae_file(path: str | os.PathLike) -> tuple[VAEConfig, dict[str, Any]]:
     try:
         cfg = VAEConfig.from_dict(meta.get("vae"))
         size = meta.get("image_size")
-        if size is not None and (not isinstance(size, int) or isinstance(size, bool) or not 1 <= size <= 4096):
-            raise MinidiffError(f"image_size {size!r:.40} is not a size in pixels")
+        if size is not None:  # a size it can run at: bounded, and its activations at one picture too
+            cfg.check_size(size, what="image_size")
     except (MinidiffError, TypeError) as exc:
         raise ModelFileError(f"'{path}' has an invalid VAE config: {exc}") from None
     check_entries(f"'{path}'", expected_entries(cfg), entries)

@@ -2,9 +2,9 @@
 
 Reading follows the rules for every picture minidiff opens (SECURITY.md): a PNG's chunk headers
 are walked by hand first (``files.png_parameters.read_texts``: pixel count within Pillow's
-``MAX_IMAGE_PIXELS``, text chunks within its limits); other formats are bounded by the size in
-their header, before any pixel is decoded. Only PNG, JPEG and WebP are opened, the formats of
-``train --data DIR``.
+``MAX_IMAGE_PIXELS``, text chunks within its limits); every format is then bounded by the size in
+its header (``data.images.check_picture``: pixel count, sides at most 32 to one), before any pixel
+is decoded. Only PNG, JPEG and WebP are opened, the formats of ``train --data DIR``.
 
 Fitting brings an image to the model's size and channels as training data is brought
 (``data.images.to_rgb``: EXIF rotation, transparency onto white; ``data.images.resize_center_crop``) and says
@@ -19,6 +19,7 @@ import os
 import warnings
 from pathlib import Path
 
+from minidiff_cli.data.images import check_picture
 from minidiff_cli.errors import MinidiffError
 
 FORMATS = ("PNG", "JPEG", "WEBP")
@@ -33,7 +34,7 @@ def open_image(source, what: str):
     from PIL import Image
 
     if isinstance(source, Image.Image):
-        check_pixels(source.size, what)
+        check_picture(source.size, what)
         return source
     if not isinstance(source, (str, os.PathLike)):
         raise MinidiffError(f"the {what} must be a file path or a PIL image (got {type(source).__name__})")
@@ -54,7 +55,7 @@ def _read(path: Path, what: str):
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path, formats=list(FORMATS)) as image:
-                check_pixels(image.size, f"{what} '{path}'")
+                check_picture(image.size, f"{what} '{path}'")
                 image.load()
                 return image
     except UnidentifiedImageError:
@@ -64,17 +65,6 @@ def _read(path: Path, what: str):
                             "refusing it") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:  # truncated or corrupt data
         raise MinidiffError(f"cannot read {what} '{path}': {str(exc).strip() or type(exc).__name__}") from None
-
-
-def check_pixels(size: tuple[int, int], what: str) -> None:
-    """Refuse more pixels than Pillow's ``MAX_IMAGE_PIXELS``, where Pillow itself only warns."""
-    from PIL import Image
-
-    width, height = size
-    limit = Image.MAX_IMAGE_PIXELS
-    if limit is not None and width * height > limit:
-        raise MinidiffError(f"{what} claims {width}x{height} pixels, more than Pillow's limit of {limit} "
-                            "(a decompression bomb?); refusing it")
 
 
 def upright(image):
@@ -93,12 +83,14 @@ def pixel_hash(image) -> str:
     return digest.hexdigest()[:10]
 
 
-def fit_image(image, size: int, channels: int):
-    """(float32 tensor [channels, size, size] in [-1, 1], what was done or None) for an init image."""
-    from minidiff_cli.data.images import pil_to_tensor, resize_center_crop, to_rgb
+def fit_image(image, size: int, channels: int, what: str = "the init image"):
+    """(float32 tensor [channels, size, size] in [-1, 1], what was done or None) for an init image (or
+    another picture, named by ``what`` in errors: ``vae reconstruct``'s)."""
+    from minidiff_cli.data.images import check_fit, pil_to_tensor, resize_center_crop, to_rgb
 
     if channels not in (1, 3):
         raise MinidiffError(f"init images need a model with 1 or 3 channels; this one has {channels}")
+    check_fit(image.size, size, what)  # before any conversion or resize: a thin strip is refused here
     target = "L" if channels == 1 else "RGB"
     done = []
     if image.getexif().get(EXIF_ORIENTATION, 1) != 1:
@@ -112,17 +104,18 @@ def fit_image(image, size: int, channels: int):
     if fitted.size != (size, size):
         cut = "" if fitted.width == fitted.height else " and centre-cropped"
         done.append(f"{fitted.width}x{fitted.height} scaled{cut} to {size}x{size}")
-        fitted = resize_center_crop(fitted, size)
+        fitted = resize_center_crop(fitted, size, what)
     return pil_to_tensor(fitted), ", ".join(done) or None
 
 
 def fit_mask(mask, image_size: tuple[int, int], size: int):
     """float32 tensor [1, size, size] in [0, 1] (1 = repaint) for a mask of the init image's upright size."""
-    from minidiff_cli.data.images import pil_to_uint8, resize_center_crop, to_rgb
+    from minidiff_cli.data.images import check_fit, pil_to_uint8, resize_center_crop, to_rgb
 
     width, height = upright(mask).size
     if (width, height) != tuple(image_size):
         raise MinidiffError(f"the mask is {width}x{height} but the init image is {image_size[0]}x{image_size[1]}; "
                             "they must be the same size")
+    check_fit(mask.size, size, "the mask")
     grey = to_rgb(mask).convert("L")  # transparency counts as white: repainted
-    return pil_to_uint8(resize_center_crop(grey, size)).float() / 255.0
+    return pil_to_uint8(resize_center_crop(grey, size, "the mask")).float() / 255.0
