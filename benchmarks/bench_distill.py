@@ -22,6 +22,7 @@ import argparse
 import json
 import platform
 import resource
+import shlex
 import shutil
 import subprocess
 import sys
@@ -69,6 +70,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("-n", type=int, default=8, help="images per prompt in each evaluation")
     parser.add_argument("--out", default="runs/bench-distill")
+    parser.add_argument("--extra", default="", help="more distill flags for every method, e.g. \"--gain-cap 16\"")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--smoke", action="store_true")
     args = parser.parse_args()
@@ -87,7 +89,7 @@ def main() -> None:
             if stop == args.every:
                 flags += ["--model", args.teacher, "--method", method, "--steps", str(args.student_steps),
                           "--batch-size", str(args.batch_size), "--lr-decay-steps", str(args.steps),
-                          "--save-every", str(args.every)]
+                          "--save-every", str(args.every), *shlex.split(args.extra)]
             else:
                 flags += ["--resume"]
             c, w = run(["distill", "--out", str(folder), *flags])

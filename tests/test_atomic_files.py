@@ -157,6 +157,7 @@ def test_sigkill_while_writing_a_png_leaves_no_partial_file_under_its_name(tmp_p
 
 @pytest.mark.hostile
 def test_ctrl_c_while_saving_keeps_the_finished_images_and_no_partial_one(tmp_path, tiny, monkeypatch):
+    Image.init()  # registers Pillow's PNG writer in Image.SAVE, whatever ran before this test
     original, calls = Image.SAVE["PNG"], []
 
     def interrupted_second_save(im, fp, filename, *args, **kwargs):

@@ -28,6 +28,7 @@ REPLACED = {
     "eval": {"-n": lambda v: "1", "--per-prompt": lambda v: "1", "--runs": lambda v: "ddim:2"},
     "clip train": {"--steps": lambda v: "2"},
     "vae train": {"--max-steps": lambda v: "2", "--image-size": lambda v: "16"},
+    "distill": {"--max-steps": lambda v: "2"},
 }
 # Settings added where the README does not give them: (the option and its aliases, value).
 ADDED = {
@@ -43,9 +44,10 @@ ADDED = {
                   (("--channel-mult",), "1,2"), (("--device",), "cpu"), (("--quiet", "-q"), None)],
     "vae eval": [(("--holdout",), ""), (("--device",), "cpu")],  # the test's folder has 3 pictures
     "vae reconstruct": [(("--device",), "cpu")],
+    "distill": [(("--batch-size",), "2"), (("--device",), "cpu"), (("--quiet", "-q"), None)],
 }
 # Commands that train or evaluate: they run in a test of their own (about 50 s), after their training runs.
-SLOW = ("train", "eval", "clip train", "vae train", "vae eval", "vae reconstruct")
+SLOW = ("train", "eval", "clip train", "vae train", "vae eval", "vae reconstruct", "distill")
 # Commands a test machine cannot run, by their first word, with the reason.
 SKIPPED = {"torchrun": "several processes (and for --nnodes 2, two machines); tests/test_training.py's "
                        "slow DDP test runs `torchrun --nproc-per-node 2 -m minidiff_cli train` on CPU, and "

@@ -40,6 +40,10 @@ def distill_command(
     rank: Optional[int] = typer.Option(None, "--rank", help="Rank of the low-rank adapter [default: 16]."),
     solver_steps: Optional[int] = typer.Option(None, "--solver-steps", help="The teacher's DDIM grid that "
                                                "consistency steps skip along [default: 50]."),
+    gain_cap: Optional[float] = typer.Option(None, "--gain-cap", help="Weight of the x0 error at t: min(1, G "
+                                             "sqrt(alpha_bar_t)); 1 counts it as x_t carries it, larger values "
+                                             "count the noisiest steps more (what 1- and 2-step students need) "
+                                             "[default: 1]."),
     save_every: Optional[int] = typer.Option(None, "--save-every", help="Checkpoint and student file every N steps "
                                              "[default: 250]."),
     sample_every: Optional[int] = typer.Option(None, "--sample-every", help="Student samples every N steps "
@@ -68,7 +72,7 @@ def distill_command(
     flags = {"teacher": model, "method": method, "out": out, "steps": steps, "guidance": guidance, "data": data, "holdout": holdout,
              "max_steps": max_steps, "batch_size": batch_size, "lr": lr, "warmup": warmup,
              "lr_decay_steps": lr_decay_steps, "rank": rank,
-             "solver_steps": solver_steps, "save_every": save_every, "sample_every": sample_every,
+             "solver_steps": solver_steps, "gain_cap": gain_cap, "save_every": save_every, "sample_every": sample_every,
              "log_every": log_every, "seed": seed, "device": device, "threads": threads, "quiet": quiet, "name": name}
     given = {k: v for k, v in flags.items() if v is not None}
     cfg = _resumed(given) if resume else DistillConfig(**given).validate()

@@ -73,6 +73,7 @@ class DistillConfig:
     batch_size: int = 32
     solver_steps: int = 50  # the teacher's DDIM grid the consistency steps skip along
     huber_c: float = 0.001
+    gain_cap: float = 1.0  # the x_0 error at t counts min(1, gain_cap sqrt(abar_t)): 1 is as x_t carries it
     seed: int = 0
     save_every: int = 250
     sample_every: int = 250
@@ -92,7 +93,7 @@ class DistillConfig:
             if not is_int(value) or not low <= value <= high:
                 raise MinidiffError(f"--{key.replace('_', '-')} must be a whole number from {low} to {high} "
                                     f"(got {value!r:.40})")
-        reals = {"guidance": (0.0, 100.0), "lr": (1e-8, 1.0), "huber_c": (0.0, 1.0)}
+        reals = {"guidance": (0.0, 100.0), "lr": (1e-8, 1.0), "huber_c": (0.0, 1.0), "gain_cap": (1.0, 1e6)}
         for key, (low, high) in reals.items():
             value = getattr(self, key)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not low <= value <= high:
@@ -231,10 +232,11 @@ class Distiller:
             target = _x0(x_s, self.model.predict_eps(x_s, s.clamp(min=0), cond), abar_s)
             target = torch.where(_rows(s >= 0, x0), target, x_s)
         pred = _x0(x_t, self.model.predict_eps(x_t, t, cond), abar_t)
-        # Both x_0 guesses as x_t carries them, sqrt(abar_t) x_0: near t = T an eps model's x_0 is its eps
-        # error magnified by 1 / sqrt(abar_t) (some 200x at the capped cosine's last step), which would
-        # otherwise drown every other timestep's gradient.
-        diff = abar_t.sqrt() * (pred.float() - target.float())
+        # Near t = T an eps model's x_0 is its eps error magnified by 1 / sqrt(abar_t) (some 200x at the
+        # capped cosine's last step), which would drown every other timestep's gradient: the x_0 error
+        # counts min(1, gain_cap sqrt(abar_t)), as x_t carries it at gain_cap 1, plain x_0 error at large ones.
+        weight = (cfg.gain_cap * abar_t.sqrt()).clamp(max=1.0)
+        diff = weight * (pred.float() - target.float())
         c = cfg.huber_c
         return ((diff ** 2 + c * c).sqrt() - c).mean()
 
