@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -17,10 +19,28 @@ ROOT = Path(__file__).resolve().parents[1]
 # threads per process spin against each other and a 0.02 s forward pass takes 0.3 s.
 # Set before torch is imported, so it holds here and in every command the tests run.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+TEST_THREADS = int(os.environ["OMP_NUM_THREADS"])  # what every test is run at (a test may unset the variable)
 # If something imported torch before this file ran, the variable came too late: set it
 # directly too, so in-process runs compute exactly like the subprocesses they are compared with.
 if "torch" in sys.modules:
     sys.modules["torch"].set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+# Hermetic: the user's settings must not change what the tests see (their models named like a
+# test's, their plugins, a thread count). Cleared here, before any fixture (session ones too)
+# and any command the tests run, and again before each test (``_hermetic_environment``).
+USER_SETTINGS = ("MINIDIFF_MODELS_DIR", "XDG_DATA_HOME", "MINIDIFF_THREADS", "MINIDIFF_PLUGINS_DIR",
+                 "MINIDIFF_LOAD_PLUGINS", "MINIDIFF_STRICT_PLUGINS", "MINIDIFF_KEEP_FREED_MEMORY")
+EMPTY_MODELS_DIR = tempfile.mkdtemp(prefix="minidiff-test-models-")  # no user models; removed at exit
+atexit.register(shutil.rmtree, EMPTY_MODELS_DIR, True)
+
+
+def _clear_user_settings(setenv, delenv) -> None:
+    for key in USER_SETTINGS:
+        delenv(key)
+    setenv("MINIDIFF_MODELS_DIR", EMPTY_MODELS_DIR)
+
+
+_clear_user_settings(os.environ.__setitem__, lambda key: os.environ.pop(key, None))
 
 
 def cli_command() -> list[str]:
@@ -175,8 +195,14 @@ def trained_checkpoint_run(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(autouse=True)
+def _hermetic_environment(monkeypatch):
+    """Each test starts without the user's minidiff settings (and an empty user model folder)."""
+    _clear_user_settings(monkeypatch.setenv, lambda key: monkeypatch.delenv(key, raising=False))
+
+
+@pytest.fixture(autouse=True)
 def _one_torch_thread():
     """Undo any thread count a test (or an in-process Trainer with --threads) left behind."""
     yield
     if "torch" in sys.modules:
-        sys.modules["torch"].set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+        sys.modules["torch"].set_num_threads(TEST_THREADS)

@@ -82,19 +82,35 @@ def test_a_failed_generate_leaves_no_folder_it_created(tmp_path):
 
 def test_ctrl_c_during_generate_leaves_no_empty_folder(tmp_path):
     model = tiny_model_file(tmp_path / "m.safetensors", "class")
-    target = tmp_path / "out"
-    proc = subprocess.Popen([*cli_command(), "generate", "red circle", "--model", str(model), "--steps", "20000",
-                             "-q", "-o", str(target)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while not target.exists() and time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    assert target.is_dir(), "generate never made its folder"
-    time.sleep(0.5)  # into the sampling loop
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
+    plugs, marker, target = tmp_path / "plugs", tmp_path / "sampling", tmp_path / "out"
+    plugs.mkdir()
+    (plugs / "slow.py").write_text(SLOW_SAMPLER)  # writes the marker once it samples: a signal, not a clock
+    env = {**os.environ, "MINIDIFF_PLUGINS_DIR": str(plugs), "MINIDIFF_TEST_MARKER": str(marker)}
+    proc = subprocess.Popen([*cli_command(), "generate", "red circle", "--model", str(model), "--sampler", "slow",
+                             "-q", "-o", str(target)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        deadline = time.monotonic() + 300  # a bound for a hung process only; the wait ends on the marker
+        while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert marker.exists(), proc.communicate(timeout=30)
+        assert target.is_dir()  # made before sampling, and now empty
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
     assert proc.returncode == 130, err
     assert "Interrupted" in err and "Traceback" not in err
     assert not target.exists()
+
+
+def test_steps_beyond_the_models_schedule_are_refused_before_any_folder_is_made(tmp_path):
+    model = tiny_model_file(tmp_path / "m.safetensors", "class")  # T = 50
+    assert_error(cli("generate", "red circle", "--model", model, "--steps", "20000", "-q", "-o", tmp_path / "a" / "b"),
+                 "steps must be between 1 and 50 for this model (got 20000)")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors"]
 
 
 def test_clip_train_progress_bar_ends_on_the_summary_loss(tmp_path):

@@ -188,3 +188,61 @@ def test_torchrun_splits_the_lines_and_draws_what_one_process_draws(model, promp
     for name in files:
         assert np.array_equal(pixels(tmp_path / "one" / name), pixels(tmp_path / "two" / name)), name
         assert texts(tmp_path / "one" / name) == texts(tmp_path / "two" / name), name
+
+
+# -- standard input and pipes -----------------------------------------------------------------
+def test_prompts_from_standard_input(model, tmp_path, monkeypatch):
+    import io
+
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"red circle\nblue square\n")))
+    out = tmp_path / "out"
+    result = in_process("generate", "--prompts", "-", "--model", model, "--steps", "1", "-o", out, "-q")
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["line-00001-00.png", "line-00002-00.png"]
+
+
+def test_a_bad_line_on_standard_input_is_named_so(model, tmp_path, monkeypatch):
+    import io
+
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b'red circle\n{"prompt": 3}\n')))
+    assert_one_line_error(in_process("generate", "--prompts", "-", "--model", model, "-o", tmp_path / "o", "-q"),
+                          'standard input, line 2: "prompt" must be text')
+
+
+def test_prompts_from_a_pipe_like_process_substitution(model, tmp_path):
+    import threading
+
+    read_end, write_end = os.pipe()
+
+    def feed():
+        with os.fdopen(write_end, "wb") as stream:
+            stream.write(b"green triangle\n")
+
+    threading.Thread(target=feed, daemon=True).start()
+    try:
+        out = tmp_path / "out"
+        result = in_process("generate", "--prompts", f"/dev/fd/{read_end}", "--model", model, "--steps", "1",
+                            "-o", out, "-q")
+    finally:
+        os.close(read_end)
+    assert result.returncode == 0, result.stderr
+    assert [p.name for p in out.iterdir()] == ["line-00001-00.png"]
+
+
+@pytest.mark.hostile
+def test_an_endless_stream_is_read_only_up_to_the_bound(tmp_path):
+    from minidiff_cli.errors import MinidiffError
+    from minidiff_cli.inference.prompts_file import read_prompts
+
+    with pytest.raises(MinidiffError, match="larger than 16 MiB"):
+        read_prompts("/dev/zero")
+    with pytest.raises(MinidiffError, match="is a folder"):
+        read_prompts(tmp_path)
+
+
+@pytest.mark.hostile
+def test_standard_input_under_torchrun_is_refused(model, tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert_one_line_error(in_process("generate", "--prompts", "-", "--model", model, "-o", tmp_path / "o", "-q"),
+                          "under torchrun", "not standard input or a pipe")
+    assert list(tmp_path.iterdir()) == []

@@ -93,3 +93,11 @@ def test_resume_removes_only_this_runs_stale_temporaries(tmp_path, toml, trained
     rc, _, err = run_in_process("train", "--out", out, "--resume", "--max-steps", "7", "--quiet")
     assert rc == 0, err
     assert not any(p.exists() for p in stale) and all(p.exists() for p in kept)
+
+
+def test_a_failed_first_run_leaves_none_of_the_folders_it_made(tmp_path):
+    (tmp_path / "kept").mkdir()
+    out = tmp_path / "kept" / "runs" / "x"
+    assert_error(run_in_process("train", "--data", tmp_path / "missing", "--out", out, "--quiet", "--device", "cpu"),
+                 "missing")
+    assert list(tmp_path.iterdir()) == [tmp_path / "kept"] and list((tmp_path / "kept").iterdir()) == []

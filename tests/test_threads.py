@@ -84,3 +84,29 @@ def test_threads_flag_sets_torch_threads_through_the_cli():
 def test_bad_threads_are_one_line_errors(command):
     assert_one_line_error(run_cli(*command, "--threads", "-2"), "--threads must be from 1 to 1024")
     assert_one_line_error(run_cli(*command, env={ENV: "many"}), f"{ENV}='many' must be a whole number")
+
+
+def test_the_python_api_chooses_threads_as_the_cli_does_once_and_overridably(monkeypatch, tmp_path):
+    from tinymodels import tiny_model_file
+
+    from minidiff_cli.inference.pipeline import Pipeline
+    from minidiff_cli.runtime import threads
+
+    model = tiny_model_file(tmp_path / "m.safetensors", "class")
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setenv(ENV, "1")
+    monkeypatch.setattr(threads, "_chosen", False)  # a fresh Python process that never ran a command
+    torch.set_num_threads(2)
+    Pipeline.load(model, device="cpu")
+    assert torch.get_num_threads() == 1  # MINIDIFF_THREADS, as the CLI reads it
+    torch.set_num_threads(2)  # the user's own choice afterwards holds: the library chose once
+    Pipeline.load(model, device="cpu")
+    assert torch.get_num_threads() == 2
+    Pipeline.load(model, device="cpu", threads=3)
+    assert torch.get_num_threads() == 3
+    monkeypatch.setattr(threads, "_chosen", False)
+    monkeypatch.delenv(ENV)
+    monkeypatch.setattr(threads, "auto_threads", lambda *a, **k: 1)  # auto, as a busy machine gives
+    torch.set_num_threads(2)
+    Pipeline.load(model, device="cpu")
+    assert torch.get_num_threads() == 1

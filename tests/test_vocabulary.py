@@ -54,3 +54,17 @@ def test_models_shows_what_each_model_draws_and_prompts_to_try(tmp_path):
     result = run_cli("models", cwd=tmp_path)
     assert result.returncode == 0
     assert "the built-in shapes world" in result.stdout and 'try: "a red circle", "a blue square"' in result.stdout
+
+
+def test_the_unknown_word_hint_names_the_info_command_for_that_model():
+    from types import SimpleNamespace
+
+    from minidiff_cli.data.vocabulary import info_command, prompt_warnings
+
+    assert info_command(None) == "minidiff info"  # the default model
+    assert info_command("runs/my run") == "minidiff info 'runs/my run'"
+    config, clip = {"vocabulary": ["a", "red", "circle"]}, SimpleNamespace(name="clip")
+    (note,) = prompt_warnings("a crimson circle", config, clip, "emoji")
+    assert note.endswith("`minidiff info emoji` lists the words it knows"), note
+    (note,) = prompt_warnings("a crimson circle", config, clip)
+    assert note.endswith("`minidiff info` lists the words it knows"), note

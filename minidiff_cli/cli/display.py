@@ -25,23 +25,34 @@ def progress_columns(label: str, *fields: str) -> list:
 
 @contextmanager
 def step_progress(total: int, description: str, quiet: bool = False) -> Iterator:
-    """A rich progress bar on stderr (steps/s, ETA); yields ``advance(n=1)``."""
+    """A rich progress bar on stderr (steps/s, ETA); yields ``advance(n=1)``.
+
+    The bar appears at the first step: an error found before any sampling (an unknown sampler, a
+    bad sampler option) is then the only line on stderr, not one under a "0/50" bar."""
     if quiet:
         yield lambda n=1: None
         return
     from rich.progress import Progress
 
     columns = progress_columns("{task.description}", "[progress.data.speed]{task.fields[rate]}")
-    with Progress(*columns, console=stderr_console(), transient=False) as progress:
-        task = progress.add_task(description, total=total, rate="")
+    progress = Progress(*columns, console=stderr_console(), transient=False)
+    task = progress.add_task(description, total=total, rate="")
+    shown = []
 
-        def advance(n: int = 1) -> None:
-            progress.advance(task, n)
-            speed = progress.tasks[0].speed
-            if speed:
-                progress.update(task, rate=f"{speed:.1f} steps/s")
+    def advance(n: int = 1) -> None:
+        if not shown:
+            progress.start()
+            shown.append(True)
+        progress.advance(task, n)
+        speed = progress.tasks[0].speed
+        if speed:
+            progress.update(task, rate=f"{speed:.1f} steps/s")
 
+    try:
         yield advance
+    finally:
+        if shown:
+            progress.stop()
 
 
 def image_to_text(image, max_width: int = 64):

@@ -164,9 +164,14 @@ def _save_captioned_grid(path: Path, images, captions: list[str], heldout, overw
 
 def _default_clip(pipe) -> Path:
     """The CLIP the model's run trained on its folder: clip.safetensors next to the model file (a run
-    folder), or clip/NAME.safetensors beside it (how a shipped or installed model keeps it)."""
+    folder), or clip/NAME.safetensors beside it (how a shipped or installed model keeps it; a
+    distilled student's is its teacher's)."""
     source = Path(pipe.source) if pipe.source else None
-    for candidate in ([source.with_name("clip.safetensors"), source.parent / "clip" / source.name] if source else []):
+    candidates = [source.with_name("clip.safetensors"), source.parent / "clip" / source.name] if source else []
+    teacher = (pipe.model.config.get("student") or {}).get("teacher", {}).get("name")
+    if source and isinstance(teacher, str) and "/" not in teacher:  # a distilled student is judged as its teacher
+        candidates.append(source.parent / "clip" / f"{teacher}.safetensors")
+    for candidate in candidates:
         if candidate.is_file():
             return candidate
     raise MinidiffError("--data needs the CLIP trained on that folder: pass --clip FILE (from `minidiff clip "

@@ -41,7 +41,8 @@ def generate_command(
                                        "[default: 0]."),
     num_images: int = typer.Option(1, "--num-images", "-n", help="How many images."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images sampled at once [default: up to 16]."),
-    output: Path = typer.Option(Path("outputs"), "--output", "-o", help="Folder for numbered PNGs, or a FILE.png."),
+    output: str = typer.Option("outputs", "--output", "-o", help="Folder for numbered PNGs, or a FILE.png (a name "
+                               "ending in / is always a folder)."),
     grid: bool = typer.Option(False, "--grid", help="Also save all images as one grid PNG."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or mps."),
     dtype: str = typer.Option("auto", "--dtype", help="auto, float32, bfloat16 or float16."),
@@ -65,7 +66,7 @@ def generate_command(
                                            "back per step for better seams (N + 1 times the model calls) [default: 0]."),
     sampler_option: Optional[list[str]] = typer.Option(None, "--sampler-option", "-O", help="A sampler option "
                                                        "KEY=VALUE, repeatable, e.g. -O spacing=leading -O karras=true."),
-    prompts_file: Optional[Path] = typer.Option(None, "--prompts", help="A file of prompts, one a line, or JSON "
+    prompts_file: Optional[Path] = typer.Option(None, "--prompts", help="A file of prompts (- reads standard input), one a line, or JSON "
                                                 "lines with overrides: {\"prompt\": .., \"negative\", \"seed\", "
                                                 "\"steps\", \"cfg\", \"n\"}; writes line-LLLLL-KK.png into the -o "
                                                 "folder. Splits the lines over processes under torchrun."),
@@ -100,16 +101,21 @@ def generate_command(
         given["prompt"] = _prompts_instead_of(prompt, prompts_file, save_trajectory)
     params = _resolve(given, from_image)
     _check_numbers(params, num_images, batch_size)
+    output, as_file = output_target(output)
+    _check_against_model(params, installed_only=from_image is not None and model is None)
+    if prompts_file is not None and as_file:
+        raise MinidiffError(f"with --prompts, -o is a folder (images are named line-LLLLL-KK.png in it), "
+                            f"not '{output}'")
     init_files = open_init_files(init_image, mask, strength, resample, prompts_file, params["sampler"])
     # A failed or interrupted run must not leave behind an empty folder that it made.
-    ctx.call_on_close(_remove_if_empty(_missing_folders(output if not output.suffix else output.parent)))
+    ctx.call_on_close(_remove_if_empty(_missing_folders(output.parent if as_file else output)))
     if prompts_file is not None:
         from minidiff_cli.cli.generate_prompts import FileRun, generate_from_file
 
         generate_from_file(params, FileRun(prompts_file, output, num_images, batch_size, grid, device, dtype, as_json,
                                            quiet, from_image if model is None else None, overwrite))
         return
-    targets = _output_paths(output, num_images, overwrite)
+    targets = _output_paths(output, num_images, overwrite, as_file)
     if save_trajectory and not overwrite:
         _check_free([p for target in targets for p in _trajectory_paths(target)])
 
@@ -125,7 +131,7 @@ def generate_command(
 
         recorder = TrajectoryRecorder()
     images = _run(pipe, gen, num_images, batch_size, quiet, recorder)
-    written = _save(images, targets, output, grid, overwrite)
+    written = _save(images, targets, output, grid, overwrite, as_file)
     if recorder is not None:
         written += _save_trajectories(recorder, written[:len(images)], overwrite)  # named after the images saved
     if as_json:
@@ -245,6 +251,24 @@ def _check_numbers(params: dict[str, Any], num_images: int, batch_size: int | No
     check_text("negative prompt", params["negative_prompt"] or "")
 
 
+def _check_against_model(params: dict[str, Any], installed_only: bool) -> None:
+    """What the plugins and the model file's header tell before any folder is made: the sampler
+    exists and the steps fit the model's schedule (loading the model checks both again)."""
+    from minidiff_cli import plugins
+    from minidiff_cli.files.model_file import read_config
+    from minidiff_cli.files.models_dir import resolve_model
+
+    plugins.get_sampler(params["sampler"])
+    if installed_only and params["model"] is not None and not _is_model_name(params["model"]):
+        return  # _resolve refuses it
+    try:
+        limit = read_config(resolve_model(params["model"], installed_only=installed_only))["schedule"]["num_timesteps"]
+    except (MinidiffError, OSError, KeyError, TypeError):
+        return  # a missing or broken file: loading it reports why, in one line
+    if isinstance(limit, int) and not isinstance(limit, bool) and params["steps"] > limit:
+        raise MinidiffError(f"steps must be between 1 and {limit} for this model (got {params['steps']})")
+
+
 def _missing_folders(folder: Path) -> list[Path]:
     """``folder`` and those of its parents that do not exist yet, deepest first."""
     missing = []
@@ -267,10 +291,28 @@ def _remove_if_empty(folders: list[Path]):
     return remove
 
 
-def _output_paths(output: Path, num_images: int, overwrite: bool = False) -> list[Path]:
+def output_target(raw: str | os.PathLike) -> tuple[Path, bool]:
+    """-o as (path, whether it names one PNG file): a folder is a name that ends in a separator,
+    an existing folder, or a name without a suffix; otherwise it must end in .png.
+
+    Read from the text as typed: ``Path`` drops a trailing '/', and ``run.v2/`` is a folder."""
+    text = os.fspath(raw)
+    path = Path(text)
+    separators = tuple(sep for sep in (os.sep, os.altsep, "/") if sep)
+    if text.endswith(separators) or not path.suffix or os.path.isdir(text):
+        return path, False
+    if path.suffix.lower() == ".png":
+        return path, True
+    raise MinidiffError(f"-o '{text}' must be a folder or a .png file; for a new folder whose name has a dot, "
+                        f"end it with a slash: -o '{text}/'")
+
+
+def _output_paths(output: Path, num_images: int, overwrite: bool = False, as_file: bool | None = None) -> list[Path]:
     """Where each image goes; checked before any work so that nothing is half-done."""
+    if as_file is None:
+        output, as_file = output_target(output)
     try:
-        return _free_paths(output, num_images, overwrite)
+        return _free_paths(output, num_images, overwrite, as_file)
     except (OSError, ValueError) as exc:  # e.g. a name longer than the filesystem allows
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         raise MinidiffError(f"-o '{output}' cannot be used: {reason}") from None
@@ -285,18 +327,16 @@ def _taken(path: Path) -> bool:
     return True
 
 
-def _free_paths(output: Path, num_images: int, overwrite: bool = False) -> list[Path]:
+def _free_paths(output: Path, num_images: int, overwrite: bool, as_file: bool) -> list[Path]:
     from minidiff_cli.files.atomic import ensure_writable_dir, next_free_path
 
-    if output.suffix.lower() == ".png":
+    if as_file:
         ensure_writable_dir(output.parent if str(output.parent) else Path("."))
         paths = [output] if num_images == 1 else [output.with_name(f"{output.stem}-{k}.png") for k in range(num_images)]
         for path in paths:
             if _taken(path) and not (overwrite and path.is_file()):
                 raise MinidiffError(f"'{path}' already exists; choose another -o, or pass --overwrite")
         return paths
-    if output.suffix:
-        raise MinidiffError(f"-o '{output}' must be a folder or a .png file")
     ensure_writable_dir(output)
     paths, start = [], 0
     for _ in range(num_images):
@@ -326,7 +366,7 @@ def _load(model: str | None, device: str, dtype: str, from_image: Path | None):
 def _warn_about_prompt(pipe, params: dict[str, Any]) -> None:
     from minidiff_cli.data.vocabulary import prompt_warnings
 
-    for note in prompt_warnings(params["prompt"] or "", pipe.model.config, pipe.model.conditioner):
+    for note in prompt_warnings(params["prompt"] or "", pipe.model.config, pipe.model.conditioner, params["model"]):
         print(f"minidiff: warning: {note}", file=sys.stderr)
 
 
@@ -403,11 +443,12 @@ def _save_trajectories(recorder, targets: list[Path], overwrite: bool = False) -
     return written
 
 
-def _save(images: list, targets: list[Path], output: Path, grid: bool, overwrite: bool = False) -> list[Path]:
+def _save(images: list, targets: list[Path], output: Path, grid: bool, overwrite: bool = False,
+          as_file: bool = False) -> list[Path]:
     from minidiff_cli.files.atomic import write_numbered
     from minidiff_cli.files.png_parameters import png_writer, save_png
 
-    numbered = not output.suffix  # names minidiff chose (never replaced): claimed as each is written
+    numbered = not as_file  # names minidiff chose (never replaced): claimed as each is written
     written = []
     for img, path in zip(images, targets):
         if numbered:  # another generate into the same folder may have taken this number since: take the next
@@ -418,7 +459,7 @@ def _save(images: list, targets: list[Path], output: Path, grid: bool, overwrite
     if grid:
         from minidiff_cli.data.images import make_grid
 
-        folder = output.parent if output.suffix else output
+        folder = output.parent if as_file else output
         sheet = make_grid(images)
         params = dict(images[0].info["minidiff"], grid=len(images))
         written.append(write_numbered(folder, "grid", ".png", png_writer(sheet, params)))

@@ -55,16 +55,20 @@ def generate_from_file(params: dict[str, Any], run: FileRun) -> None:
     from minidiff_cli.inference.pipeline import Generation
     from minidiff_cli.runtime import ranks
 
+    if ranks.world_size() > 1 and not os.path.isfile(run.prompts):
+        raise MinidiffError("under torchrun, every process reads the --prompts FILE: give a file, not standard "
+                            "input or a pipe (each process would get a part of it)")
     lines = prompts_file.read_prompts(run.prompts)
+    shown_as = prompts_file.shown_name(run.prompts)
     base = Generation("", params["negative_prompt"] or "", params["steps"], float(params["cfg"]), params["sampler"],
                       params["seed"], params["eta"], params["sampler_options"] or {})
-    jobs = prompts_file.jobs(lines, base, run.num_images, run.prompts)
+    jobs = prompts_file.jobs(lines, base, run.num_images, shown_as)
     names = prompts_file.image_names(jobs, _folder(run.output))
     if not run.overwrite:  # every process checks every name before any joins, so that none has written yet
         _check_free(names.values())
     with ranks.joined(run.device) as (dist, device):
         pipe = _load(params["model"], device, run.dtype, run.model_from_image)
-        _check_lines(pipe, jobs, run.prompts)
+        _check_lines(pipe, jobs, shown_as, params["model"])
         mine = prompts_file.share(prompts_file.batches(jobs, run.batch_size or 16), dist.rank, dist.world)
         keep_images = dist.world == 1 or run.grid
         written = _sample(pipe, mine, names, run.quiet or not dist.main, dist, keep_images, run.overwrite)
@@ -76,10 +80,7 @@ def generate_from_file(params: dict[str, Any], run: FileRun) -> None:
 def _folder(output: Path) -> Path:
     from minidiff_cli.files.atomic import ensure_writable_dir
 
-    if output.suffix:
-        raise MinidiffError(f"with --prompts, -o is a folder (images are named line-LLLLL-KK.png in it), "
-                            f"not '{output}'")
-    return ensure_writable_dir(output)
+    return ensure_writable_dir(output)  # a folder: generate's output_target refused a FILE.png
 
 
 def _check_free(paths) -> None:
@@ -94,7 +95,7 @@ def _load(model: str | None, device: str, dtype: str, from_image: Path | None):
     return load(model, device, dtype, from_image)
 
 
-def _check_lines(pipe, jobs, path: Path) -> None:
+def _check_lines(pipe, jobs, path: str, model: str | None = None) -> None:
     """What only the model can check, line by line, before any sampling."""
     from minidiff_cli import plugins
 
@@ -113,7 +114,7 @@ def _check_lines(pipe, jobs, path: Path) -> None:
             except MinidiffError as exc:
                 raise MinidiffError(f"{path}, line {job.line}: {exc}") from None
             if pipe.model.conditioner.name != "none":
-                for note in prompt_warnings(job.gen.prompt, pipe.model.config, pipe.model.conditioner):
+                for note in prompt_warnings(job.gen.prompt, pipe.model.config, pipe.model.conditioner, model):
                     print(f"minidiff: warning: {path}, line {job.line}: {note}", file=sys.stderr)
     if pipe.model.conditioner.name == "none":
         print("minidiff: warning: this model is unconditional; the prompts are ignored", file=sys.stderr)

@@ -176,9 +176,14 @@ def _train_locked(cfg, resume: bool, stages: bool) -> None:
         print(f"training on {trainer.device} x{world}, global batch {cfg.batch_size} "
               f"({cfg.batch_size // world} per process), {trainer.model.unet.num_parameters() / 1e6:.2f} M U-Net "
               f"parameters, from step {trainer.step} to {cfg.max_steps}; files in {cfg.out}", file=sys.stderr)
+        from minidiff_cli.training.optim import warmup_note
+
+        note = warmup_note(trainer.cfg)  # the trainer's: its schedule length is fixed by then
+        if note:
+            print(f"minidiff: note: {note}", file=sys.stderr)
     try:
-        if cfg.quiet or not main:
-            last = trainer.run(progress=_log_lines(cfg.log_every) if main else None)
+        if cfg.quiet or not main or not sys.stderr.isatty():  # a live bar only on a terminal; lines elsewhere
+            last = trainer.run(progress=_log_lines(cfg.log_every, cfg.max_steps) if main else None)
         else:
             last = _run_with_display(trainer)
     except KeyboardInterrupt:
@@ -205,7 +210,7 @@ def _text_stage(cfg, resume: bool) -> Path:
 
     log = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
     try:
-        with loss_progress(cfg.clip_steps, bool(cfg.quiet), label="stage 1/2: text encoder",
+        with loss_progress(cfg.clip_steps, bool(cfg.quiet) or not sys.stderr.isatty(), label="stage 1/2: text encoder",
                            log_every=cfg.log_every) as report:
             return run_clip_stage(cfg, resume=resume, callback=report, log=log)
     except KeyboardInterrupt:
@@ -214,12 +219,34 @@ def _text_stage(cfg, resume: bool) -> Path:
         sys.exit(130)
 
 
-def _log_lines(every: int):
+def _log_lines(every: int, total: int | None = None, first_after: float = 5.0):
+    """Progress as lines on stderr (no terminal, or --quiet): one every ``every`` steps, and once, at
+    the first step after ``first_after`` seconds (or the first logged one), how long the rest will take."""
+    import time
+
+    started, told = time.monotonic(), []
+
     def log(info: dict) -> None:
-        if info["step"] % every == 0:
-            print(f"step {info['step']} loss {info['smoothed']:.4f} lr {info['lr']:.2e} {info['it_s']:.2f} it/s",
+        step = info["step"]
+        if total is not None and not told and (time.monotonic() - started >= first_after or step % every == 0
+                                               or step >= total):
+            told.append(True)
+            if info["it_s"] > 0 and step < total:
+                print(f"step {step} of {total}: about {_duration((total - step) / info['it_s'])} to go at "
+                      f"{info['it_s']:.2f} it/s", file=sys.stderr, flush=True)
+        if step % every == 0:
+            print(f"step {step} loss {info['smoothed']:.4f} lr {info['lr']:.2e} {info['it_s']:.2f} it/s",
                   file=sys.stderr, flush=True)
     return log
+
+
+def _duration(seconds: float) -> str:
+    """'40 s', '12 min', '3.5 h'."""
+    if seconds < 90:
+        return f"{max(1, round(seconds))} s"
+    if seconds < 90 * 60:
+        return f"{round(seconds / 60)} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 def _run_with_display(trainer) -> dict:

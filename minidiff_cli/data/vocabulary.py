@@ -45,8 +45,10 @@ def unknown_words(prompt: str, known: set[str]) -> list[str]:
     return list(dict.fromkeys(w for w in words(prompt) if w not in known))
 
 
-def prompt_warnings(prompt: str, config: dict, conditioner) -> list[str]:
-    """One-line warnings about a prompt for this model: words it never saw, a cut, an empty prompt."""
+def prompt_warnings(prompt: str, config: dict, conditioner, model: str | None = None) -> list[str]:
+    """One-line warnings about a prompt for this model: words it never saw, a cut, an empty prompt.
+
+    ``model``: the --model value as given (None: the default model), named in the `minidiff info` hint."""
     name = getattr(conditioner, "name", "")
     if name == "none":
         return ["this model is unconditional; the prompt is ignored"] if prompt else []
@@ -58,13 +60,20 @@ def prompt_warnings(prompt: str, config: dict, conditioner) -> list[str]:
     if unknown:
         shown = ", ".join(repr(w) for w in unknown[:8]) + (", ..." if len(unknown) > 8 else "")
         notes.append(f"this model never saw {shown} in its training captions, so it can only guess; "
-                     "`minidiff info` lists the words it knows")
+                     f"`{info_command(model)}` lists the words it knows")
     cut = getattr(conditioner, "cut_words", None)
     dropped = cut(prompt) if cut is not None else ""
     if dropped:
         notes.append(f"the prompt is longer than the text encoder's {conditioner.context_length} tokens; "
                      f"ignored: {dropped!r:.80}")
     return notes
+
+
+def info_command(model: str | None) -> str:
+    """The `minidiff info` command that describes ``model`` (the default model without an argument)."""
+    import shlex
+
+    return "minidiff info" if model is None else f"minidiff info {shlex.quote(str(model))}"
 
 
 def article(word: str) -> str:

@@ -126,6 +126,7 @@ def evaluate_captions(pipe, dataset, clip_features, settings: CaptionEvalSetting
     report: dict[str, Any] = {
         "captions": len(chosen), "per_caption": settings.per_caption, "images": len(generated),
         "reference_images": len(reference), "folder_captions": len(all_captions),
+        "r_precision_candidates": min(settings.candidates, len(all_captions)),  # each image's caption among so many
         "heldout_captions": sum(heldout(c) for c in chosen),
         "sampler": settings.sampler, "steps": settings.steps, "cfg": settings.cfg, "seed": settings.seed,
         "generated": scores(gen_f, rows, pool, settings, ref_f, paired_f),
@@ -143,7 +144,7 @@ def evaluate_captions(pipe, dataset, clip_features, settings: CaptionEvalSetting
 
 
 def _number(value) -> str:
-    return "-" if value is None else f"{value:.4g}"
+    return "-" if value is None else f"{value + 0.0:.4g}"  # + 0.0: never "-0"
 
 
 def describe(report: dict[str, Any]) -> list[str]:
@@ -153,7 +154,7 @@ def describe(report: dict[str, Any]) -> list[str]:
              f"({report['heldout_captions']} held out of training), {report['sampler']} {report['steps']} steps, "
              f"cfg {report['cfg']}; reference: {report['reference_images']} real images",
              f"{'':24}{'generated':>12}{'real images':>14}"]
-    for key, label in (("clip_score", "CLIP score"), ("r_precision", f"R-precision (of 100)"),
+    for key, label in (("clip_score", "CLIP score"), ("r_precision", f"R-precision (of {report.get('r_precision_candidates', 100)})"),
                        ("fd_clip", "Frechet distance (CLIP)"), ("kid_clip", "KID (CLIP)"),
                        ("precision", "precision"), ("recall", "recall")):
         lines.append(f"{label:24}{_number(g[key]):>12}{_number(r[key]):>14}")

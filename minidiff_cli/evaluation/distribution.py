@@ -50,7 +50,8 @@ def frechet_distance(real: torch.Tensor, fake: torch.Tensor) -> float:
     metric = FrechetInceptionDistance(feature=_Features(real.shape[1]))
     metric.update(real.double(), real=True)
     metric.update(fake.double(), real=False)
-    return float(metric.compute())
+    # A distance is never below 0; the matrix square root's rounding can give -1e-9 for equal sets.
+    return max(0.0, float(metric.compute()))
 
 
 def kernel_distance(real: torch.Tensor, fake: torch.Tensor, *, subset_size: int = 100, subsets: int = 100,

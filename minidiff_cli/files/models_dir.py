@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from minidiff_cli.errors import UnknownNameError
+from minidiff_cli.errors import MinidiffError, UnknownNameError
 
 SHIPPED_DIR = Path(__file__).parent.parent / "models"  # minidiff_cli/models
 DEFAULT_MODEL = "shapes-clip"
@@ -50,8 +50,11 @@ def resolve_model(model: str | os.PathLike | None, *, installed_only: bool = Fal
     name = DEFAULT_MODEL if model is None else str(model)
     path = Path(name).expanduser()
     if not installed_only:
-        if path.is_dir() and (path / RUN_MODEL).is_file():
-            return path / RUN_MODEL  # a run folder
+        if path.is_dir():
+            if (path / RUN_MODEL).is_file():
+                return path / RUN_MODEL  # a run folder
+            raise MinidiffError(f"'{name}' is a folder without {RUN_MODEL}: give a model's .safetensors file, "
+                                "a run folder of `minidiff train`, or a model name (`minidiff models` lists them)")
         if path.suffix == ".safetensors" or os.sep in name or path.exists():
             return path  # a path: files/model_file.py reports a missing or broken file
     for stem, found, where in list_models():

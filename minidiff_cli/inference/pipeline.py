@@ -77,7 +77,18 @@ class Pipeline:
         self.source: Path | None = None
 
     @classmethod
-    def load(cls, model: str | os.PathLike | None = None, device: str = "auto", dtype: str = "auto") -> "Pipeline":
+    def load(cls, model: str | os.PathLike | None = None, device: str = "auto", dtype: str = "auto",
+             threads: int | None = None) -> "Pipeline":
+        """The model (a name, a .safetensors path or a run folder), ready to generate.
+
+        torch's CPU threads are chosen as the CLI chooses them (see ``minidiff_cli.runtime.threads``),
+        once per process: ``threads=N`` (or ``MINIDIFF_THREADS``, ``OMP_NUM_THREADS``) sets the count."""
+        from minidiff_cli.runtime.threads import apply_threads, ensure_threads
+
+        if threads is not None:
+            apply_threads(threads)
+        else:
+            ensure_threads()
         path = resolve_model(model)
         dev = pick_device(device)
         torch_dtype = pick_dtype(dtype, dev)

@@ -72,8 +72,8 @@ class Batch:
 
 def read_prompts(path: str | os.PathLike) -> list[PromptLine]:
     """Every line of the file, checked; a bad one is a MinidiffError naming the file and line."""
-    path = Path(path)
-    data = _read_bytes(path)
+    data = _read_bytes(Path(path))
+    path = shown_name(path)
     lines = []
     for number, raw in enumerate(data.split(b"\n"), start=1):
         line = _decode(raw, path, number).strip()
@@ -87,27 +87,57 @@ def read_prompts(path: str | os.PathLike) -> list[PromptLine]:
     return lines
 
 
+def shown_name(path: str | os.PathLike) -> str:
+    """How errors name the prompts: the path, or "standard input" for ``-``."""
+    return "standard input" if os.fspath(path) == "-" else os.fspath(path)
+
+
 def _read_bytes(path: Path) -> bytes:
+    """The file's bytes, at most MAX_FILE_BYTES: a regular file, standard input (``-``) or a pipe
+    such as ``<(...)``; a stream is read only up to the bound, never to its end."""
+    import stat
+    import sys
+
+    name = "standard input" if str(path) == "-" else f"prompts file '{path}'"
     try:
-        if not path.is_file():
-            raise MinidiffError(f"prompts file '{path}' does not exist" if not path.exists()
-                                else f"prompts file '{path}' is not a file")
-        if path.stat().st_size > MAX_FILE_BYTES:
-            raise MinidiffError(f"prompts file '{path}' is larger than {MAX_FILE_BYTES >> 20} MiB; split it")
-        data = path.read_bytes()
+        if str(path) == "-":
+            data = _read_bounded(sys.stdin.buffer, name)
+        else:
+            mode = os.stat(path).st_mode
+            if stat.S_ISDIR(mode):
+                raise MinidiffError(f"{name} is a folder, not a file")
+            if stat.S_ISREG(mode) and os.stat(path).st_size > MAX_FILE_BYTES:
+                raise MinidiffError(f"{name} is larger than {MAX_FILE_BYTES >> 20} MiB; split it")
+            with open(path, "rb") as stream:  # a regular file, or a pipe, FIFO or device: bounded
+                data = _read_bounded(stream, name)
+    except FileNotFoundError:
+        raise MinidiffError(f"{name} does not exist") from None
     except OSError as exc:
-        raise MinidiffError(f"prompts file '{path}' could not be read: {exc.strerror or exc}") from None
+        raise MinidiffError(f"{name} could not be read: {exc.strerror or exc}") from None
     return data[3:] if data.startswith(b"\xef\xbb\xbf") else data  # a UTF-8 byte order mark
 
 
-def _decode(raw: bytes, path: Path, number: int) -> str:
+def _read_bounded(stream, name: str) -> bytes:
+    chunks, size = [], 0
+    while size <= MAX_FILE_BYTES:
+        chunk = stream.read(MAX_FILE_BYTES + 1 - size)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    if size > MAX_FILE_BYTES:
+        raise MinidiffError(f"{name} is larger than {MAX_FILE_BYTES >> 20} MiB; split it")
+    return b"".join(chunks)
+
+
+def _decode(raw: bytes, path: str, number: int) -> str:
     try:
         return raw.decode("utf-8").rstrip("\r")
     except UnicodeDecodeError:
         raise MinidiffError(f"{path}, line {number}: not valid UTF-8 text") from None
 
 
-def _parse_line(line: str, path: Path, number: int) -> PromptLine:
+def _parse_line(line: str, path: str, number: int) -> PromptLine:
     where = f"{path}, line {number}"
     if len(line) > MAX_LINE_CHARS:
         raise MinidiffError(f"{where}: longer than {MAX_LINE_CHARS:,} characters")

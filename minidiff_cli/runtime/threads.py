@@ -13,6 +13,9 @@ Who decides, first match wins:
 3. ``OMP_NUM_THREADS``, which torch reads itself (minidiff then changes nothing);
 4. otherwise the count above ("auto"), re-taken during long training runs.
 
+Commands choose at their start; the Python API (``Pipeline.load``) chooses the same way, once per
+process, unless a count was chosen already (``apply_threads(N)``, or ``Pipeline.load(threads=N)``).
+
 Linux gives the counters in /proc/stat; elsewhere the 1-minute load average stands in
 for them (less current, but the same idea).
 """
@@ -113,16 +116,30 @@ def _checked(value: int, where: str) -> Optional[int]:
     return value or None
 
 
+_chosen = False  # whether apply_threads ran in this process (a command, or the library once)
+
+
 def apply_threads(flag: Optional[int] = None) -> Optional[int]:
     """Set torch's thread count by the rules of the module doc; returns it (None: left to OMP_NUM_THREADS)."""
     import torch
 
+    global _chosen
+    _chosen = True
     wanted = requested_threads(flag)
     if wanted is None and os.environ.get("OMP_NUM_THREADS"):
         return None
     count = wanted or auto_threads()
     torch.set_num_threads(count)
     return count
+
+
+def ensure_threads() -> None:
+    """Choose the thread count as a command does, once per process: what the library (Pipeline.load)
+    calls, so that Python users get the CLI's choice. A count chosen before (apply_threads, by a
+    command or by the user: ``apply_threads(N)``) is left alone, and so is torch.set_num_threads
+    called after it."""
+    if not _chosen:
+        apply_threads(None)
 
 
 class AutoThreads:

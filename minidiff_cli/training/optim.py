@@ -35,7 +35,27 @@ def adamw(params: list[torch.Tensor], cfg: TrainConfig, device: torch.device) ->
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
     """The learning rate of a diffusion (or VAE) run at ``step``: its decay runs to lr_decay_steps, else max_steps."""
-    return warmup_cosine(step, cfg.lr, cfg.warmup, cfg.lr_decay_steps or cfg.max_steps)
+    horizon = cfg.lr_decay_steps or cfg.max_steps
+    return warmup_cosine(step, cfg.lr, effective_warmup(cfg.warmup, horizon), horizon)
+
+
+SHORT_RUN_WARMUP = 10  # a run no longer than its --warmup warms up over 1/10 of itself
+
+
+def effective_warmup(warmup: int, horizon: int) -> int:
+    """``warmup``, or a tenth of the schedule's ``horizon`` when the warm-up would not end before it
+    (150 steps against the default 500 would never reach the peak rate and draw noise)."""
+    return warmup if warmup < horizon else horizon // SHORT_RUN_WARMUP
+
+
+def warmup_note(cfg: TrainConfig) -> str | None:
+    """The one-line note a run whose warm-up was shortened prints; None for the others."""
+    horizon = cfg.lr_decay_steps or cfg.max_steps
+    if cfg.warmup < horizon or not cfg.warmup:
+        return None
+    return (f"--warmup {cfg.warmup} is not shorter than the learning-rate schedule ({horizon} steps): "
+            f"warming up over {effective_warmup(cfg.warmup, horizon)} steps instead; a run this short "
+            "may still draw mostly noise")
 
 
 def warmup_cosine(step: int, peak: float, warmup: int, horizon: int) -> float:

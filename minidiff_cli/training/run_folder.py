@@ -54,7 +54,7 @@ def locked(out: Path, main: bool = True) -> Iterator[None]:
         yield
         return
     check_creatable(out)
-    created = not out.exists()
+    created = _missing_folders(out)  # out and the parents it makes (runs/ of runs/x), deepest first
     out.mkdir(parents=True, exist_ok=True)
     fd = os.open(out, os.O_RDONLY)
     try:
@@ -63,8 +63,9 @@ def locked(out: Path, main: bool = True) -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # releases the lock
-        if created:  # a run that failed before writing anything leaves no folder behind
-            _rmdir_if_empty(out)
+        for folder in created:  # a run that failed before writing anything leaves no folder behind
+            if not _rmdir_if_empty(folder):
+                break
 
 
 def check_creatable(folder: Path) -> None:
@@ -134,8 +135,19 @@ def _entries(folder: Path) -> list[str]:
         return []
 
 
-def _rmdir_if_empty(folder: Path) -> None:
+def _rmdir_if_empty(folder: Path) -> bool:
     try:
         folder.rmdir()
     except OSError:
-        pass
+        return False
+    return True
+
+
+def _missing_folders(folder: Path) -> list[Path]:
+    """``folder`` and those of its parents that do not exist yet, deepest first."""
+    missing = []
+    for path in [folder, *folder.parents]:
+        if os.path.lexists(path) or not str(path) or path == path.parent:
+            break
+        missing.append(path)
+    return missing
