@@ -34,5 +34,5 @@ def test_model_names_complete_from_every_model_folder(tmp_path):
     (tmp_path / "runs" / "mine").mkdir(parents=True)
     tiny_model_file(tmp_path / "runs" / "mine" / "model.safetensors", "class")
     env = {"MINIDIFF_MODELS_DIR": str(tmp_path / "user")}
-    assert complete("generate", "--model", "shapes", cwd=tmp_path, env=env) == ["shapes-clip", "shapes-small"]
+    assert complete("generate", "--model", "shapes", cwd=tmp_path, env=env) == ["shapes-clip", "shapes-fast", "shapes-small"]
     assert complete("info", "runs/", cwd=tmp_path, env=env) == ["runs/mine"]
