@@ -16,6 +16,7 @@ from minidiff_cli.cli.app import app
 from minidiff_cli.cli.generate_init import image_start, open_init_files
 from minidiff_cli.cli.options import model_sampling_defaults, threads_option
 from minidiff_cli.errors import MinidiffError, shown
+from minidiff_cli.files.atomic import missing_folders
 from minidiff_cli.runtime.threads import apply_threads
 
 # Used when neither a flag nor --from gives a value.
@@ -108,7 +109,7 @@ def generate_command(
                             f"not '{output}'")
     init_files = open_init_files(init_image, mask, strength, resample, prompts_file, params["sampler"])
     # A failed or interrupted run must not leave behind an empty folder that it made.
-    ctx.call_on_close(_remove_if_empty(_missing_folders(output.parent if as_file else output)))
+    ctx.call_on_close(_remove_if_empty(missing_folders(output.parent if as_file else output)))
     if prompts_file is not None:
         from minidiff_cli.cli.generate_prompts import FileRun, generate_from_file
 
@@ -267,16 +268,6 @@ def _check_against_model(params: dict[str, Any], installed_only: bool) -> None:
         return  # a missing or broken file: loading it reports why, in one line
     if isinstance(limit, int) and not isinstance(limit, bool) and params["steps"] > limit:
         raise MinidiffError(f"steps must be between 1 and {limit} for this model (got {params['steps']})")
-
-
-def _missing_folders(folder: Path) -> list[Path]:
-    """``folder`` and those of its parents that do not exist yet, deepest first."""
-    missing = []
-    for path in [folder, *folder.parents]:
-        if os.path.lexists(path) or not str(path) or path == path.parent:
-            break
-        missing.append(path)
-    return missing
 
 
 def _remove_if_empty(folders: list[Path]):

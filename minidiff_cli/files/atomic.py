@@ -262,3 +262,13 @@ def _fsync_dir(folder: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def missing_folders(folder: Path) -> list[Path]:
+    """``folder`` and those of its parents that do not exist yet, deepest first."""
+    missing = []
+    for path in [folder, *folder.parents]:
+        if os.path.lexists(path) or not str(path) or path == path.parent:
+            break
+        missing.append(path)
+    return missing

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Iterator
 
 from minidiff_cli.errors import MinidiffError
+from minidiff_cli.files.atomic import missing_folders
 
 CHECKPOINT = "checkpoint.safetensors"
 MODEL = "model.safetensors"
@@ -54,7 +55,7 @@ def locked(out: Path, main: bool = True) -> Iterator[None]:
         yield
         return
     check_creatable(out)
-    created = _missing_folders(out)  # out and the parents it makes (runs/ of runs/x), deepest first
+    created = missing_folders(out)  # out and the parents it makes (runs/ of runs/x), deepest first
     out.mkdir(parents=True, exist_ok=True)
     fd = os.open(out, os.O_RDONLY)
     try:
@@ -141,13 +142,3 @@ def _rmdir_if_empty(folder: Path) -> bool:
     except OSError:
         return False
     return True
-
-
-def _missing_folders(folder: Path) -> list[Path]:
-    """``folder`` and those of its parents that do not exist yet, deepest first."""
-    missing = []
-    for path in [folder, *folder.parents]:
-        if os.path.lexists(path) or not str(path) or path == path.parent:
-            break
-        missing.append(path)
-    return missing
