@@ -1,7 +1,9 @@
 """Training: the diffusion trainer, its recipe, checkpoints and run folders, and the CLIP and VAE trainers.
 
     config.py      TrainConfig: every flag of ``train``, checked; TOML recipes; resume rules
-    trainer.py     Trainer: the training loop (EMA, guidance dropout, checkpoints, DDP)
+    trainer.py     Trainer: diffusion training (EMA, guidance dropout, checkpoints, DDP)
+    loop.py        the step loop train and distill share: record, sample, log, save, stop cleanly
+    captions.py    a frozen conditioner's encoded captions, the same bits in every run
     optim.py       fused AdamW, warm-up + cosine learning rate, the EMA update
     latents.py     a latent run's data: the measured latent space, posterior cache
     captions.py    a frozen text conditioner's encoded captions, in batches fixed by the data set

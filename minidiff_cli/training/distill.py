@@ -25,31 +25,27 @@ generators seeded by (seed, s); checkpoints hold the adapter and AdamW's state.
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
 
-from minidiff_cli.data.dataset import EpochShuffle
+from minidiff_cli.data.dataset import EpochShuffle, caption_set
 from minidiff_cli.diffusion.conditioning import Conditioning
 from minidiff_cli.diffusion.model import DiffusionModel
 from minidiff_cli.diffusion.student import ADAPTER, ADAPTER_DTYPE, HASH, METHODS, SHARED
 from minidiff_cli.errors import MinidiffError, is_int
-from minidiff_cli.files.atomic import append_line, ensure_writable_dir
+from minidiff_cli.files.atomic import ensure_writable_dir
 from minidiff_cli.files.model_file import save_model_file
 from minidiff_cli.nets import lora
 from minidiff_cli.runtime.distributed import start_training
-from minidiff_cli.runtime.signals import stop_signals
+from minidiff_cli.training.captions import CaptionTable
 from minidiff_cli.training.config import resumed_values
+from minidiff_cli.training.loop import forget_metrics_after, run_steps, smoothed
 from minidiff_cli.training.optim import warmup_cosine
 from minidiff_cli.training.run_folder import CHECKPOINT, MODEL, check_contents, check_creatable
 
-METRICS = "metrics.jsonl"
-MAX_CACHED_CAPTIONS = 20_000
 RESUMABLE = ("max_steps", "save_every", "sample_every", "log_every", "quiet", "device", "threads", "out")
 
 
@@ -137,7 +133,8 @@ class Distiller:
         self.optimizer = torch.optim.AdamW(list(lora.trainable(self.adapters)), lr=cfg.lr, weight_decay=0.0)
         self.order = EpochShuffle(len(self.dataset), cfg.seed)
         self.step, self.losses = 0, []
-        self.encoded: dict[str, Conditioning] = {}  # caption -> its encoding [1, ...]
+        # A frozen conditioner's encodings in batches fixed by the data set: resumed runs get the same bits.
+        self.captions = CaptionTable(self.model.conditioner, self.device, caption_set(self.dataset))
         if resume:
             self._resume()
 
@@ -175,6 +172,7 @@ class Distiller:
                                 "start a new run")
         self.step = restore(meta, tensors, path, modules={"adapter": self._adapter_module()}, optimizer=self.optimizer)
         self.losses = [tuple(x) for x in meta.get("losses", [])]
+        forget_metrics_after(self.out, self.step)
         if self.step >= self.cfg.max_steps:
             raise MinidiffError(f"the run in '{self.out}' already reached step {self.step}; "
                                 "raise --max-steps above it to distill further")
@@ -195,19 +193,8 @@ class Distiller:
             if hasattr(conditioner, "encode_labels"):
                 cond = conditioner.encode_labels(torch.tensor([it["label"] for it in items], device=self.device))
             else:
-                cond = self._encode_captions([it["caption"] for it in items])
+                cond = self.captions.encode([it["caption"] for it in items])
         return x0, cond.to(self.device)
-
-    def _encode_captions(self, captions: list[str]) -> Conditioning:
-        """The frozen conditioner's encodings, each distinct caption encoded once per run (up to a bound)."""
-        missing = sorted({c for c in captions if c not in self.encoded})
-        if missing:
-            encoded = self.model.conditioner.encode(missing)
-            if len(self.encoded) + len(missing) <= MAX_CACHED_CAPTIONS:
-                self.encoded.update((caption, encoded[k:k + 1]) for k, caption in enumerate(missing))
-            else:
-                return self.model.conditioner.encode(captions)
-        return Conditioning.cat(*(self.encoded[c] for c in captions))
 
     def loss(self, step: int) -> torch.Tensor:
         cfg, schedule = self.cfg, self.model.schedule
@@ -245,7 +232,7 @@ class Distiller:
         w = self.cfg.guidance
         if w == 1.0:
             return self.model.predict_eps(x, t, cond)
-        null = self.model.conditioner.null(x.shape[0]).to(self.device)
+        null = self.captions.null().expand(x.shape[0])
         both = self.model.predict_eps(torch.cat([x, x]), torch.cat([t, t]), Conditioning.cat(cond, null))
         eps_c, eps_u = both.chunk(2)
         return eps_u + w * (eps_c - eps_u)
@@ -307,8 +294,7 @@ class Distiller:
         save_model_file(self.out / MODEL, tensors, self.student_config(), overwrite=True)
 
     def smoothed_loss(self) -> float | None:
-        recent = [loss for _, loss in self.losses[-100:]]
-        return sum(recent) / len(recent) if recent else None
+        return smoothed(self.losses)
 
     def sample_grid(self) -> dict[str, Any]:
         """The student's samples at its steps for fixed prompts (adherence on shapes), with the adapters live."""
@@ -330,36 +316,7 @@ class Distiller:
 
     # -- the loop ------------------------------------------------------------------------
     def run(self, progress: Callable[[dict], None] | None = None) -> dict[str, Any]:
-        cfg = self.cfg
-        start_step, start_time = self.step, time.time()
-        last: dict[str, Any] = {}
-        with stop_signals(self.log) as stop_asked:
-            try:
-                while self.step < cfg.max_steps:
-                    self.auto_threads.tick()
-                    loss = self.train_step()
-                    self.losses.append((self.step, loss))
-                    last = {"step": self.step, "loss": loss, "smoothed": self.smoothed_loss(),
-                            "lr": self.optimizer.param_groups[0]["lr"],
-                            "it_s": (self.step - start_step) / max(1e-9, time.time() - start_time)}
-                    if self.step % cfg.sample_every == 0 or self.step == cfg.max_steps:
-                        last["samples"] = self.sample_grid()
-                    if self.step % cfg.log_every == 0 or "samples" in last:
-                        self._append_metrics(last)
-                    if self.step % cfg.save_every == 0 or self.step == cfg.max_steps:
-                        self.save()
-                    if progress is not None:
-                        progress(last)
-                    if self.step < cfg.max_steps and stop_asked():
-                        raise KeyboardInterrupt
-            except KeyboardInterrupt:
-                self.save()
-                raise
-        return last
-
-    def _append_metrics(self, record: dict[str, Any]) -> None:
-        line = json.dumps({k: v for k, v in record.items() if v is not None and not _nan(v)})
-        append_line(ensure_writable_dir(self.out) / METRICS, line)
+        return run_steps(self, progress)
 
 
 def _rows(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -370,10 +327,6 @@ def _rows(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 def _x0(x: torch.Tensor, eps: torch.Tensor, abar: torch.Tensor) -> torch.Tensor:
     """x_0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar) (Ho et al. 2020, eq. 4 solved for x_0)."""
     return (x - (1 - abar).sqrt() * eps) / abar.sqrt()
-
-
-def _nan(value: Any) -> bool:
-    return isinstance(value, float) and math.isnan(value)
 
 
 def check_resume_flags(stored: DistillConfig, given: dict[str, Any]) -> DistillConfig:

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
-import time
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Callable
@@ -31,11 +29,11 @@ from minidiff_cli.diffusion.conditioning import Conditioning
 from minidiff_cli.diffusion.model import DiffusionModel
 from minidiff_cli.diffusion.timestep_sampling import draw_timesteps
 from minidiff_cli.errors import MinidiffError
-from minidiff_cli.files.atomic import append_line, atomic_write, ensure_writable_dir
+from minidiff_cli.files.atomic import atomic_write, ensure_writable_dir
 from minidiff_cli.runtime.distributed import any_rank, check_replicas, start_training, wrap_ddp
-from minidiff_cli.runtime.signals import stop_signals
 from minidiff_cli.training.captions import CaptionTable
 from minidiff_cli.training.config import TrainConfig
+from minidiff_cli.training.loop import METRICS, forget_metrics_after, run_steps, smoothed  # noqa: F401 (METRICS: the run file's name, imported from here too)
 from minidiff_cli.training.latents import draw_latents, open_latent_space, posterior_table
 from minidiff_cli.training.loss_plot import plot_losses
 from minidiff_cli.training.model_card import model_card, schedule_entry
@@ -43,7 +41,6 @@ from minidiff_cli.training.optim import adamw, ema_update, lr_at
 from minidiff_cli.training.run_folder import CHECKPOINT, MODEL, check_contents, check_creatable
 
 RUN_CONFIG = "train_config.json"
-METRICS = "metrics.jsonl"
 
 
 # -- distributed ------------------------------------------------------------------------
@@ -217,7 +214,8 @@ class Trainer:
         if self.step >= self.cfg.max_steps:
             raise MinidiffError(f"the run in '{self.out}' already reached step {self.step}; "
                                 f"raise --max-steps above it to train further")
-        self._forget_metrics_after(self.step)
+        if self.dist.main:
+            forget_metrics_after(self.out, self.step)
 
     # -- data ----------------------------------------------------------------------------
     def batch_indices(self, step: int) -> list[int]:
@@ -366,8 +364,7 @@ class Trainer:
         return DiffusionModel(ema_unet, conditioner, self.model.schedule, config, latent=self.model.latent)
 
     def smoothed_loss(self) -> float | None:
-        recent = [loss for _, loss in self.losses[-100:]]
-        return sum(recent) / len(recent) if recent else None
+        return smoothed(self.losses)
 
     def _plot_losses(self) -> None:
         plot_losses(self.losses, self.out / "loss.png")
@@ -421,60 +418,17 @@ class Trainer:
 
     # -- the loop ------------------------------------------------------------------------
     def run(self, progress: Callable[[dict], None] | None = None) -> dict[str, Any]:
-        cfg = self.cfg
-        start_step, start_time = self.step, time.time()
         self.net.train()
-        last: dict[str, Any] = {}
-        with stop_signals(self.log if self.dist.main else None) as stop_asked:
-            try:
-                while self.step < cfg.max_steps:
-                    self.auto_threads.tick()
-                    loss = self.train_step()
-                    self.losses.append((self.step, loss))
-                    last = {"step": self.step, "loss": loss, "smoothed": self.smoothed_loss(),
-                            "lr": self.optimizer.param_groups[0]["lr"],
-                            "it_s": (self.step - start_step) / max(1e-9, time.time() - start_time)}
-                    if self.step % cfg.sample_every == 0 or self.step == cfg.max_steps:
-                        last["samples"] = self.sample_grid()
-                        self.net.train()
-                    if self.dist.main and (self.step % cfg.log_every == 0 or "samples" in last):
-                        self._append_metrics(last)  # before the save: a checkpoint's own step is logged
-                    if self.step % cfg.save_every == 0 or self.step == cfg.max_steps:
-                        self.save()
-                    if progress is not None and self.dist.main:
-                        progress(last)
-                    if self.step < cfg.max_steps and self._any_rank(stop_asked()):
-                        raise KeyboardInterrupt
-            except KeyboardInterrupt:
-                self.save()  # nothing lost: the interrupted step count is resumable
-                raise
+        last = run_steps(self, progress, after_sample=self.net.train)
         self.check_replicas()
         return last
 
-    def _any_rank(self, flag: bool) -> bool:
+    @property
+    def main(self) -> bool:
+        return self.dist.main
+
+    def any_rank(self, flag: bool) -> bool:
         return any_rank(flag, self.dist, self.device)
 
     def check_replicas(self) -> None:
         check_replicas(self.dist, self.device, (self.net, self.ema), self.log)
-
-    def _forget_metrics_after(self, step: int) -> None:
-        """A run killed after its last checkpoint logged steps that it will now redo: drop them."""
-        path = self.out / METRICS
-        if not self.dist.main or not path.is_file():
-            return
-        lines = path.read_text().splitlines(keepends=True)
-        keep = [line for line in lines if _record_step(line) <= step]
-        if len(keep) != len(lines):
-            atomic_write(path, lambda p: p.write_text("".join(keep)))
-
-    def _append_metrics(self, record: dict[str, Any]) -> None:
-        append_line(ensure_writable_dir(self.out) / METRICS, json.dumps({k: v for k, v in record.items() if v is not None}))
-
-
-def _record_step(line: str) -> float:
-    try:
-        return int(json.loads(line)["step"])
-    except (ValueError, KeyError, TypeError):
-        return math.inf  # a line cut short by the kill
-
-

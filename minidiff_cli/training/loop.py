@@ -1,0 +1,84 @@
+"""The step loop every trainer shares (``train``, ``distill``): step, record, sample, log, save, report.
+
+A job gives ``cfg`` (max_steps, sample_every, log_every, save_every), ``step``, ``losses``,
+``auto_threads``, ``optimizer``, ``log``, ``out`` and ``train_step()``, ``sample_grid()``,
+``save()``; under torchrun also ``main`` (only rank 0 writes and reports) and ``any_rank(flag)``
+(ranks stop at the same step). SIGTERM or Ctrl-C finishes the step, saves and stops: the step
+count is resumable.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from typing import Any, Callable
+
+from minidiff_cli.files.atomic import append_line, atomic_write, ensure_writable_dir
+from minidiff_cli.runtime.signals import stop_signals
+
+METRICS = "metrics.jsonl"
+
+
+def run_steps(job, progress: Callable[[dict], None] | None = None,
+              after_sample: Callable[[], None] | None = None) -> dict[str, Any]:
+    """Train ``job`` to ``cfg.max_steps``; returns the last step's record."""
+    cfg, main = job.cfg, getattr(job, "main", True)
+    any_rank = getattr(job, "any_rank", lambda flag: flag)
+    start_step, start_time = job.step, time.time()
+    last: dict[str, Any] = {}
+    with stop_signals(job.log if main else None) as stop_asked:
+        try:
+            while job.step < cfg.max_steps:
+                job.auto_threads.tick()
+                loss = job.train_step()
+                job.losses.append((job.step, loss))
+                last = {"step": job.step, "loss": loss, "smoothed": smoothed(job.losses),
+                        "lr": job.optimizer.param_groups[0]["lr"],
+                        "it_s": (job.step - start_step) / max(1e-9, time.time() - start_time)}
+                if job.step % cfg.sample_every == 0 or job.step == cfg.max_steps:
+                    last["samples"] = job.sample_grid()
+                    if after_sample is not None:
+                        after_sample()
+                if main and (job.step % cfg.log_every == 0 or "samples" in last):
+                    append_metrics(job.out, last)  # before the save: a checkpoint's own step is logged
+                if job.step % cfg.save_every == 0 or job.step == cfg.max_steps:
+                    job.save()
+                if progress is not None and main:
+                    progress(last)
+                if job.step < cfg.max_steps and any_rank(stop_asked()):
+                    raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            job.save()  # nothing lost: the interrupted step count is resumable
+            raise
+    return last
+
+
+def smoothed(losses: list[tuple[int, float]], window: int = 100) -> float | None:
+    """The mean of the last ``window`` losses (None before the first)."""
+    recent = [loss for _, loss in losses[-window:]]
+    return sum(recent) / len(recent) if recent else None
+
+
+def append_metrics(out, record: dict[str, Any]) -> None:
+    """One JSON line of ``record`` in the run's metrics.jsonl (absent and NaN values left out)."""
+    values = {k: v for k, v in record.items() if v is not None and not (isinstance(v, float) and math.isnan(v))}
+    append_line(ensure_writable_dir(out) / METRICS, json.dumps(values))
+
+
+def forget_metrics_after(out, step: int) -> None:
+    """A run killed after its last checkpoint logged steps that it will now redo: drop those lines."""
+    path = out / METRICS
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    keep = [line for line in lines if _record_step(line) <= step]
+    if len(keep) != len(lines):
+        atomic_write(path, lambda p: p.write_text("".join(keep)))
+
+
+def _record_step(line: str) -> float:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return math.inf  # a line cut short by the kill
