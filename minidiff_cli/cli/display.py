@@ -128,10 +128,14 @@ def show_images(images) -> None:
 def loss_progress(total: int, quiet: bool, label: str = "clip",
                   log_every: int = 0) -> Iterator[Callable[[dict], None]]:
     """A rich progress bar on stderr (step, mean loss of the last 50 steps, it/s, ETA); yields the
-    training callback. Quiet: a log line every ``log_every`` steps (none when 0)."""
-    if quiet:
+    training callback. Quiet: a log line every ``log_every`` steps (none when 0). Off a terminal (a
+    log file, a pipe, CI) a bar would only write escape codes, so lines come instead: every
+    ``log_every`` steps, or a twentieth of the run when that is 0."""
+    if quiet or not sys.stderr.isatty():
+        every = log_every or (0 if quiet else max(1, total // 20))
+
         def log(info: dict) -> None:
-            if log_every and info["step"] % log_every == 0:
+            if every and info["step"] % every == 0:
                 typer.echo(f"{label}: step {info['step']} loss {info['smoothed']:.4f}", err=True)
         yield log
         return
