@@ -8,7 +8,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
@@ -98,11 +97,21 @@ def assert_error(result: tuple[int, str, str], *fragments: str, code: int = 2) -
     return lines[0]
 
 
-def timed_cli(*args, limit: float = 5.0) -> tuple[int, str, str]:
-    """``run_in_process(*args)``, failing the test if it takes ``limit`` seconds or more (a refusal is quick)."""
-    start = time.perf_counter()
-    result = run_in_process(*args)
-    assert time.perf_counter() - start < limit, ("too slow to refuse", args)
+def timed_cli(*args, max_calls: int = 0) -> tuple[int, str, str]:
+    """``run_in_process(*args)``, failing the test if the U-Net ran more than ``max_calls`` forward
+    passes: a refusal comes before the work it refuses. Counted, not timed, so a busy machine
+    cannot fail it and a slow refusal that does the work first cannot pass it."""
+    from torch.nn.modules.module import register_module_forward_pre_hook
+
+    from minidiff_cli.nets.unet import UNet
+
+    calls = []
+    handle = register_module_forward_pre_hook(lambda module, _: calls.append(1) if isinstance(module, UNet) else None)
+    try:
+        result = run_in_process(*args)
+    finally:
+        handle.remove()
+    assert len(calls) <= max_calls, ("refused after the work", len(calls), args)
     return result
 
 
