@@ -11,14 +11,16 @@ import json
 
 import pytest
 import torch
-from conftest import run_cli
+from conftest import ROOT, run_cli
 from PIL import Image
 from tinymodels import TINY_TRAIN, tiny_model_file, without
 
 from minidiff_cli.diffusion.model import DiffusionModel
+from minidiff_cli.files.models_dir import SHIPPED_DIR
 from minidiff_cli.inference.pipeline import Generation, Pipeline
 from minidiff_cli.training.checkpoint import read_checkpoint_meta
 from minidiff_cli.training.trainer import CHECKPOINT, METRICS, MODEL
+from minidiff_cli.vae.vae_file import save_vae
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -114,3 +116,77 @@ def test_a_run_started_on_cuda_resumes_on_the_cpu(tmp_path, toml):
     resumed = run_cli("train", "--out", str(out), "--resume", "--max-steps", "8", "--device", "cpu", "--quiet")
     assert resumed.returncode == 0, resumed.stderr
     assert read_checkpoint_meta(out / CHECKPOINT)["step"] == 8
+
+
+# -- latent models on CUDA: the U-Net, the conditioner and the VAE move together (DiffusionModel.to) -----------
+# `train --init-from emoji --device cuda` once left the emoji model's VAE on the CPU and crashed in the first
+# posterior table ("Input type (torch.cuda.FloatTensor) and weight type (torch.FloatTensor)"); these run every
+# path that puts a latent model on a device, with the shipped emoji model and tiny step counts.
+# tests/test_device_move.py checks the same paths without a GPU, on torch's meta device.
+EMOJI = SHIPPED_DIR / "emoji.safetensors"
+EMOJI_CLIP = SHIPPED_DIR / "clip" / "emoji.safetensors"
+EMOJI_SAMPLE = ROOT / "tests" / "data" / "emoji-sample"  # 12 emoji at 64 px with metadata.jsonl captions
+EMOJI_DATA = ["--data", str(EMOJI_SAMPLE), "--image-size", "64", "--batch-size", "4", "--sample-every", "1000",
+              "--quiet"]
+
+
+def _on(module: torch.nn.Module) -> set[str]:
+    return {t.device.type for t in [*module.parameters(), *module.buffers()]}
+
+
+def test_the_emoji_latent_model_loads_whole_onto_cuda():
+    model = Pipeline.load(EMOJI, device="cuda").model
+    assert model.latent is not None
+    assert _on(model.unet) == _on(model.conditioner) == _on(model.latent.autoencoder) == {"cuda"}
+
+
+def test_train_with_the_emoji_vae_on_cuda(tmp_path, toml):
+    vae = save_vae(tmp_path / "emoji-vae.safetensors", DiffusionModel.load(EMOJI).latent.autoencoder,
+                   {"name": "emoji-vae", "image_size": 64})
+    out = tmp_path / "run"
+    result = run_cli("train", *without(TRAIN, "--image-size", "--batch-size"), *EMOJI_DATA, "--config", str(toml),
+                     "--conditioner", "clip", "--clip-weights", str(EMOJI_CLIP), "--vae", str(vae), "--device", "cuda",
+                     "--max-steps", "2", "--save-every", "2", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    assert DiffusionModel.load(out / MODEL).latent is not None
+
+
+def test_init_from_the_emoji_model_trains_and_resumes_on_cuda(tmp_path):
+    out = tmp_path / "run"
+    first = run_cli("train", "--init-from", str(EMOJI), *EMOJI_DATA, "--device", "cuda", "--max-steps", "2",
+                    "--save-every", "2", "--out", str(out))
+    assert first.returncode == 0, first.stderr  # was: "Input type (torch.cuda.FloatTensor) and weight type ..."
+    resumed = run_cli("train", "--out", str(out), "--resume", "--max-steps", "4", "--device", "cuda", "--quiet")
+    assert resumed.returncode == 0, resumed.stderr
+    assert read_checkpoint_meta(out / CHECKPOINT)["step"] == 4
+    model = DiffusionModel.load(out / MODEL)  # saved from the GPU, VAE included, loaded on the CPU
+    assert model.latent is not None and model.config["init_from"]["file"] == str(EMOJI)
+    assert _on(model.latent.autoencoder) == {"cpu"}
+
+
+def _pixels(path) -> torch.Tensor:
+    with Image.open(path) as image:
+        assert image.size == (64, 64)
+        return torch.tensor(list(image.convert("RGB").tobytes()), dtype=torch.float32)
+
+
+@pytest.mark.parametrize("start", ["noise", "img2img", "inpaint"])
+def test_the_emoji_model_generates_on_cuda_as_on_the_cpu(tmp_path, start):
+    init = EMOJI_SAMPLE / "images" / "1f34e.png"
+    mask = tmp_path / "mask.png"
+    Image.new("L", (64, 64), 0).save(mask)
+    Image.new("L", (32, 64), 255).save(tmp_path / "half.png")
+    with Image.open(mask) as m, Image.open(tmp_path / "half.png") as half:
+        m.paste(half, (0, 0))
+        m.save(mask)
+    extra = {"noise": [], "img2img": ["--init-image", str(init), "--strength", "0.5"],
+             "inpaint": ["--init-image", str(init), "--mask", str(mask)]}[start]
+    pixels = {}
+    for device in ("cpu", "cuda"):
+        out = tmp_path / f"{device}.png"
+        result = run_cli("generate", "red apple", "--model", str(EMOJI), "--steps", "4", "--seed", "3", *extra,
+                         "--device", device, "-q", "-o", str(out))
+        assert result.returncode == 0, result.stderr
+        pixels[device] = _pixels(out)
+    # The VAE decodes on the device too; TF32 convolutions make small differences, not another picture.
+    assert (pixels["cuda"] - pixels["cpu"]).abs().mean() < 8

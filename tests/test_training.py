@@ -336,7 +336,7 @@ def test_init_from_keeps_the_prediction_type_of_the_model(tmp_path):
     (["--lr-decay-steps", "-1"], "--lr-decay-steps must be 0 or more (got -1)"),
     (["--channel-mult", "1,x"], "--channel-mult takes whole numbers separated by commas (got '1,x')"),
     (["--timesteps", "1000000000"], "1000000000 timesteps is more than the 100000 minidiff allows"),
-    (["--conditioner", "clip", "--data", "{tmp}/classes"], "has no captions, and a CLIP learns from captions"),
+    (["--conditioner", "clip", "--data", "{tmp}/classes"], "has no captions, and this command learns or judges captions"),
     (["--conditioner", "class", "--data", "{tmp}/flat"], "class conditioning needs the images of '{tmp}/flat' in one"),
 ])
 def test_bad_training_input_is_a_one_line_error_and_nothing_is_written(tmp_path, toml, args, message):

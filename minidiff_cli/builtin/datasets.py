@@ -26,19 +26,23 @@ def make_shapes(source=None, *, image_size: int = 32, seed: int = 0, holdout=(),
                          colours=colours, shapes=shapes)
 
 
-def make_imagefolder(source, *, image_size: int, seed: int = 0, holdout=(), require_classes=False, **opts):
-    """Your images from folder ``source``; captions from metadata.jsonl or .txt files, classes from subfolders.
+def make_imagefolder(source, *, image_size: int, seed: int = 0, holdout=(), require_classes=False,
+                     require_captions=False, **opts):
+    """Your images from folder ``source``; captions from metadata.jsonl, metadata.csv or .txt files
+    (``data/captions.py``), classes from subfolders.
 
-    Option: ``require_classes`` (an error when the folder has no class subfolders).
+    Options: ``require_classes`` (an error when the folder has no class subfolders),
+    ``require_captions`` (an error naming an image without a caption).
     """
     from minidiff_cli.data.image_folder import ImageFolderDataset
 
-    _no_unknown("imagefolder", opts, ("require_classes",))
+    _no_unknown("imagefolder", opts, ("require_classes", "require_captions"))
     if holdout:
         raise MinidiffError("the imagefolder dataset cannot hold out colour/shape pairs; "
                             "hold out a share of its captions instead, e.g. --holdout 5%")
     return ImageFolderDataset(source, _int("image_size", image_size),
-                              require_classes=_bool("require_classes", require_classes))
+                              require_classes=_bool("require_classes", require_classes),
+                              require_captions=_bool("require_captions", require_captions))
 
 
 @hookimpl

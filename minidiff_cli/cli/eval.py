@@ -128,7 +128,7 @@ def _eval_folder(model, data, clip, captions, inception, *, n, runs, cfg, seed, 
     clip_file = clip or _default_clip(pipe)
     features = load_clip_features(clip_file)
     extractor = load_inception(inception) if inception is not None else None
-    dataset = open_dataset(data, image_size=pipe.model.image_size, holdout="")
+    dataset = open_dataset(data, image_size=pipe.model.image_size, holdout="", require_captions=True)
     fraction = holdout_fraction(pipe.model.config.get("training", {}).get("holdout", ""))
     settings = CaptionEvalSettings(captions=captions, per_caption=n, sampler=pairs[0][0], steps=pairs[0][1],
                                    cfg=cfg, seed=seed, batch_size=batch_size)

@@ -3,7 +3,8 @@
     dataset.py      the data set contract (check_dataset), caption_set, EpochShuffle
     sources.py      ``--data NAME|DIR``: open_dataset, the one way every command reads data
     holdout.py      ``--holdout``: colour-shape pairs, or a hashed share of captions
-    image_folder.py a folder of pictures with metadata.jsonl captions or class subfolders
+    image_folder.py a folder of pictures with captions (see captions.py) or class subfolders
+    captions.py     a folder's captions: metadata.jsonl, metadata.csv, .txt beside each image
     shapes.py       the procedural shapes world (coloured shapes with captions)
     images.py       picture conversions (RGB, square, tensors in [-1, 1]) and grids
     vocabulary.py   the words of a data set's captions, for prompt warnings

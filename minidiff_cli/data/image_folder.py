@@ -5,10 +5,11 @@ recursively; hidden files and folders are ignored) becomes one item, converted
 to RGB (transparency on white), its shorter side scaled to ``image_size`` and
 centre-cropped to a square.
 
-Captions, by the Hugging Face ``imagefolder`` convention: a ``metadata.jsonl``
-in the folder, one JSON object a line with ``file_name`` (relative to the
-folder) and ``text``; else a ``.txt`` file with the same stem next to the
-image; else the empty caption.
+Captions (``data.captions``): a ``metadata.jsonl`` or a ``metadata.csv`` in the
+folder (the Hugging Face ``imagefolder`` layouts: ``file_name`` relative to the
+folder, and ``text``), and/or a ``.txt`` file with the same stem next to the image
+(kohya / ComfyUI); where two of them caption one image they must agree. Else the
+empty caption, or with ``require_captions=True`` an error naming the image.
 
 Classes: when every image lies in a first-level subfolder, and there are at least
 two of them, the subfolder names (sorted) are the classes, as in ``cat/1.png``, ``dog/2.png``. With
@@ -23,7 +24,6 @@ warning and a count in ``skipped``, instead of stopping training hours later.
 
 from __future__ import annotations
 
-import json
 import sys
 import warnings
 from pathlib import Path
@@ -31,17 +31,17 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
+from minidiff_cli.data.captions import folder_captions
 from minidiff_cli.data.images import IMAGE_EXTENSIONS, check_fit, pil_to_uint8, resize_center_crop, to_rgb
 from minidiff_cli.errors import MinidiffError, first_line
 
-METADATA_FILE = "metadata.jsonl"
 CACHE_BYTES = 1 << 30  # keep decoded images of folders up to 1 GiB at the training size
 
 
 class ImageFolderDataset(Dataset):
     """Images (and captions, and classes) from a folder; see the module docstring."""
 
-    def __init__(self, root, image_size: int, *, require_classes: bool = False):
+    def __init__(self, root, image_size: int, *, require_classes: bool = False, require_captions: bool = False):
         if root is None or str(root) == "":
             raise MinidiffError("the imagefolder dataset needs a folder; pass it with --data")
         self.root = Path(root).expanduser()
@@ -56,7 +56,6 @@ class ImageFolderDataset(Dataset):
         files = _find_images(self.root)
         if not files:
             raise MinidiffError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in '{self.root}'")
-        metadata = _read_metadata(self.root)
         readable, broken = _check_readable(files, self.image_size)
         self.skipped = len(broken)
         example = f"e.g. '{broken[0][0].relative_to(self.root)}' ({broken[0][1]})" if broken else ""
@@ -66,7 +65,7 @@ class ImageFolderDataset(Dataset):
             print(f"minidiff: warning: skipped {len(broken)} unreadable image(s) in '{self.root}', {example}",
                   file=sys.stderr)
         self.files = readable
-        self.captions = [_caption(path, self.root, metadata) for path in readable]
+        self.captions = folder_captions(self.root, readable, require=require_captions)
         self.class_names, self.labels = _classes(readable, self.root)
         # Decoded, resized images are kept (as bytes) when they fit in CACHE_BYTES: a small folder
         # is read once per run instead of once per epoch, and decoding is most of a CPU step's data time.
@@ -115,40 +114,6 @@ def _find_images(root: Path) -> list[Path]:
                   if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file() and not _is_hidden(p, root))
 
 
-def _read_metadata(root: Path) -> dict[Path, str]:
-    """Captions from ``metadata.jsonl``, by resolved image path; {} when there is no such file."""
-    path = root / METADATA_FILE
-    if not path.is_file():
-        return {}
-    captions: dict[Path, str] = {}
-    where = f"'{path}'"
-    with open(path, encoding="utf-8", errors="strict") as fh:
-        for number, line in enumerate(_utf8_lines(fh, where), start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise MinidiffError(f"{where} line {number} is not valid JSON: {exc.msg}") from None
-            except RecursionError:  # a line of 100,000 nested brackets
-                raise MinidiffError(f"{where} line {number} is nested too deeply") from None
-            if not isinstance(record, dict) or not isinstance(record.get("file_name"), str):
-                raise MinidiffError(f"{where} line {number} has no \"file_name\"; each line needs "
-                                    "{\"file_name\": ..., \"text\": ...}")
-            text = record.get("text", record.get("caption"))
-            if not isinstance(text, str):
-                raise MinidiffError(f"{where} line {number} has no \"text\" (the caption) as a string")
-            image = root / record["file_name"]
-            if not image.is_file():
-                raise MinidiffError(f"{where} line {number} names '{record['file_name']}', "
-                                    f"which is not in '{root}'")
-            if image.suffix.lower() not in IMAGE_EXTENSIONS:
-                raise MinidiffError(f"{where} line {number} names '{record['file_name']}', which is not "
-                                    f"an image ({', '.join(IMAGE_EXTENSIONS)})")
-            captions[image.resolve()] = text.strip()
-    return captions
-
-
 def _check_readable(files: list[Path], size: int) -> tuple[list[Path], list[tuple[Path, str]]]:
     """(the files to use, (file, why not) for the others): headers, checksums and sizes, nothing decoded."""
     readable, broken = [], []
@@ -167,19 +132,6 @@ def _check_readable(files: list[Path], size: int) -> tuple[list[Path], list[tupl
     return readable, broken
 
 
-def _caption(path: Path, root: Path, metadata: dict[Path, str]) -> str:
-    text = metadata.get(path.resolve())
-    if text is not None:
-        return text
-    sidecar = path.with_suffix(".txt")
-    if sidecar.is_file():
-        try:
-            return " ".join(sidecar.read_text(encoding="utf-8").split())
-        except UnicodeDecodeError:
-            raise MinidiffError(f"caption file '{sidecar}' is not UTF-8 text") from None
-    return ""
-
-
 def _classes(files: list[Path], root: Path) -> tuple[list[str], list[int]]:
     """Class names from first-level subfolders, when every image is in one and there are at least two;
     else none (labels -1). One subfolder is a layout (``images/`` beside metadata.jsonl), not classes."""
@@ -192,10 +144,3 @@ def _classes(files: list[Path], root: Path) -> tuple[list[str], list[int]]:
     index = {name: k for k, name in enumerate(names)}
     return names, [index[p[0]] for p in parts]
 
-
-def _utf8_lines(fh, where: str):
-    """The file's lines; bytes that are not UTF-8 are one line naming the file."""
-    try:
-        yield from fh
-    except UnicodeDecodeError as exc:
-        raise MinidiffError(f"{where} is not UTF-8 text (byte {exc.start} of a block: {exc.reason})") from None

@@ -1,11 +1,15 @@
 """``--data NAME|DIR`` and ``--holdout``: from what a user typed to the data set to train on.
 
-One function, ``open_dataset``, used by ``minidiff train``, ``minidiff clip train``
-and ``minidiff eval --data``, so the three read the same data the same way:
+One function, ``open_dataset``, used by ``minidiff train``, ``minidiff clip train``,
+``minidiff vae train`` and ``minidiff eval --data``, so they read the same data the same way:
 
 - ``--data`` is a registered data set name (``shapes``) or a folder (``imagefolder``).
 - ``--holdout`` is read by ``data.holdout``: colour-shape pairs the data set leaves out,
   or a share of the captions that ``CaptionHoldout`` hides.
+- A folder's captions come from its metadata.jsonl, metadata.csv or .txt files
+  (``data.captions``, which also says which wins); ``require_captions=True`` (the commands
+  that learn or judge captions pass it) makes an image without one an error, and
+  ``require_classes=True`` a folder without class subfolders. Other data sets ignore both.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ def open_dataset(data: str, *, image_size: int, seed: int = 0, holdout: Optional
     pairs = [] if fraction else parse_holdout(holdout)
     if name != "imagefolder":
         opts.pop("require_classes", None)
+        opts.pop("require_captions", None)
     dataset = plugins.get_dataset(name)(source, image_size=image_size, seed=seed, holdout=pairs, **opts)
     if len(dataset) == 0:
         raise MinidiffError(f"the data set '{data}' is empty")

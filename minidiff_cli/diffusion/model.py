@@ -131,6 +131,9 @@ class DiffusionModel:
         return next(self.unet.parameters()).device
 
     def to(self, device: str | torch.device, dtype: torch.dtype | None = None) -> "DiffusionModel":
+        """The whole model onto ``device``: U-Net, conditioner and a latent model's VAE together, the one
+        move every path makes (load, and so generate and img2img; train, --init-from, --resume). Moving
+        the U-Net alone left an --init-from VAE on the CPU to meet CUDA images. ``dtype`` casts the U-Net."""
         self.unet.to(device=device, dtype=dtype)
         self.conditioner.to(device=device)
         if self.latent is not None:  # the VAE stays float32: it is small, and decodes once per image

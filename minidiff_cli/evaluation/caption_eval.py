@@ -102,7 +102,7 @@ def evaluate_captions(pipe, dataset, clip_features, settings: CaptionEvalSetting
     item_captions = list(getattr(dataset, "captions", []) or [])
     if not item_captions or not any(item_captions):
         raise MinidiffError("this data set has no captions; the evaluation compares images with their captions "
-                            "(metadata.jsonl or .txt files next to the images)")
+                            "(metadata.jsonl, metadata.csv or .txt files next to the images)")
     chosen = fixed_captions([c for c in item_captions if c], settings.captions)
     if len(chosen) < 2:
         raise MinidiffError("the evaluation needs at least two distinct captions")

@@ -73,7 +73,8 @@ def evaluate(model, recipe) -> dict[str, Any]:
     each image ranks every caption of the folder. A procedural one with classes (shapes)
     is judged by zero-shot accuracy on fresh images of every class.
     """
-    dataset = open_dataset(recipe.data, image_size=recipe.image_size, seed=recipe.seed + 1_000_003, holdout=None)
+    dataset = open_dataset(recipe.data, image_size=recipe.image_size, seed=recipe.seed + 1_000_003, holdout=None,
+                           require_captions=True)
     if isinstance(getattr(dataset, "captions", None), list):
         return caption_retrieval(model, dataset, holdout_fraction(recipe.holdout),
                                  max_images=recipe.eval_images)
