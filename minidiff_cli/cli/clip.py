@@ -61,6 +61,12 @@ def train_command(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out if it exists."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the checkpoint next to --out "
                                                         "(OUT.checkpoint.safetensors) after a crash or Ctrl-C."),
+    val_every: int = typer.Option(100, "--val-every", help="Validation loss (contrastive, on held-out pairs) every "
+                                                           "N steps and at the end."),
+    log_with: Optional[str] = typer.Option(None, "--log-with", help="Also log to tensorboard or wandb (installed "
+                                           "apart), or none [default: none; on --resume, the run's choice]."),
+    log_dir: Optional[str] = typer.Option(None, "--log-dir", help="Where --log-with writes [default: OUT's name "
+                                          "with -logs, beside it]."),
 ) -> None:
     """Train a CLIP on image-caption pairs and save it, with its evaluation.
 
@@ -74,6 +80,8 @@ def train_command(
       minidiff clip train --data shapes --out shapes-clip.safetensors --threads 1
 
       minidiff clip train --data ./my_images --holdout 5% --out my-clip.safetensors
+
+      minidiff clip train --data shapes --log-with tensorboard --out shapes-clip.safetensors
     """
     if out.exists() and not overwrite:  # before minutes of training (and seconds of imports), not after
         raise MinidiffError(f"'{out}' already exists; choose another name, or pass --overwrite")
@@ -81,23 +89,30 @@ def train_command(
     from minidiff_cli.evaluation.clip import describe_accuracy, evaluate
     from minidiff_cli.training.clip import ClipRecipe, default_holdout, train_clip
     from minidiff_cli.training.clip_stage import checkpoint_path
+    from minidiff_cli.training.tracking import watch_hint
 
     if holdout is None:
         holdout = default_holdout(data)
+    checkpoint = checkpoint_path(out)
+    log_with, log_dir = _logging(log_with, log_dir, out, checkpoint if resume else None)
 
     recipe = ClipRecipe(data=data, image_size=image_size, holdout=holdout, steps=steps, batch_size=batch_size,
                         lr=lr, warmup=warmup, width=width, heads=heads, layers=layers,
                         context_length=context_length, embed_dim=embed_dim, vision=vision,
                         vision_width=vision_width, vision_layers=vision_layers, patch_size=patch_size,
-                        seed=seed, device=device, threads=threads or 0).check()
-    checkpoint = checkpoint_path(out)
+                        seed=seed, device=device, threads=threads or 0, val_every=val_every,
+                        log_with=log_with, log_dir=log_dir).check()
     if checkpoint.exists() and not resume:
         raise MinidiffError(f"'{checkpoint}' holds an unfinished run; pass --resume to continue it, or remove it")
     if resume and not checkpoint.exists():
         raise MinidiffError(f"nothing to resume: '{checkpoint}' does not exist")
+    hint = watch_hint(log_with, log_dir)
+    if hint:
+        typer.echo(hint, err=True)
     try:
         with loss_progress(steps, quiet) as report:
-            model, summary = train_clip(recipe, callback=report, checkpoint=checkpoint)
+            model, summary = train_clip(recipe, callback=_with_validation(report, quiet), checkpoint=checkpoint,
+                                        name=out.stem)
     except KeyboardInterrupt:
         typer.echo(f"interrupted; saved {checkpoint}. Continue with the same command and --resume", err=True)
         raise typer.Exit(130)
@@ -111,6 +126,38 @@ def train_command(
                f"loss {summary['first_loss']:.4f} at step 1 -> {summary['final_loss']:.4f} (mean of the last "
                "50 steps, as on the progress bar)")
     typer.echo(describe_accuracy(accuracy))
+
+
+def _logging(log_with: Optional[str], log_dir: Optional[str], out: Path,
+             resumed: Optional[Path]) -> tuple[str, Optional[str]]:
+    """(--log-with, --log-dir): as given, else the resumed run's, else none and OUT-logs; checked before work."""
+    from minidiff_cli.training.tracking import check_log_with
+
+    if resumed is not None and resumed.is_file() and (log_with is None or log_dir is None):
+        from minidiff_cli.training.checkpoint import read_checkpoint_meta
+
+        stored = read_checkpoint_meta(resumed).get("train", {})
+        log_with = log_with if log_with is not None else stored.get("log_with")
+        log_dir = log_dir if log_dir is not None else stored.get("log_dir")
+    log_with = log_with or "none"
+    check_log_with(log_with)
+    if log_with != "none" and not log_dir:
+        stem = out.name[: -len(".safetensors")] if out.name.endswith(".safetensors") else out.name
+        log_dir = str(out.with_name(f"{stem}-logs"))
+    return log_with, log_dir
+
+
+def _with_validation(report, quiet: bool):
+    """The progress callback, and (unless quiet) a line at each validation (what it is measured on, the first time)."""
+    def callback(info: dict) -> None:
+        report(info)
+        if quiet:
+            return
+        if info.get("validation"):
+            typer.echo(info["validation"], err=True)
+        if info.get("val_loss") is not None:
+            typer.echo(f"clip: step {info['step']} validation loss {info['val_loss']:.4f}", err=True)
+    return callback
 
 
 @clip_app.command("eval")

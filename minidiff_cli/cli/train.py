@@ -71,6 +71,13 @@ def train_command(
     vae: Optional[str] = typer.Option(None, "--vae", help="A VAE file (`minidiff vae train`): train a latent model, "
                                       "whose U-Net works on the VAE's latents; the model file holds the VAE."),
     name: Optional[str] = typer.Option(None, "--name", help="Model name stored in the file [default: the run folder's name]."),
+    sample_prompts: Optional[Path] = typer.Option(None, "--sample-prompts", help="A prompts file (`generate --prompts`' "
+                                                  "format: a prompt a line, or JSON with seed, steps, cfg, negative, n) "
+                                                  "drawn at step 0 and every --sample-every [default: a spread of the "
+                                                  "data's classes or captions, from the first --sample-every]."),
+    log_with: Optional[str] = typer.Option(None, "--log-with", help="Also log to tensorboard or wandb (installed "
+                                           "apart), or none; metrics.jsonl is written anyway [default: none]."),
+    log_dir: Optional[str] = typer.Option(None, "--log-dir", help="Where --log-with writes [default: OUT/logs]."),
 ) -> None:
     """Train a diffusion model; files land in --out, and Ctrl-C saves before stopping.
 
@@ -84,19 +91,27 @@ def train_command(
 
       minidiff train --out runs/shapes --resume --max-steps 4000
 
+      minidiff train --data shapes --log-with tensorboard --sample-prompts prompts.txt --out runs/watched
+
       torchrun --nproc-per-node 2 -m minidiff_cli train --data shapes --out runs/ddp
     """
     flags = {k: v for k, v in locals().items() if k not in ("config", "resume")}
     for key in LIST_FLAGS:
         if flags[key] is not None:
             flags[key] = int_list(flags[key], key)
+    if sample_prompts is not None:  # read and checked now: a bad file is refused before anything is made
+        from minidiff_cli.training.sample_prompts import read_sample_prompts
+
+        flags["sample_prompts"] = read_sample_prompts(sample_prompts)
     from minidiff_cli.training.config import load_toml, merge
+    from minidiff_cli.training.tracking import check_log_with
 
     cfg = merge(flags, config)
     if resume:
         given = {k for k, v in flags.items() if v is not None}
         given |= {k.replace("-", "_") for k in (load_toml(config) if config else {})}
         cfg = _text_stage_config(cfg, given) or _resumed_config(cfg, given)
+    check_log_with(cfg.log_with)  # the one a resumed run keeps too: installed, before the folder is touched
     _train(cfg, resume)
 
 
@@ -163,9 +178,16 @@ def _train(cfg, resume: bool) -> None:
 
 
 def _train_locked(cfg, resume: bool, stages: bool) -> None:
+    import os
+
+    from minidiff_cli.training.tracking import watch_hint
     from minidiff_cli.training.trainer import CHECKPOINT, Trainer
 
+    hint = watch_hint(cfg.log_with, cfg.logs_folder()) if int(os.environ.get("RANK", "0")) == 0 else None
     if stages:
+        if hint:  # first, not after the text encoder's stage (which it does not log)
+            print(hint, file=sys.stderr)
+            hint = None
         cfg = dataclasses.replace(cfg, clip_weights=str(_text_stage(cfg, resume)))
         resume = resume and (Path(cfg.out) / CHECKPOINT).is_file()
     trainer = Trainer(cfg, resume=resume, log=lambda msg: print(msg, file=sys.stderr))
@@ -181,6 +203,8 @@ def _train_locked(cfg, resume: bool, stages: bool) -> None:
         note = warmup_note(trainer.cfg)  # the trainer's: its schedule length is fixed by then
         if note:
             print(f"minidiff: note: {note}", file=sys.stderr)
+        if hint:
+            print(hint, file=sys.stderr)
     try:
         if cfg.quiet or not main or not sys.stderr.isatty():  # a live bar only on a terminal; lines elsewhere
             last = trainer.run(progress=_log_lines(cfg.log_every, cfg.max_steps) if main else None)
@@ -228,6 +252,10 @@ def _log_lines(every: int, total: int | None = None, first_after: float = 5.0):
 
     def log(info: dict) -> None:
         step = info["step"]
+        if "samples" in info:
+            print(samples_line(info), file=sys.stderr, flush=True)
+        if "loss" not in info:  # step 0's grid, before any training
+            return
         if total is not None and not told and (time.monotonic() - started >= first_after or step % every == 0
                                                or step >= total):
             told.append(True)
@@ -238,6 +266,29 @@ def _log_lines(every: int, total: int | None = None, first_after: float = 5.0):
             print(f"step {step} loss {info['smoothed']:.4f} lr {info['lr']:.2e} {info['it_s']:.2f} it/s",
                   file=sys.stderr, flush=True)
     return log
+
+
+def samples_line(info: dict) -> str:
+    """"step 500: samples runs/x/samples/step-0000500.png  val_loss 0.0812  adherence_seen 0.75"."""
+    s = info.get("samples") or {}
+    values = {"val_loss": info.get("val_loss"), **s}
+    extra = "".join(f"  {k} {v:.4f}" if k == "val_loss" else f"  {k} {v:.2f}"
+                    for k, v in values.items() if isinstance(v, float))
+    return f"step {info['step']}: samples {s.get('grid', '-')}{extra}"
+
+
+def _preview(console, grid: str) -> None:
+    """The sample grid drawn in the terminal under the progress bar (colour terminals only)."""
+    import os
+
+    if os.environ.get("NO_COLOR") or os.environ.get("TERM", "").lower() == "dumb":
+        return
+    from PIL import Image
+
+    from minidiff_cli.cli.display import image_to_text
+
+    with Image.open(grid) as image:
+        console.print(image_to_text(image, max_width=max(16, min(console.width, 96))))
 
 
 def _duration(seconds: float) -> str:
@@ -262,11 +313,12 @@ def _run_with_display(trainer) -> dict:
                                  loss="-", lr="-", speed="")
 
         def update(info: dict) -> None:
-            progress.update(task, completed=info["step"], loss=f"{info['smoothed']:.4f}", lr=f"{info['lr']:.2e}",
-                            speed=f"{info['it_s']:.2f} it/s")
+            if "loss" in info:  # not step 0's grid, drawn before training
+                progress.update(task, completed=info["step"], loss=f"{info['smoothed']:.4f}",
+                                lr=f"{info['lr']:.2e}", speed=f"{info['it_s']:.2f} it/s")
             if info.get("samples"):
-                s = info["samples"]
-                extra = "".join(f"  {k} {v:.2f}" for k, v in s.items() if isinstance(v, float))
-                progress.console.print(f"step {info['step']}: samples {s['grid']}{extra}")
+                progress.console.print(samples_line(info))
+                if info["samples"].get("grid"):
+                    _preview(progress.console, info["samples"]["grid"])
 
         return trainer.run(progress=update)

@@ -64,16 +64,30 @@ def train_command(
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda or mps [default: auto]."),
     threads: Optional[int] = threads_option(),
     quiet: Optional[bool] = typer.Option(None, "--quiet", "-q", help="Log lines instead of a progress bar."),
+    log_with: Optional[str] = typer.Option(None, "--log-with", help="Also log to tensorboard or wandb (installed "
+                                           "apart), or none; metrics.jsonl is written anyway [default: none]."),
+    log_dir: Optional[str] = typer.Option(None, "--log-dir", help="Where --log-with writes [default: the run "
+                                          "folder's logs/]."),
+    sample_prompts: Optional[str] = typer.Option(None, "--sample-prompts", hidden=True),
 ) -> None:
     """Train a VAE; Ctrl-C saves, --resume continues. Runs under torchrun too.
+
+    Every --sample-every steps: held-out PSNR / SSIM, the validation loss and a reconstruction grid
+    (into --log-with's TensorBoard or wandb too).
 
     Examples:
 
       minidiff vae train --data ./my_images --image-size 64 --out vae.safetensors
 
+      minidiff vae train --data ./my_images --log-with tensorboard --out vae.safetensors
+
       minidiff vae train --out vae.safetensors --resume --max-steps 4000
     """
-    flags = {k: v for k, v in locals().items() if k != "resume" and v is not None}
+    if sample_prompts is not None:
+        raise MinidiffError("vae train draws no prompts: every --sample-every it shows reconstructions of "
+                            "held-out images instead (--sample-prompts is for `minidiff train`)")
+    flags = {k: v for k, v in locals().items() if k not in ("resume", "sample_prompts") and v is not None}
+    from minidiff_cli.training.tracking import check_log_with
     from minidiff_cli.training.vae import VAETrainConfig, check_new_run, resumed_config
 
     if "channel_mult" in flags:
@@ -82,6 +96,7 @@ def train_command(
     check_new_run(cfg, resume)
     if resume:
         cfg = resumed_config(cfg, set(flags) - {"out", "run_dir"})
+    check_log_with(cfg.log_with)  # installed, before anything is made
     _train(cfg, resume)
 
 
@@ -103,6 +118,11 @@ def _train(cfg, resume: bool) -> None:
                   f"{cfg.image_size}x{cfg.image_size} -> {vae.latent_channels}x{side}x{side} latents; "
                   f"{len(trainer.train_items):,} training images, {len(trainer.heldout_items):,} held out; "
                   f"from step {trainer.step} to {cfg.max_steps}", file=sys.stderr)
+            from minidiff_cli.training.tracking import watch_hint
+
+            hint = watch_hint(cfg.log_with, cfg.logs_folder())
+            if hint:
+                print(hint, file=sys.stderr)
         from minidiff_cli.cli.display import loss_progress
 
         try:
@@ -123,7 +143,8 @@ def _with_checks(report):
     def progress(info: dict) -> None:
         report(info)
         if info.get("check"):
-            print(f"step {info['step']}: {_describe(info['check'])}; grid {info['check']['grid']}", file=sys.stderr)
+            check = {**info["check"], "val_loss": info.get("val_loss")}
+            print(f"step {info['step']}: {_describe(check)}; grid {check['grid']}", file=sys.stderr)
     return progress
 
 
@@ -131,7 +152,8 @@ def _describe(check: dict) -> str:
     if not check:
         return "no check yet"
     ssim = f", SSIM {check['ssim']:.3f}" if check.get("ssim") is not None else ""
-    return f"{check.get('on', '')} PSNR {check['psnr']:.2f} dB{ssim} ({check['images']} images)"
+    val = f", validation loss {check['val_loss']:.4f}" if check.get("val_loss") is not None else ""
+    return f"{check.get('on', '')} PSNR {check['psnr']:.2f} dB{ssim}{val} ({check['images']} images)"
 
 
 @vae_app.command("reconstruct")

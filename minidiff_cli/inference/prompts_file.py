@@ -87,6 +87,12 @@ def read_prompts(path: str | os.PathLike) -> list[PromptLine]:
     return lines
 
 
+def parse_line(line: str, where: str, number: int) -> PromptLine:
+    """One line of the format (a prompt, or a JSON object), checked as a file's line is: a bad one is a
+    MinidiffError naming ``where`` and ``number`` (training's ``--sample-prompts`` keeps its lines as text)."""
+    return _parse_line(line.strip(), where, number)
+
+
 def shown_name(path: str | os.PathLike) -> str:
     """How errors name the prompts: the path, or "standard input" for ``-``."""
     return "standard input" if os.fspath(path) == "-" else os.fspath(path)

@@ -14,6 +14,9 @@
     clip.py        ``clip train``: a small open_clip CLIP, contrastive loss
     vae.py         ``vae train``: the KL autoencoder (L1 + KL, optional PatchGAN)
     distill.py     ``distill``: a few-step student (latent consistency distillation, LoRA)
+    tracking.py    ``--log-with``: TensorBoard, wandb or nothing; what the loops log there
+    validation.py  the validation loss of each trainer, on fixed held-out images and noise
+    sample_prompts.py  ``train --sample-prompts FILE``: the sample grid's rows
 
 May import every layer below it (evaluation, inference, clip, diffusion, nets, vae, data,
 files, runtime, plugins, errors); only the CLI imports training.

@@ -65,10 +65,15 @@ class ClipRecipe:
     threads: int = 0  # torch CPU threads; 0 is auto (see threads.py)
     eval_images_per_class: int = 32  # shapes: fresh images of each class
     eval_images: int = 1000  # a folder: seen images ranked against every caption (plus all held-out ones)
+    # watching it: the validation loss every val_every steps (and at the end); --log-with (tracking.py)
+    val_every: int = 100
+    log_with: str = "none"
+    log_dir: Optional[str] = None
 
     def check(self) -> "ClipRecipe":
         for name in ("steps", "batch_size", "width", "heads", "layers", "context_length", "embed_dim",
-                     "vision_width", "vision_layers", "patch_size", "image_size", "eval_images_per_class"):
+                     "vision_width", "vision_layers", "patch_size", "image_size", "eval_images_per_class",
+                     "val_every"):
             if getattr(self, name) < 1:
                 raise MinidiffError(f"{name.replace('_', '-')} must be at least 1 (got {getattr(self, name)})")
         if self.batch_size < 2:
@@ -85,6 +90,10 @@ class ClipRecipe:
             raise MinidiffError(f"threads must be 0 (auto) or more (got {self.threads})")
         if self.lr <= 0:
             raise MinidiffError(f"lr must be positive (got {self.lr})")
+        if self.log_with not in ("none", "tensorboard", "wandb"):
+            raise MinidiffError(f"log-with must be tensorboard, wandb or none (got {self.log_with!r:.40})")
+        if self.log_with != "none" and not self.log_dir:
+            raise MinidiffError(f"log-with {self.log_with} needs a log-dir")
         check_clip_model_config(self.model_config())  # the same bounds as a CLIP file's config
         return self
 
@@ -165,13 +174,15 @@ def lr_at(step: int, recipe: ClipRecipe) -> float:
 
 def train_clip(recipe: ClipRecipe, callback: Optional[Callable[[dict], None]] = None,
                checkpoint: Optional[Path] = None, save_every: int = 250,
-               on_start: Optional[Callable[[int], None]] = None):
+               on_start: Optional[Callable[[int], None]] = None, name: str = "clip"):
     """Train a CLIP per ``recipe``; returns (model, summary).
 
     ``callback({"step", "loss", "smoothed", "lr"})`` runs each step; ``smoothed`` is the mean
-    of the last 50 losses, the figure the summary reports. With ``checkpoint``, the state is
-    saved there every ``save_every`` steps and on Ctrl-C / SIGTERM, and training continues
-    from it when it exists. ``on_start(step)`` runs once the data is checked, before the first step.
+    of the last 50 losses, the figure the summary reports; every ``val_every`` steps and at the
+    last, ``val_loss`` too (the contrastive loss on fixed held-out pairs, validation.py). With
+    ``checkpoint``, the state is saved there every ``save_every`` steps and on Ctrl-C / SIGTERM, and
+    training continues from it when it exists. ``on_start(step)`` runs once the data is checked,
+    before the first step. ``recipe.log_with`` logs to TensorBoard or wandb as run ``name``.
     """
     import open_clip
 
@@ -186,30 +197,36 @@ def train_clip(recipe: ClipRecipe, callback: Optional[Callable[[dict], None]] = 
     config = recipe.model_config()
     model = build_clip(config).to(device).train()
     tokenizer = tokenizer_for(config["text_cfg"])
-    dataset = open_dataset(recipe.data, image_size=recipe.image_size, seed=recipe.seed, holdout=recipe.holdout)
+    dataset = open_dataset(recipe.data, image_size=recipe.image_size, seed=recipe.seed, holdout=recipe.holdout,
+                           require_captions=True)
     captions = getattr(dataset, "captions", None)
     if isinstance(captions, list) and not any(captions):
         raise MinidiffError(f"'{recipe.data}' has no captions, and a CLIP learns from captions: add a "
-                            "metadata.jsonl (file_name, text) or a .txt file next to each image")
+                            "metadata.jsonl or metadata.csv (file_name, text) or a .txt file next to each image")
     loss_fn = open_clip.ClipLoss()
     optimizer = torch.optim.AdamW(_param_groups(model, recipe.weight_decay), lr=recipe.lr, betas=(0.9, 0.98), eps=1e-6)
     step, losses = _resume_clip(checkpoint, model, optimizer, recipe)
     start, first_step = time.perf_counter(), step
     if on_start is not None:
         on_start(step)
+    watch = _Watch(recipe, name, model, tokenizer, dataset, device, loss_fn)
 
     def save() -> None:
         if checkpoint is not None:
             _save_clip_checkpoint(checkpoint, model, optimizer, step, recipe, losses)
 
-    with stop_signals(None) as stop_asked:
+    with stop_signals(None) as stop_asked, watch:
         try:
             while step < recipe.steps:
-                losses.append(_clip_step(model, optimizer, loss_fn, tokenizer, dataset, recipe, step, device))
+                losses.append(_clip_step(model, optimizer, loss_fn, tokenizer, dataset, recipe, step, device,
+                                         watch.norms))
                 step += 1
+                info = {"step": step, "loss": losses[-1], "smoothed": _mean_tail(losses),
+                        "lr": optimizer.param_groups[0]["lr"], "it_s": (step - first_step) /
+                        max(1e-9, time.perf_counter() - start)}
+                watch.record(info, last=step == recipe.steps)
                 if callback is not None:
-                    callback({"step": step, "loss": losses[-1], "smoothed": _mean_tail(losses),
-                              "lr": optimizer.param_groups[0]["lr"]})
+                    callback(info)
                 if step % save_every == 0 and step < recipe.steps:
                     save()
                 if stop_asked() and step < recipe.steps:
@@ -222,10 +239,13 @@ def train_clip(recipe: ClipRecipe, callback: Optional[Callable[[dict], None]] = 
                "resumed_at": first_step or None,
                "first_loss": round(losses[0], 4), "final_loss": round(_mean_tail(losses), 4),
                "recipe": dataclasses.asdict(recipe)}
+    if watch.val_loss is not None:
+        summary["val_loss"] = round(watch.val_loss, 4)
     return model, summary
 
 
-def _clip_step(model, optimizer, loss_fn, tokenizer, dataset, recipe: ClipRecipe, step: int, device) -> float:
+def _clip_step(model, optimizer, loss_fn, tokenizer, dataset, recipe: ClipRecipe, step: int, device,
+               norms: Optional[list] = None) -> float:
     for group in optimizer.param_groups:
         group["lr"] = lr_at(step, recipe)
     images, captions = batch_at(dataset, recipe.batch_size, recipe.seed, step)
@@ -236,10 +256,57 @@ def _clip_step(model, optimizer, loss_fn, tokenizer, dataset, recipe: ClipRecipe
         raise MinidiffError(f"the loss became {loss.item()} at step {step + 1}; lower --lr")
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    if norms is not None:  # a tracker is on: the gradient norm, measured (max_norm inf clips nothing)
+        norms[:] = [torch.nn.utils.clip_grad_norm_(model.parameters(), math.inf)]
     optimizer.step()
     with torch.no_grad():
         model.logit_scale.clamp_(0, LOGIT_SCALE_MAX)
     return loss.item()
+
+
+class _Watch:
+    """The validation loss every ``val_every`` steps, and what --log-with shows (a context: closes the tracker)."""
+
+    def __init__(self, recipe: ClipRecipe, name: str, model, tokenizer, dataset, device, loss_fn):
+        from minidiff_cli.training.tracking import open_tracker
+
+        self.recipe, self.model, self.loss_fn = recipe, model, loss_fn
+        self.make = lambda: _clip_validation(recipe, model, tokenizer, dataset, device)
+        self.validation, self.val_loss = None, None
+        self.tracker = open_tracker(recipe.log_with, recipe.log_dir or ".", name=name,
+                                    config=dataclasses.asdict(recipe))
+        self.norms: Optional[list] = [] if self.tracker.active else None
+
+    def record(self, info: dict, last: bool) -> None:
+        step = info["step"]
+        if step % self.recipe.val_every == 0 or last:
+            if self.validation is None:
+                self.validation = self.make()
+                info["validation"] = self.validation.description  # what it is measured on, said once
+            value = self.validation.loss(self.model, self.loss_fn)
+            if value is not None:
+                info["val_loss"] = self.val_loss = value
+        if self.tracker.active:
+            from minidiff_cli.training.tracking import log_record
+
+            if self.norms:
+                info["grad_norm"] = float(self.norms[0])
+            log_record(self.tracker, info, extra=lambda r: {"train/logit_scale": float(self.model.logit_scale.detach().exp())})
+
+    def __enter__(self) -> "_Watch":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.tracker.close()
+
+
+def _clip_validation(recipe: ClipRecipe, model, tokenizer, dataset, device):
+    from minidiff_cli.training.validation import ClipValidation
+
+    def reopen():  # without the held-out pairs' holdout: their images exist there
+        return open_dataset(recipe.data, image_size=recipe.image_size, seed=recipe.seed, holdout="")
+
+    return ClipValidation(model, tokenizer, dataset, reopen, device)
 
 
 def _mean_tail(losses: list[float], n: int = 50) -> float:
@@ -268,7 +335,7 @@ def _resume_clip(path: Optional[Path], model, optimizer, recipe: ClipRecipe) -> 
     mine = dataclasses.asdict(recipe)
     # The device, threads and length may change (a longer or shorter run goes on from here, on the
     # learning-rate schedule of the new length); anything else would train another model.
-    free = ("device", "threads", "steps", "eval_images", "eval_images_per_class")
+    free = ("device", "threads", "steps", "eval_images", "eval_images_per_class", "val_every", "log_with", "log_dir")
     changed = sorted(k for k in mine if k not in free and stored.get(k) != mine[k])
     if changed:
         raise MinidiffError(f"'{path}' was made with other settings ({', '.join(changed)}); resume with the "

@@ -19,7 +19,7 @@ from minidiff_cli.errors import MinidiffError, is_int
 
 # Flags that may change when a run is resumed; anything else must stay as it was.
 RESUMABLE = ("max_steps", "save_every", "sample_every", "log_every", "quiet", "device", "threads", "out",
-             "description", "notice", "clip_steps")
+             "description", "notice", "clip_steps", "log_with", "log_dir", "sample_prompts")
 
 
 @dataclass
@@ -89,7 +89,11 @@ class TrainConfig:
     save_every: int = 500
     sample_every: int = 500
     log_every: int = 50
+    # What the sample grids draw (lines of a `generate --prompts` file, training/sample_prompts.py); with
+    # any, the first grid is drawn at step 0. Empty: a spread of the data's classes or captions.
     sample_prompts: list[str] = field(default_factory=list)
+    log_with: str = "none"  # tensorboard, wandb or none (training/tracking.py); metrics.jsonl is kept anyway
+    log_dir: Optional[str] = None  # None: OUT/logs
     name: str = ""
     # The model card stored in the file (shown by `info` and `models`): what it draws, and the
     # attribution its training images ask for (e.g. a licence's NOTICE), if any.
@@ -143,11 +147,21 @@ class TrainConfig:
             (self.class_dim <= 65536, f"class_dim {self.class_dim} is more than minidiff allows (65536)"),
             (0 <= self.seed <= MAX_SEED, f"--seed must be a whole number from 0 to {MAX_SEED} (got {self.seed})"),
             (0 <= self.threads <= 1024, f"--threads must be from 0 (auto) to 1024 (got {self.threads})"),
+            (self.log_with in ("none", "tensorboard", "wandb"),
+             f"--log-with must be tensorboard, wandb or none (got {self.log_with!r:.40})"),
         ]
         for ok, message in checks:
             if not ok:
                 raise MinidiffError(message)
+        if self.sample_prompts:
+            from minidiff_cli.training.sample_prompts import parse_sample_prompts
+
+            parse_sample_prompts(self.sample_prompts)
         return self
+
+    def logs_folder(self) -> Path:
+        """Where --log-with writes: --log-dir, or the run folder's logs/."""
+        return Path(self.log_dir) if self.log_dir else Path(self.out) / "logs"
 
     def _objective_checks(self) -> list[tuple[bool, str]]:
         """The flow matching and zero-SNR settings, which only make sense in some combinations."""

@@ -4,7 +4,9 @@ A job gives ``cfg`` (max_steps, sample_every, log_every, save_every), ``step``, 
 ``auto_threads``, ``optimizer``, ``log``, ``out`` and ``train_step()``, ``sample_grid()``,
 ``save()``; under torchrun also ``main`` (only rank 0 writes and reports) and ``any_rank(flag)``
 (ranks stop at the same step). SIGTERM or Ctrl-C finishes the step, saves and stops: the step
-count is resumable.
+count is resumable. Optional: ``validation_loss()`` (measured at each sample step), ``grad_norm``
+(the last step's, recorded at log steps), ``tracker`` (tracking.py: what metrics.jsonl records goes
+there too), and ``cfg.sample_prompts`` (then a fresh run draws its first grid at step 0).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any, Callable
 
 from minidiff_cli.files.atomic import append_line, atomic_write, ensure_writable_dir
 from minidiff_cli.runtime.signals import stop_signals
+from minidiff_cli.training.tracking import NULL, log_record
 
 METRICS = "metrics.jsonl"
 
@@ -26,9 +29,17 @@ def run_steps(job, progress: Callable[[dict], None] | None = None,
     cfg, main = job.cfg, getattr(job, "main", True)
     any_rank = getattr(job, "any_rank", lambda flag: flag)
     start_step, start_time = job.step, time.time()
+    tracker = getattr(job, "tracker", NULL) if main else NULL
     last: dict[str, Any] = {}
     with stop_signals(job.log if main else None) as stop_asked:
         try:
+            if job.step == 0 and getattr(cfg, "sample_prompts", None):  # what the untrained weights draw
+                first = {"step": 0, **_sample_step(job, after_sample)}
+                if main:
+                    append_metrics(job.out, first)
+                    log_record(tracker, first)
+                    if progress is not None:
+                        progress(first)
             while job.step < cfg.max_steps:
                 job.auto_threads.tick()
                 loss = job.train_step()
@@ -37,11 +48,13 @@ def run_steps(job, progress: Callable[[dict], None] | None = None,
                         "lr": job.optimizer.param_groups[0]["lr"],
                         "it_s": (job.step - start_step) / max(1e-9, time.time() - start_time)}
                 if job.step % cfg.sample_every == 0 or job.step == cfg.max_steps:
-                    last["samples"] = job.sample_grid()
-                    if after_sample is not None:
-                        after_sample()
+                    last.update(_sample_step(job, after_sample))
                 if main and (job.step % cfg.log_every == 0 or "samples" in last):
+                    norm = getattr(job, "grad_norm", None)
+                    if norm is not None:
+                        last["grad_norm"] = float(norm)
                     append_metrics(job.out, last)  # before the save: a checkpoint's own step is logged
+                    log_record(tracker, last)
                 if job.step % cfg.save_every == 0 or job.step == cfg.max_steps:
                     job.save()
                 if progress is not None and main:
@@ -52,6 +65,18 @@ def run_steps(job, progress: Callable[[dict], None] | None = None,
             job.save()  # nothing lost: the interrupted step count is resumable
             raise
     return last
+
+
+def _sample_step(job, after_sample: Callable[[], None] | None) -> dict[str, Any]:
+    """The sample grid and, where the job measures one, the validation loss."""
+    out: dict[str, Any] = {"samples": job.sample_grid()}
+    validation = getattr(job, "validation_loss", None)
+    value = validation() if validation is not None else None
+    if value is not None:
+        out["val_loss"] = value
+    if after_sample is not None:
+        after_sample()
+    return out
 
 
 def smoothed(losses: list[tuple[int, float]], window: int = 100) -> float | None:

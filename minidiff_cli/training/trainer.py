@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Callable
@@ -39,6 +40,7 @@ from minidiff_cli.training.loss_plot import plot_losses
 from minidiff_cli.training.model_card import model_card, schedule_entry
 from minidiff_cli.training.optim import adamw, ema_update, lr_at
 from minidiff_cli.training.run_folder import CHECKPOINT, MODEL, check_contents, check_creatable
+from minidiff_cli.training.tracking import NULL as NULL_TRACKER
 
 RUN_CONFIG = "train_config.json"
 
@@ -88,7 +90,12 @@ class Trainer:
         self.dataset = self._dataset()
         self.model = self._model()
         self.model.unet.config.check_activations(max(1, cfg.batch_size // self.dist.world))  # before a step runs
-        self.net = TrainNet(self.model).to(self.device)
+        if cfg.sample_prompts:  # each line must fit the schedule and the conditioner, before a step runs
+            from minidiff_cli.training.sample_prompts import check_against
+
+            check_against(cfg.sample_prompts, self.model)
+        # The whole model to the device, a latent model's VAE too: --init-from and --resume load it on the CPU.
+        self.net = TrainNet(self.model.to(self.device))
         self.ema = self._ema_copy()
         self.ema_params, self.net_params = list(self.ema.parameters()), list(self.net.parameters())
         params = [p for p in self.net.parameters() if p.requires_grad]
@@ -96,6 +103,7 @@ class Trainer:
         self.step = 0
         self.losses: list[tuple[int, float]] = []
         self.captions: CaptionTable | None = None  # a frozen conditioner's encoded captions, made at first use
+        self.tracker, self.grad_norm = NULL_TRACKER, None  # --log-with's, opened by run(); the last step's norm
         if resume:
             self._resume()
         self.ddp = self._wrap_ddp()
@@ -111,7 +119,8 @@ class Trainer:
         from minidiff_cli.data.sources import open_dataset
 
         cfg = self.cfg
-        opts = {"require_classes": True} if self._conditioner_name() == "class" else {}
+        name = self._conditioner_name()  # a text conditioner learns from captions: every image needs one
+        opts = {"require_classes": True} if name == "class" else {} if name == "none" else {"require_captions": True}
         return open_dataset(cfg.data, image_size=cfg.image_size, seed=cfg.seed, holdout=cfg.holdout, **opts)
 
     def _conditioner_name(self) -> str:
@@ -322,9 +331,9 @@ class Trainer:
                                 "--mixed-precision no")
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
-        if self.cfg.grad_clip:
+        if self.cfg.grad_clip or self.tracker.active:  # the norm is free where it clips; inf only measures
             self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.cfg.grad_clip)
+            self.grad_norm = torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.cfg.grad_clip or math.inf)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         # Early in training a full decay would keep the EMA near random weights for too long.
@@ -374,12 +383,16 @@ class Trainer:
         if not self.dist.main:
             return None
         from minidiff_cli.evaluation.shapes_judge import default_prompts, sample_and_score
+        from minidiff_cli.training.sample_prompts import draw
 
-        prompts = self.cfg.sample_prompts or default_prompts(self.dataset, self.cfg.holdout)
         model = self.export_model()
         model.unet.eval()
         path = ensure_writable_dir(self.out / "samples") / f"step-{self.step:07d}.png"
-        result = sample_and_score(model, prompts, path, shapes=self.cfg.data == "shapes")
+        if self.cfg.sample_prompts:  # --sample-prompts: each line its own row and settings
+            result = draw(model, self.cfg.sample_prompts, path, shapes=self.cfg.data == "shapes")
+        else:
+            prompts = default_prompts(self.dataset, self.cfg.holdout)
+            result = sample_and_score(model, prompts, path, shapes=self.cfg.data == "shapes")
         result.update(self.caption_metrics(model))
         return result
 
@@ -416,10 +429,27 @@ class Trainer:
                     self._clip_features = None
         return self._clip_features
 
+    def validation_loss(self) -> float | None:
+        """The loss on fixed held-out images, timesteps and noise (training/validation.py); rank 0's."""
+        from minidiff_cli.training.validation import DiffusionValidation
+
+        if self.dist.main and not hasattr(self, "_validation"):
+            self._validation = DiffusionValidation(self)
+        return self._validation.loss(self.net, self._autocast) if self.dist.main else None
+
     # -- the loop ------------------------------------------------------------------------
     def run(self, progress: Callable[[dict], None] | None = None) -> dict[str, Any]:
+        from minidiff_cli.training.tracking import open_tracker
+
         self.net.train()
-        last = run_steps(self, progress, after_sample=self.net.train)
+        if self.dist.main:
+            self.tracker = open_tracker(self.cfg.log_with, self.cfg.logs_folder(),
+                                        name=self.cfg.name or self.out.name, config=self.cfg.to_dict())
+        try:
+            last = run_steps(self, progress, after_sample=self.net.train)
+        finally:
+            self.tracker.close()
+            self.tracker = NULL_TRACKER
         self.check_replicas()
         return last
 

@@ -11,8 +11,9 @@ term joins from ``disc_start`` when it is set.
 
 As with ``minidiff train``: step s's images and noise come from generators seeded by (seed, s,
 rank), so a resumed run equals an uninterrupted one; checkpoints are safetensors in the run
-folder, with reconstructions of held-out images every ``sample_every`` steps and the EMA
-weights in the VAE file (``--out``) at every save.
+folder, with reconstructions of held-out images and the validation loss (training/validation.py)
+every ``sample_every`` steps, and the EMA weights in the VAE file (``--out``) at every save.
+``--log-with`` sends the metrics and the reconstruction grids to TensorBoard or wandb (tracking.py).
 
 The VAE file lies outside the run folder, whose lock does not cover it: a new run claims its
 name before it trains, by publishing the untrained file at step 0 only if the name is free (as
@@ -25,6 +26,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,13 +37,15 @@ import torch
 from minidiff_cli.data.dataset import EpochShuffle
 from minidiff_cli.errors import MinidiffError
 from minidiff_cli.files.atomic import append_line, atomic_write, ensure_writable_dir
+from minidiff_cli.training.tracking import NULL as NULL_TRACKER
 from minidiff_cli.vae.autoencoder import Autoencoder, VAEConfig
 
 CHECKPOINT = "checkpoint.safetensors"
 METRICS = "metrics.jsonl"
 RUN_CONFIG = "vae_config.json"
 RUN_FILES = (CHECKPOINT, METRICS, RUN_CONFIG)
-RESUMABLE = ("max_steps", "save_every", "sample_every", "log_every", "quiet", "device", "threads")
+RESUMABLE = ("max_steps", "save_every", "sample_every", "log_every", "quiet", "device", "threads", "log_with",
+             "log_dir")
 EVAL_IMAGES = 64  # held-out images checked at each sample step
 
 
@@ -79,6 +83,8 @@ class VAETrainConfig:
     device: str = "auto"
     threads: int = 0
     quiet: bool = False
+    log_with: str = "none"  # tensorboard, wandb or none (tracking.py)
+    log_dir: Optional[str] = None  # None: the run folder's logs/
 
     def __post_init__(self):
         self.channel_mult = list(self.channel_mult)
@@ -93,6 +99,9 @@ class VAETrainConfig:
         out = Path(self.out)
         stem = out.name[: -len(".safetensors")] if out.name.endswith(".safetensors") else out.name
         return out.with_name(f"{stem}-run")
+
+    def logs_folder(self) -> Path:
+        return Path(self.log_dir) if self.log_dir else self.run_folder() / "logs"
 
     def validate(self) -> None:
         checks = [
@@ -109,6 +118,8 @@ class VAETrainConfig:
             (min(self.save_every, self.sample_every, self.log_every) >= 1,
              "--save-every, --sample-every and --log-every must be at least 1"),
             (str(self.out).endswith(".safetensors"), f"--out '{self.out}' must be a .safetensors file name"),
+            (self.log_with in ("none", "tensorboard", "wandb"),
+             f"--log-with must be tensorboard, wandb or none (got {self.log_with!r:.40})"),
         ]
         for ok, message in checks:
             if not ok:
@@ -159,6 +170,7 @@ class VAETrainer:
         self.optimizer = adamw(groups, cfg, self.device)
         self.shuffle = EpochShuffle(len(self.train_items), cfg.seed)
         self.step, self.losses = 0, []
+        self.tracker, self.grad_norm, self.validation = NULL_TRACKER, None, None
         self.claimed = resume  # whether the VAE file's name is this run's (a resumed run claimed it when it began)
         if resume:
             self._resume()
@@ -237,8 +249,9 @@ class VAETrainer:
             real, fake = scores.chunk(2)
             terms["d"] = hinge_d_loss(real, fake)
             terms["d"].backward()
-        if self.cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(self.autoencoder.parameters(), self.cfg.grad_clip)
+        if self.cfg.grad_clip or self.tracker.active:  # the norm comes free with clipping; inf only measures
+            self.grad_norm = torch.nn.utils.clip_grad_norm_(self.autoencoder.parameters(),
+                                                            self.cfg.grad_clip or math.inf)
         self.optimizer.step()
         decay = min(self.cfg.ema_decay, (1 + self.step) / (10 + self.step))
         ema_update(self.ema_params, self.net_params, decay)
@@ -264,6 +277,17 @@ class VAETrainer:
         reconstruction_grid(x[:8], recon[:8], path)
         report["grid"] = str(path)
         return report
+
+    def validation_loss(self) -> float:
+        """The training loss less its adversarial term, on the check images with fixed noise (validation.py)."""
+        if self.validation is None:
+            from minidiff_cli.training.validation import VAEValidation
+
+            what = "held-out images" if self.heldout_items else "training images (no images are held out)"
+            self.validation = VAEValidation(self.images(self.check_images()), self.autoencoder, self.cfg.seed, what)
+            self.log(self.validation.description)
+        chunk = max(1, self.cfg.batch_size // self.dist.world)
+        return self.validation.loss(self.autoencoder, self.cfg.kl_weight, chunk)
 
     def smoothed_loss(self) -> float | None:
         recent = [loss for _, loss in self.losses[-100:]]
@@ -307,10 +331,15 @@ class VAETrainer:
         from minidiff_cli.runtime.distributed import any_rank
         from minidiff_cli.runtime.signals import stop_signals
 
+        from minidiff_cli.training.tracking import log_record, open_tracker
+
         cfg, start_step, start_time = self.cfg, self.step, time.time()
         self.claim()
         self.autoencoder.train()
         last: dict[str, Any] = {}
+        if self.dist.main:
+            self.tracker = open_tracker(cfg.log_with, cfg.logs_folder(), name=cfg.name or Path(cfg.out).stem,
+                                        config=cfg.to_dict())
         with stop_signals(self.log if self.dist.main else None) as stop_asked:
             try:
                 while self.step < cfg.max_steps:
@@ -323,11 +352,15 @@ class VAETrainer:
                     done = self.step == cfg.max_steps
                     if self.dist.main and (self.step % cfg.sample_every == 0 or done):
                         last["check"] = self.evaluate()
+                        last["val_loss"] = self.validation_loss()
                         self.autoencoder.train()
                     if self.dist.main and (self.step % cfg.log_every == 0 or "check" in last):
+                        if self.grad_norm is not None:
+                            last["grad_norm"] = float(self.grad_norm)
                         record = {k: v for k, v in last.items() if k != "check"}
                         record.update({f"check_{k}": v for k, v in last.get("check", {}).items() if k != "grid"})
                         append_line(ensure_writable_dir(self.run_dir) / METRICS, json.dumps(record))
+                        log_record(self.tracker, last, image_tag="reconstructions", extra=_vae_scalars)
                     if self.step % cfg.save_every == 0 or done:
                         self.save()
                     if progress is not None and self.dist.main:
@@ -337,7 +370,17 @@ class VAETrainer:
             except KeyboardInterrupt:
                 self.save()
                 raise
+            finally:
+                self.tracker.close()
+                self.tracker = NULL_TRACKER
         return last
+
+
+def _vae_scalars(record: dict[str, Any]) -> dict[str, Any]:
+    """The VAE's own terms and checks, beside the common tags (tracking.step_scalars)."""
+    values = {f"train/{k}": record.get(k) for k in ("rec", "kl", "g", "d")}
+    values.update({f"eval/{k}": v for k, v in (record.get("check") or {}).items() if k != "images"})
+    return values
 
 
 def check_new_run(cfg: VAETrainConfig, resume: bool) -> None:
@@ -352,7 +395,7 @@ def check_new_run(cfg: VAETrainConfig, resume: bool) -> None:
         raise MinidiffError(f"'{run_dir}' already holds a VAE run; pass --resume to continue it or choose another --out")
     if out.exists():
         raise MinidiffError(f"'{out}' already exists; choose another --out (a new run never replaces a file)")
-    if run_dir.is_dir() and any(p.name not in (*RUN_FILES, "samples") and not p.name.startswith(".")
+    if run_dir.is_dir() and any(p.name not in (*RUN_FILES, "samples", "logs") and not p.name.startswith(".")
                                 for p in run_dir.iterdir()):
         raise MinidiffError(f"'{run_dir}' holds files that are not a VAE run's; choose another --run-dir")
 
