@@ -49,6 +49,8 @@ ADDED = {
 # Commands that train or evaluate: they run in a test of their own (about 50 s), after their training runs.
 SLOW = ("train", "eval", "clip train", "vae train", "vae eval", "vae reconstruct", "distill")
 # Commands a test machine cannot run, by their first word, with the reason.
+# Commands that run until stopped: started on a free port, asked for an answer, then stopped with Ctrl-C.
+SERVED = ("serve",)
 SKIPPED = {"torchrun": "several processes (and for --nnodes 2, two machines); tests/test_training.py's "
                        "slow DDP test runs `torchrun --nproc-per-node 2 -m minidiff_cli train` on CPU, and "
                        "tests/test_prompts_file.py runs `generate --prompts` under torchrun"}
@@ -134,7 +136,8 @@ def _picture(path: Path, seed: int = 0) -> None:
 
 
 def _runnable(slow: bool) -> list[list[str]]:
-    return [c for c in readme_commands() if c[0] == "minidiff" and (subcommand(c) in SLOW) == slow]
+    return [c for c in readme_commands() if c[0] == "minidiff" and (subcommand(c) in SLOW) == slow
+            and subcommand(c) not in SERVED]
 
 
 def _run_in_order(commands: list[list[str]], folder: Path) -> None:
@@ -181,6 +184,25 @@ def test_readme_commands_that_train_run(tmp_path):
         lowest = unet["image_size"] >> (len(unet["channel_mult"]) - 1)
         assert unet["attention_resolutions"] == [lowest], (run, unet)  # the default follows --image-size
     assert read_config(tmp_path / "runs/shapes-class/model.safetensors")["conditioner"]["name"] == "class"
+
+
+@pytest.mark.parametrize("command", [c for c in readme_commands() if c[0] == "minidiff" and subcommand(c) in SERVED],
+                         ids=shlex.join)
+def test_readme_serve_commands_start_answer_and_stop(command, tmp_path):
+    """`minidiff serve ...` as the README gives it, on a free port; it answers, then Ctrl-C stops it."""
+    import requests
+    from serving import Served
+
+    argv = list(command[2:])
+    if "--port" in argv:  # the README's port may be taken here
+        del argv[argv.index("--port"):argv.index("--port") + 2]
+    served = Served(tmp_path, *argv)
+    try:
+        assert requests.get(f"{served.url}/", timeout=30).status_code == 200
+        assert requests.get(f"{served.url}/sdapi/v1/sd-models", timeout=30).status_code == 200
+    finally:
+        code = served.stop()
+    assert code in (0, 130) and "Traceback" not in served.output(), served.output()
 
 
 @pytest.mark.parametrize("command", [c for c in readme_commands() if c[0] in SKIPPED], ids=shlex.join)

@@ -65,7 +65,7 @@ def _global_options(
 
 # Each module adds its commands to ``app`` when imported.
 COMMAND_MODULES = ("generate", "train", "distill", "eval", "info", "models", "schedules", "clip", "vae", "plugins_cmd",
-                   "noise", "explain")
+                   "noise", "explain", "serve")
 
 
 def _register_commands() -> None:
