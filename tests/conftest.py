@@ -204,9 +204,14 @@ def trained_checkpoint_run(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(autouse=True)
-def _hermetic_environment(monkeypatch):
-    """Each test starts without the user's minidiff settings (and an empty user model folder)."""
-    _clear_user_settings(monkeypatch.setenv, lambda key: monkeypatch.delenv(key, raising=False))
+def _hermetic_environment():
+    """Each test starts, and leaves, without the user's minidiff settings (and an empty user model folder).
+
+    Cleared directly, not through monkeypatch: monkeypatch would put a value one test leaked back
+    after the next test, where module-scoped fixtures (a server the tests share) would inherit it."""
+    _clear_user_settings(os.environ.__setitem__, lambda key: os.environ.pop(key, None))
+    yield
+    _clear_user_settings(os.environ.__setitem__, lambda key: os.environ.pop(key, None))
 
 
 @pytest.fixture(autouse=True)

@@ -11,9 +11,15 @@ import tempfile
 import time
 from pathlib import Path
 
-from conftest import cli_command
+from conftest import EMPTY_MODELS_DIR, USER_SETTINGS, cli_command
 
 START_TIMEOUT_S = 180  # torch's import and the model's load on a busy 2-core machine
+
+
+def hermetic(environ) -> dict:
+    """``environ`` without the user's minidiff settings: a server a module shares may start before a
+    test's own clean-up runs."""
+    return {**{k: v for k, v in environ.items() if k not in USER_SETTINGS}, "MINIDIFF_MODELS_DIR": EMPTY_MODELS_DIR}
 
 
 def free_port() -> int:
@@ -31,7 +37,7 @@ class Served:
         self.log = tempfile.TemporaryFile("w+", encoding="utf-8")  # not in cwd: the server writes nothing there
         self.proc = subprocess.Popen([*cli_command(), "serve", "--port", str(self.port), *args], cwd=cwd,
                                      stdout=self.log, stderr=subprocess.STDOUT, text=True,
-                                     env={**os.environ, "COLUMNS": "200", **(env or {})})
+                                     env={**hermetic(os.environ), "COLUMNS": "200", **(env or {})})
         self._wait(args)
 
     def _wait(self, args) -> None:
