@@ -106,14 +106,18 @@ class Worker:
                 self.running = None
                 self.board.finished += 1
 
-    def stop(self) -> None:
-        while True:  # refuse what still waits, then end the thread
+    def refuse_waiting(self) -> None:
+        """Answer every queued job with Busy: the server is stopping."""
+        while True:
             try:
                 job = self.queue.get_nowait()
             except queue.Empty:
-                break
+                return
             if job is not None:
                 job.future.set_exception(Busy("the server is stopping"))
+
+    def stop(self) -> None:
+        self.refuse_waiting()  # then end the thread
         if self.running is not None:
             self.running.cancelled.set()
         try:
@@ -171,10 +175,4 @@ def stop_soon(board: Board) -> None:
     board.stopping = True
     board.interrupt()
     for worker in list(board.workers.values()):
-        while True:
-            try:
-                job = worker.queue.get_nowait()
-            except queue.Empty:
-                break
-            if job is not None:
-                job.future.set_exception(Busy("the server is stopping"))
+        worker.refuse_waiting()
