@@ -4,11 +4,12 @@
 # wcwidth, diffusers, importlib_metadata, lazy-importer) are expected in .whl/. Results go to
 # $OUT (at most 8 files): gpu.txt, tests.log, bench_*.json, train.json, log.txt.
 #
-#   OUT=/tmp/gpu bash benchmarks/gpu_run.sh                 # everything (about 6 minutes on an H100)
-#   OUT=/tmp/gpu bash benchmarks/gpu_run.sh bench compile   # some stages: tests, bench, train, compile
+#   OUT=/tmp/gpu bash benchmarks/gpu_run.sh                 # everything (about 6 minutes on an H100, plus the
+#                                                           # speed stage, cut at 150 s)
+#   OUT=/tmp/gpu bash benchmarks/gpu_run.sh bench compile   # some stages: tests, bench, speed, train, compile
 #   TESTS="-k samples_equal" bash benchmarks/gpu_run.sh tests  # pytest arguments for the tests stage
 set -u
-STAGES=${*:-tests bench train compile}
+STAGES=${*:-tests bench speed train compile}
 want() { [[ " $STAGES " == *" $1 "* ]]; }
 export OUT=${OUT:-/tmp/minidiff-gpu}
 mkdir -p "$OUT"
@@ -40,6 +41,14 @@ timeout 120 python3 benchmarks/bench_vs_diffusers.py --device cuda --no-cli --js
 step "benchmark: bf16 autocast, with the CLI timings"
 timeout 150 python3 benchmarks/bench_vs_diffusers.py --device cuda --autocast bf16 --json \
   >"$OUT/bench_bf16.json" 2>>"$LOG"
+fi
+
+if want speed; then
+step "training steps/s of the emoji recipe: per-step sync (before) against deferred, bf16, compile, CUDA graphs"
+# Writes its JSON after each pass (batch 32, the compiled variants at 32, then 256 and 1024), so the
+# timeout keeps what was measured; its table goes to the log.
+timeout ${SPEED_TIMEOUT:-150} python3 benchmarks/bench_train_speed.py --device cuda \
+  --out "$OUT/bench_train_speed.json" >>"$LOG" 2>&1
 fi
 
 if want train; then
@@ -87,4 +96,11 @@ for name in ("fp32", "bf16", "compile"):
     print(f"{name:8s} sampling {s['minidiff']['median']:.3f}s vs {s['diffusers']['median']:.3f}s = "
           f"{r['sampling_ratio']:.2f}x; training {t['minidiff']['median'] * 1e3:.1f}ms vs "
           f"{t['diffusers']['median'] * 1e3:.1f}ms = {r['training_ratio']:.2f}x; generate {r.get('generate_s')}")
+try:  # bench_train_speed's own table of its JSON (run from the repository root)
+    import sys
+    sys.path.insert(0, "benchmarks")
+    from bench_train_speed import table
+    print(table(json.load(open(os.path.join(os.environ.get("OUT", "/tmp/minidiff-gpu"), "bench_train_speed.json")))))
+except Exception as exc:
+    print("train speed no result:", exc)
 EOF

@@ -193,6 +193,27 @@ def test_clip_train_logs_its_losses_and_validation_loss_to_tensorboard(tmp_path)
     assert logged_hparams(ea)["val_every"].number_value == 2
 
 
+def test_the_text_encoder_stage_of_train_logs_its_curves_under_clip_beside_the_diffusion_run(tmp_path):
+    pytest.importorskip("tensorboard")
+    from captioned import TINY_CLIP_TABLE
+    from tinymodels import TINY_TOML, TINY_TRAIN
+
+    config, out = tmp_path / "tiny.toml", tmp_path / "run"
+    config.write_text("[train]\n" + TINY_TOML + TINY_CLIP_TABLE)
+    code, _, err = run_in_process("train", *TINY_TRAIN, "--config", config, "--data", "shapes", "--conditioner",
+                                  "clip", "--clip-steps", "3", "--max-steps", "2", "--sample-every", "1000",
+                                  "--log-every", "1", "--log-with", "tensorboard", "--out", out)
+    assert code == 0, err
+    stage_one = events(out / "logs" / "clip")  # a run of its own: both stages count their steps from 1
+    assert scalar_steps(stage_one, "clip/train/loss") == [1, 2, 3]
+    assert scalar_steps(stage_one, "clip/train/grad_norm") == [1, 2, 3]
+    assert scalar_steps(stage_one, "clip/val/loss") == [3]  # at the last step (val_every is 100)
+    assert stage_one.Scalars("clip/train/loss")[0].value > 0  # a contrastive loss (finite: scalar_steps checks)
+    diffusion = events(out / "logs")
+    assert scalar_steps(diffusion, "train/loss") == [1, 2]
+    assert not [tag for tag in diffusion.Tags()["scalars"] if tag.startswith("clip/")]
+
+
 def test_vae_train_logs_reconstructions_and_validation_loss_to_tensorboard(tmp_path):
     pytest.importorskip("tensorboard")
     out = tmp_path / "v.safetensors"

@@ -32,6 +32,9 @@ def train_command(
     ema_decay: Optional[float] = typer.Option(None, "--ema-decay", help="EMA decay of the exported weights [default: 0.999]."),
     cfg_dropout: Optional[float] = typer.Option(None, "--cfg-dropout", help="Fraction of rows trained without a condition [default: 0.1]."),
     mixed_precision: Optional[str] = typer.Option(None, "--mixed-precision", help="no, bf16 or fp16 [default: no]."),
+    compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="Run the network through "
+                                           "torch.compile: for GPUs, where small steps wait on kernel launches; "
+                                           "costs a compile of about a minute before the first step [default: off]."),
     save_every: Optional[int] = typer.Option(None, "--save-every", help="Checkpoint and model file every N steps [default: 500]."),
     sample_every: Optional[int] = typer.Option(None, "--sample-every", help="Sample grid every N steps [default: 500]."),
     out: Optional[str] = typer.Option(None, "--out", help="Run folder [default: runs/train]."),
@@ -185,7 +188,7 @@ def _train_locked(cfg, resume: bool, stages: bool) -> None:
 
     hint = watch_hint(cfg.log_with, cfg.logs_folder()) if int(os.environ.get("RANK", "0")) == 0 else None
     if stages:
-        if hint:  # first, not after the text encoder's stage (which it does not log)
+        if hint:  # first: the text encoder's stage logs there too (under clip/)
             print(hint, file=sys.stderr)
             hint = None
         cfg = dataclasses.replace(cfg, clip_weights=str(_text_stage(cfg, resume)))
@@ -314,7 +317,8 @@ def _run_with_display(trainer) -> dict:
 
         def update(info: dict) -> None:
             if "loss" in info:  # not step 0's grid, drawn before training
-                progress.update(task, completed=info["step"], loss=f"{info['smoothed']:.4f}",
+                smoothed = info["smoothed"]  # None until a GPU run's first losses are read (loop.PendingLosses)
+                progress.update(task, completed=info["step"], loss="-" if smoothed is None else f"{smoothed:.4f}",
                                 lr=f"{info['lr']:.2e}", speed=f"{info['it_s']:.2f} it/s")
             if info.get("samples"):
                 progress.console.print(samples_line(info))

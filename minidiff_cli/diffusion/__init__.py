@@ -8,5 +8,5 @@
     model.py              DiffusionModel: U-Net + conditioner + schedule (+ latent space), its file
     student.py            a distilled student's file: an adapter that names its teacher by hash
 
-May import: nets, vae, files, plugins, errors. Never inference, training, evaluation or cli.
+May import: nets, vae, files, runtime, plugins, errors. Never inference, training, evaluation or cli.
 """

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from minidiff_cli.errors import MinidiffError, PluginError
+from minidiff_cli.runtime.devices import to_device
 
 MAX_BETA = 0.999  # beyond this alpha_bar collapses to 0 and x0 can no longer be recovered from x_t
 
@@ -156,8 +157,12 @@ def zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
 
 
 def _bcast(coef: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """A per-row coefficient [B] (or a scalar) shaped [B, 1, 1, ...] to broadcast over x, in x's dtype and device."""
-    return coef.reshape(-1, *([1] * (x.dim() - 1))).to(device=x.device, dtype=x.dtype)
+    """A per-row coefficient [B] (or a scalar) shaped [B, 1, 1, ...] to broadcast over x, in x's dtype and device.
+
+    The coefficients are computed on the CPU; cast there and queued to a GPU without a blocking
+    copy (``to_device``), so that a training step or a sampler on CUDA does not wait for the GPU here.
+    """
+    return to_device(coef.reshape(-1, *([1] * (x.dim() - 1))).to(dtype=x.dtype), x.device)
 
 
 def _validated(betas, name: str | None) -> torch.Tensor:

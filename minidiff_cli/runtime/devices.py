@@ -1,4 +1,5 @@
-"""Which device and dtype a run uses: ``auto`` picks CUDA, then MPS, then the CPU; names are checked."""
+"""Which device and dtype a run uses (``auto`` picks CUDA, then MPS, then the CPU; names are checked), and
+copies onto it that do not stall a GPU (``to_device``)."""
 
 from __future__ import annotations
 
@@ -39,3 +40,24 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype == "float16" and device.type == "cpu":
         raise MinidiffError("float16 is not supported on the CPU; use float32 or bfloat16")
     return DTYPES[dtype]
+
+
+# False makes every to_device copy a plain blocking one, as before it existed (the baseline of
+# benchmarks/bench_train_speed.py); nothing else should change it.
+NON_BLOCKING = True
+
+
+def to_device(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """``tensor`` (made on the CPU) on ``device``, without making the host wait for a GPU.
+
+    A plain ``.to("cuda")`` from ordinary (pageable) memory waits until the GPU has finished
+    everything queued before it: in a training step of a small model, where the host queues
+    kernels faster than the GPU runs them, each such copy stalls the queue. From pinned memory
+    the copy is queued like a kernel (``non_blocking``), and torch's pinned-memory cache keeps
+    the source alive until the copy is done. The values are the same either way; on the CPU
+    (and MPS) this is ``tensor.to(device)``.
+    """
+    device = torch.device(device)
+    if device.type != "cuda" or tensor.device.type != "cpu" or not NON_BLOCKING:
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)

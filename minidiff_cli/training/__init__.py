@@ -3,6 +3,7 @@
     config.py      TrainConfig: every flag of ``train``, checked; TOML recipes; resume rules
     trainer.py     Trainer: diffusion training (EMA, guidance dropout, checkpoints, DDP)
     loop.py        the step loop train and distill share: record, sample, log, save, stop cleanly
+    compiled.py    ``train --compile``: the training forward through torch.compile, and where it cannot run
     optim.py       fused AdamW, warm-up + cosine learning rate, the EMA update
     latents.py     a latent run's data: the measured latent space, posterior cache
     captions.py    a frozen text conditioner's encoded captions, in batches fixed by the data set

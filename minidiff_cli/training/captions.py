@@ -33,6 +33,7 @@ import torch
 
 from minidiff_cli.diffusion.conditioning import Conditioning
 from minidiff_cli.errors import is_int
+from minidiff_cli.runtime.devices import to_device
 
 CHUNK = 32  # captions per batch when the caption set is known: three or more take the batched kernels
 
@@ -55,7 +56,7 @@ class CaptionTable:
                 continue  # already there, or came with an earlier caption's chunk
             chunk = self.chunk_of.get(caption)
             self._append([caption] if chunk is None else self.known[chunk * CHUNK:(chunk + 1) * CHUNK])
-        index = torch.tensor([self.rows[c] for c in captions], device=self.device)
+        index = to_device(torch.tensor([self.rows[c] for c in captions]), self.device)  # queued, not waited for
         return self.table[index]
 
     def null(self) -> Conditioning:

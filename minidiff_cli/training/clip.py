@@ -174,7 +174,7 @@ def lr_at(step: int, recipe: ClipRecipe) -> float:
 
 def train_clip(recipe: ClipRecipe, callback: Optional[Callable[[dict], None]] = None,
                checkpoint: Optional[Path] = None, save_every: int = 250,
-               on_start: Optional[Callable[[int], None]] = None, name: str = "clip"):
+               on_start: Optional[Callable[[int], None]] = None, name: str = "clip", tag_prefix: str = ""):
     """Train a CLIP per ``recipe``; returns (model, summary).
 
     ``callback({"step", "loss", "smoothed", "lr"})`` runs each step; ``smoothed`` is the mean
@@ -182,7 +182,8 @@ def train_clip(recipe: ClipRecipe, callback: Optional[Callable[[dict], None]] = 
     last, ``val_loss`` too (the contrastive loss on fixed held-out pairs, validation.py). With
     ``checkpoint``, the state is saved there every ``save_every`` steps and on Ctrl-C / SIGTERM, and
     training continues from it when it exists. ``on_start(step)`` runs once the data is checked,
-    before the first step. ``recipe.log_with`` logs to TensorBoard or wandb as run ``name``.
+    before the first step. ``recipe.log_with`` logs to TensorBoard or wandb as run ``name``, each tag
+    after ``tag_prefix``.
     """
     import open_clip
 
@@ -209,7 +210,7 @@ def train_clip(recipe: ClipRecipe, callback: Optional[Callable[[dict], None]] = 
     start, first_step = time.perf_counter(), step
     if on_start is not None:
         on_start(step)
-    watch = _Watch(recipe, name, model, tokenizer, dataset, device, loss_fn)
+    watch = _Watch(recipe, name, model, tokenizer, dataset, device, loss_fn, tag_prefix)
 
     def save() -> None:
         if checkpoint is not None:
@@ -267,10 +268,10 @@ def _clip_step(model, optimizer, loss_fn, tokenizer, dataset, recipe: ClipRecipe
 class _Watch:
     """The validation loss every ``val_every`` steps, and what --log-with shows (a context: closes the tracker)."""
 
-    def __init__(self, recipe: ClipRecipe, name: str, model, tokenizer, dataset, device, loss_fn):
+    def __init__(self, recipe: ClipRecipe, name: str, model, tokenizer, dataset, device, loss_fn, prefix: str = ""):
         from minidiff_cli.training.tracking import open_tracker
 
-        self.recipe, self.model, self.loss_fn = recipe, model, loss_fn
+        self.recipe, self.model, self.loss_fn, self.prefix = recipe, model, loss_fn, prefix
         self.make = lambda: _clip_validation(recipe, model, tokenizer, dataset, device)
         self.validation, self.val_loss = None, None
         self.tracker = open_tracker(recipe.log_with, recipe.log_dir or ".", name=name,
@@ -291,7 +292,8 @@ class _Watch:
 
             if self.norms:
                 info["grad_norm"] = float(self.norms[0])
-            log_record(self.tracker, info, extra=lambda r: {"train/logit_scale": float(self.model.logit_scale.detach().exp())})
+            log_record(self.tracker, info, extra=lambda r: {"train/logit_scale": float(self.model.logit_scale.detach().exp())},
+                       prefix=self.prefix)
 
     def __enter__(self) -> "_Watch":
         return self

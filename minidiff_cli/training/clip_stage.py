@@ -11,6 +11,12 @@ The stage checkpoints itself (``clip.checkpoint.safetensors``), so ``--resume`` 
 crash continues it where it stopped; once ``clip.safetensors`` exists the stage is done
 and is skipped. The CLIP's own settings come from ``clip_steps`` and the ``clip`` table
 of the train config (any ``ClipRecipe`` field but those the diffusion stage shares).
+
+With ``--log-with``, the stage logs to the run's tracker too: into ``clip/`` inside the run's log
+folder, every tag under ``clip/``. A folder of its own, not the diffusion stage's event file or wandb
+run: both stages count their steps from 1, and wandb drops a step lower than one it has seen (so it
+would drop the diffusion stage's first ``clip_steps`` steps). ``tensorboard --logdir`` of the log
+folder shows both, as two runs.
 """
 
 from __future__ import annotations
@@ -25,7 +31,8 @@ from minidiff_cli.files.atomic import atomic_write, ensure_writable_dir
 
 CLIP_FILE = "clip.safetensors"
 # Shared with the diffusion stage, so not settable in the ``clip`` table.
-SHARED = ("data", "image_size", "holdout", "seed", "device", "threads", "steps")
+SHARED = ("data", "image_size", "holdout", "seed", "device", "threads", "steps", "log_with", "log_dir")
+CLIP_LOGS = "clip"  # the stage's tracker folder, inside the run's log folder
 
 
 def needs_clip_stage(cfg) -> bool:
@@ -57,7 +64,8 @@ def recipe_for(cfg):
                                 f"{default!r} (got {value!r:.40})")
     values = dict(cfg.clip)
     values.update(data=cfg.data, image_size=cfg.image_size, holdout=cfg.holdout, seed=cfg.seed,
-                  device=cfg.device, threads=cfg.threads, steps=cfg.clip_steps)
+                  device=cfg.device, threads=cfg.threads, steps=cfg.clip_steps, log_with=cfg.log_with,
+                  log_dir=str(cfg.logs_folder() / CLIP_LOGS) if cfg.log_with != "none" else None)
     return ClipRecipe(**values).check()
 
 
@@ -87,7 +95,8 @@ def run_clip_stage(cfg, *, resume: bool, callback: Optional[Callable[[dict], Non
         start = f"from step {step} " if step else ""
         log(f"stage 1/2 (text encoder): training a CLIP on '{cfg.data}' {start}to step {recipe.steps} into {path}")
 
-    model, summary = train_clip(recipe, callback=callback, checkpoint=checkpoint, on_start=announce)
+    model, summary = train_clip(recipe, callback=callback, checkpoint=checkpoint, on_start=announce,
+                                name=f"{cfg.name or Path(cfg.out).name}-clip", tag_prefix=f"{CLIP_LOGS}/")
     accuracy = evaluate(model, recipe)
     ensure_writable_dir(path.parent)
     save_clip(path, model, recipe.model_config(), accuracy, summary)

@@ -19,7 +19,7 @@ from minidiff_cli.errors import MinidiffError, is_int
 
 # Flags that may change when a run is resumed; anything else must stay as it was.
 RESUMABLE = ("max_steps", "save_every", "sample_every", "log_every", "quiet", "device", "threads", "out",
-             "description", "notice", "clip_steps", "log_with", "log_dir", "sample_prompts")
+             "description", "notice", "clip_steps", "log_with", "log_dir", "sample_prompts", "compile")
 
 
 @dataclass
@@ -81,6 +81,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     ema_decay: float = 0.999
     mixed_precision: str = "no"  # no, bf16, fp16
+    compile: bool = False  # the training forward through torch.compile (compiled.py): how a run goes, not what it learns
     seed: int = 0
     device: str = "auto"
     threads: int = 0  # torch CPU threads; 0 is auto: the cores no other process is busy on (threads.py)

@@ -17,6 +17,7 @@ import torch
 
 from minidiff_cli.data.dataset import EpochShuffle
 from minidiff_cli.errors import MinidiffError
+from minidiff_cli.runtime.devices import to_device
 
 POSTERIOR_CACHE_BYTES = 512 * 1024**2  # a latent model's posteriors of every item, kept if they fit
 
@@ -91,11 +92,11 @@ def draw_latents(latent, table, indices: list[int], images: torch.Tensor | None,
     from minidiff_cli.vae.autoencoder import Posterior
 
     with torch.no_grad():
-        if table is not None:
-            rows = torch.tensor(indices, device=table.mean.device)
+        if table is not None:  # the rows and the noise are queued to a GPU, not waited for (to_device)
+            rows = to_device(torch.tensor(indices), table.mean.device)
             posterior = Posterior(table.mean[rows], table.logvar[rows])
         else:
             posterior = latent.autoencoder.encode(images)
         g = torch.Generator().manual_seed((seed * 1_000_003 + step) * 1_013 + rank + 7)
-        noise = torch.randn(posterior.mean.shape, generator=g).to(posterior.mean)
+        noise = to_device(torch.randn(posterior.mean.shape, generator=g), posterior.mean.device).to(posterior.mean)
         return latent.normalise(posterior.sample(noise))

@@ -6,7 +6,13 @@ A job gives ``cfg`` (max_steps, sample_every, log_every, save_every), ``step``, 
 (ranks stop at the same step). SIGTERM or Ctrl-C finishes the step, saves and stops: the step
 count is resumable. Optional: ``validation_loss()`` (measured at each sample step), ``grad_norm``
 (the last step's, recorded at log steps), ``tracker`` (tracking.py: what metrics.jsonl records goes
-there too), and ``cfg.sample_prompts`` (then a fresh run draws its first grid at step 0).
+there too), ``cfg.sample_prompts`` (then a fresh run draws its first grid at step 0) and
+``loss_hint`` (what the error line of a non-finite loss advises).
+
+``train_step()`` returns the step's loss as a float, or (the trainer on CUDA) as a tensor still on
+the device: reading it there would make the host wait for the GPU at every step. Such losses wait
+in ``PendingLosses`` and are read, all at once, and checked at the steps that need them (log,
+sample, save, the end, a stop), so no checkpoint is written without its losses checked first.
 """
 
 from __future__ import annotations
@@ -16,11 +22,13 @@ import math
 import time
 from typing import Any, Callable
 
+from minidiff_cli.errors import MinidiffError
 from minidiff_cli.files.atomic import append_line, atomic_write, ensure_writable_dir
 from minidiff_cli.runtime.signals import stop_signals
 from minidiff_cli.training.tracking import NULL, log_record
 
 METRICS = "metrics.jsonl"
+MAX_PENDING = 500  # losses left on the device at most: a sync per 500 steps costs nothing, and memory stays bounded
 
 
 def run_steps(job, progress: Callable[[dict], None] | None = None,
@@ -31,6 +39,7 @@ def run_steps(job, progress: Callable[[dict], None] | None = None,
     start_step, start_time = job.step, time.time()
     tracker = getattr(job, "tracker", NULL) if main else NULL
     last: dict[str, Any] = {}
+    pending = PendingLosses(job.losses, getattr(job, "loss_hint", "lower --lr"))
     with stop_signals(job.log if main else None) as stop_asked:
         try:
             if job.step == 0 and getattr(cfg, "sample_prompts", None):  # what the untrained weights draw
@@ -42,9 +51,10 @@ def run_steps(job, progress: Callable[[dict], None] | None = None,
                         progress(first)
             while job.step < cfg.max_steps:
                 job.auto_threads.tick()
-                loss = job.train_step()
-                job.losses.append((job.step, loss))
-                last = {"step": job.step, "loss": loss, "smoothed": smoothed(job.losses),
+                pending.add(job.step + 1, job.train_step())  # job.step counts the step once it is done
+                if _needs_losses(job.step, cfg) or len(pending) >= MAX_PENDING:
+                    pending.settle()
+                last = {"step": job.step, "loss": pending.loss_at(job.step), "smoothed": smoothed(job.losses),
                         "lr": job.optimizer.param_groups[0]["lr"],
                         "it_s": (job.step - start_step) / max(1e-9, time.time() - start_time)}
                 if job.step % cfg.sample_every == 0 or job.step == cfg.max_steps:
@@ -62,9 +72,62 @@ def run_steps(job, progress: Callable[[dict], None] | None = None,
                 if job.step < cfg.max_steps and any_rank(stop_asked()):
                     raise KeyboardInterrupt
         except KeyboardInterrupt:
+            pending.settle()  # a non-finite loss stops here instead: the last good checkpoint stays
             job.save()  # nothing lost: the interrupted step count is resumable
             raise
     return last
+
+
+def _needs_losses(step: int, cfg) -> bool:
+    """Whether step ``step`` logs, samples, saves or ends the run: then its losses must be floats, checked."""
+    return (step % cfg.log_every == 0 or step % cfg.sample_every == 0 or step % cfg.save_every == 0
+            or step == cfg.max_steps)
+
+
+class PendingLosses:
+    """The losses of steps done, appended to the run's ``losses`` as floats; those still on a device wait.
+
+    A float from ``train_step`` (the CPU, distill) goes straight in, as it always did. A tensor stays
+    where it is until ``settle()``, which reads every waiting loss in one transfer (one wait for the
+    GPU instead of one per step), then checks them in step order. A NaN or infinite loss raises the
+    error ``train_step`` raises on the CPU, naming the step where it happened: the run has trained on
+    past it, but it stops before anything of those steps is saved.
+    """
+
+    def __init__(self, losses: list, hint: str):
+        self.losses, self.hint = losses, hint
+        self.waiting: list[tuple[int, Any]] = []
+
+    def __len__(self) -> int:
+        return len(self.waiting)
+
+    def add(self, step: int, loss) -> None:
+        if hasattr(loss, "detach"):  # a tensor: read later
+            self.waiting.append((step, loss.detach()))
+        else:
+            self.losses.append((step, loss))
+
+    def settle(self) -> None:
+        if not self.waiting:
+            return
+        import torch
+
+        steps = [step for step, _ in self.waiting]
+        values = torch.stack([loss.float() for _, loss in self.waiting]).tolist()  # the one wait for the GPU
+        self.waiting = []
+        for step, value in zip(steps, values):
+            if not math.isfinite(value):
+                raise loss_error(value, step - 1, self.hint)  # train_step counts from the step before it
+            self.losses.append((step, value))
+
+    def loss_at(self, step: int) -> float | None:
+        """The loss of ``step`` if it has been read; None while it waits on the device."""
+        return self.losses[-1][1] if self.losses and self.losses[-1][0] == step and not self.waiting else None
+
+
+def loss_error(value: float, step: int, hint: str) -> MinidiffError:
+    """The one line a NaN or infinite loss stops a run with, whether it was seen at once or later."""
+    return MinidiffError(f"the loss became {value} at step {step}; {hint}")
 
 
 def _sample_step(job, after_sample: Callable[[], None] | None) -> dict[str, Any]:

@@ -1,8 +1,9 @@
 """The run folder of ``minidiff train``: whose it is, who is writing it, and what it left behind.
 
 - A new run (no ``--resume``) goes only into a folder that is missing, empty, or holds nothing but
-  this run's own first stage (``clip.safetensors``, ``clip.checkpoint.safetensors``): a folder with
-  someone's ``loss.png`` or ``metrics.jsonl`` in it is refused rather than replaced or appended to.
+  this run's own first stage (``clip.safetensors``, ``clip.checkpoint.safetensors``, and the ``logs``
+  folder that stage's ``--log-with`` wrote): a folder with someone's ``loss.png`` or ``metrics.jsonl``
+  in it is refused rather than replaced or appended to.
 - One run at a time: the folder itself is locked with ``flock`` for as long as the run lives (no
   lock file: a refused run leaves the folder byte for byte as it was). The kernel drops the lock
   when the process ends, however it ends, so a crashed run leaves no stale lock behind; a second
@@ -25,6 +26,7 @@ from minidiff_cli.files.atomic import missing_folders
 CHECKPOINT = "checkpoint.safetensors"
 MODEL = "model.safetensors"
 STAGE_ONE = ("clip.safetensors", "clip.checkpoint.safetensors", "train_config.json")  # a run's own first stage (clip_stage.py writes its recipe too)
+STAGE_ONE_LOGS = ("logs",)  # tracking.LOGS, when the first stage logged there (only beside that stage's files)
 RUN_FILES = (CHECKPOINT, MODEL, "train_config.json", "metrics.jsonl", "loss.png", *STAGE_ONE)
 SAMPLES = "samples"
 SAMPLE_NAME = re.compile(r"step-\d+\.png")
@@ -41,7 +43,8 @@ def check_contents(out: Path, resume: bool) -> None:
     if has_run:
         raise MinidiffError(f"'{out}' already holds a training run; pass --resume to continue it "
                             "or choose another --out")
-    foreign = sorted(name for name in _entries(out) if name not in STAGE_ONE and not _own_temporary(name, RUN_FILES))
+    own = STAGE_ONE + (STAGE_ONE_LOGS if any((out / name).exists() for name in STAGE_ONE) else ())
+    foreign = sorted(name for name in _entries(out) if name not in own and not _own_temporary(name, RUN_FILES))
     if foreign:
         more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
         raise MinidiffError(f"'{out}' is not empty ('{foreign[0]}'{more}) and holds no run to resume; "

@@ -196,16 +196,17 @@ def step_scalars(record: dict[str, Any]) -> dict[str, Any]:
 
 
 def log_record(tracker: Tracker, record: dict[str, Any], image_tag: str = "samples",
-               extra: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> None:
-    """A step record into ``tracker``: its scalars, and its grid (``samples`` or ``check``'s) as an image."""
+               extra: Callable[[dict[str, Any]], dict[str, Any]] | None = None, prefix: str = "") -> None:
+    """A step record into ``tracker``: its scalars, and its grid (``samples`` or ``check``'s) as an image;
+    every tag after ``prefix`` (``clip/``: the text-encoder stage of ``train``)."""
     if not tracker.active:
         return
     step = int(record["step"])
     values = step_scalars(record)
     if extra is not None:
         values.update(extra(record))
-    tracker.log_scalars(step, values)
+    tracker.log_scalars(step, {prefix + tag: value for tag, value in values.items()})
     for key in ("samples", "check"):
         grid = (record.get(key) or {}).get("grid")
         if grid and Path(grid).is_file():
-            tracker.log_image(image_tag, step, grid)
+            tracker.log_image(prefix + image_tag, step, grid)

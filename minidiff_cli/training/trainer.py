@@ -31,10 +31,11 @@ from minidiff_cli.diffusion.model import DiffusionModel
 from minidiff_cli.diffusion.timestep_sampling import draw_timesteps
 from minidiff_cli.errors import MinidiffError
 from minidiff_cli.files.atomic import atomic_write, ensure_writable_dir
+from minidiff_cli.runtime.devices import to_device
 from minidiff_cli.runtime.distributed import any_rank, check_replicas, start_training, wrap_ddp
 from minidiff_cli.training.captions import CaptionTable
 from minidiff_cli.training.config import TrainConfig
-from minidiff_cli.training.loop import METRICS, forget_metrics_after, run_steps, smoothed  # noqa: F401 (METRICS: the run file's name, imported from here too)
+from minidiff_cli.training.loop import METRICS, forget_metrics_after, loss_error, run_steps, smoothed  # noqa: F401 (METRICS: the run file's name, imported from here too)
 from minidiff_cli.training.latents import draw_latents, open_latent_space, posterior_table
 from minidiff_cli.training.loss_plot import plot_losses
 from minidiff_cli.training.model_card import model_card, schedule_entry
@@ -43,9 +44,7 @@ from minidiff_cli.training.run_folder import CHECKPOINT, MODEL, check_contents, 
 from minidiff_cli.training.tracking import NULL as NULL_TRACKER
 
 RUN_CONFIG = "train_config.json"
-
-
-# -- distributed ------------------------------------------------------------------------
+LOSS_HINT = "lower --lr or use --mixed-precision no"
 
 
 # -- the network being trained ------------------------------------------------------------
@@ -85,6 +84,10 @@ class Trainer:
         self.out = Path(cfg.out)
         self.log = log
         self.device, self.dist, self.auto_threads = start_training(cfg)
+        if cfg.compile:
+            from minidiff_cli.training.compiled import check_can_compile
+
+            check_can_compile(self.device)
         self._check_run_dir(resume)
         self.resuming = resume
         self.dataset = self._dataset()
@@ -107,6 +110,14 @@ class Trainer:
         if resume:
             self._resume()
         self.ddp = self._wrap_ddp()
+        if cfg.compile:  # the plain self.net is what checkpoints and the EMA see (compiled.py)
+            from minidiff_cli.training.compiled import CompiledForward
+
+            self.ddp = CompiledForward(self.ddp)
+        # On CUDA a step's loss stays on the device and the loop reads it at log, sample and save steps
+        # (loop.PendingLosses): reading it every step made the host wait for the GPU every step.
+        self.defer_loss_check = self.device.type == "cuda"
+        self.loss_hint = LOSS_HINT
         self.scaler = torch.amp.GradScaler("cuda", enabled=cfg.mixed_precision == "fp16" and self.device.type == "cuda")
 
     # -- set-up --------------------------------------------------------------------------
@@ -237,12 +248,14 @@ class Trainer:
         """(what the U-Net learns to draw, captions, labels) of ``step``: the images, or a latent model's
         latents of them."""
         indices = self.batch_indices(step)
-        items = [self.dataset[i] for i in indices]
-        labels = torch.tensor([it["label"] for it in items], device=self.device)
-        captions = [it["caption"] for it in items]
         if self.model.latent is not None and self._posterior_table() is not None:
+            # The latents come from the table: the items' pictures are not needed, only their text and class.
+            captions, labels = self._captions_and_labels(indices)
             return self._latents(step, indices, None), captions, labels
-        images = torch.stack([it["image"] for it in items]).to(self.device)
+        items = [self.dataset[i] for i in indices]
+        labels = to_device(torch.tensor([it["label"] for it in items]), self.device)
+        captions = [it["caption"] for it in items]
+        images = to_device(torch.stack([it["image"] for it in items]), self.device)
         if self.model.latent is not None:
             return self._latents(step, indices, images), captions, labels
         return images, captions, labels
@@ -250,6 +263,16 @@ class Trainer:
     def _latents(self, step: int, indices: list[int], images: torch.Tensor | None) -> torch.Tensor:
         return draw_latents(self.model.latent, self._posterior_table(), indices, images,
                             seed=self.cfg.seed, step=step, rank=self.dist.rank)
+
+    def _captions_and_labels(self, indices: list[int]) -> tuple[list[str], torch.Tensor]:
+        """The captions and labels of ``indices``, read from each item once per run: an item is the same
+        whenever it is asked for (the data set contract), and reading it again at every step decoded a
+        picture that a latent run with a posterior table never uses."""
+        if not hasattr(self, "_item_text"):
+            items = (self.dataset[i] for i in range(len(self.dataset)))
+            self._item_text = [(it["caption"], it["label"]) for it in items]
+        captions = [self._item_text[i][0] for i in indices]
+        return captions, to_device(torch.tensor([self._item_text[i][1] for i in indices]), self.device)
 
     def _posterior_table(self):
         if not hasattr(self, "_posteriors"):
@@ -274,17 +297,20 @@ class Trainer:
         g = torch.Generator().manual_seed((cfg.seed * 1_000_003 + step) * 1_009 + self.dist.rank)
         b = x0.shape[0]
         schedule = self.model.schedule
-        t = draw_timesteps(cfg.timestep_sampling, schedule.num_timesteps, b, g, cfg.logit_mean,
-                           cfg.logit_std).to(self.device)
-        noise = torch.randn(x0.shape, generator=g).to(self.device)
-        keep = (torch.rand(b, generator=g) >= cfg.cfg_dropout).to(self.device)
-        x_in, target = self._input_and_target(x0, noise, t)
+        # Drawn on the CPU from the step's generator (so the numbers are the same on any device), then
+        # queued to the device without waiting for it (to_device). The schedule's coefficients are looked
+        # up with the CPU copy of t: looking them up with a GPU tensor would read it back, a wait per step.
+        t_cpu = draw_timesteps(cfg.timestep_sampling, schedule.num_timesteps, b, g, cfg.logit_mean, cfg.logit_std)
+        noise = to_device(torch.randn(x0.shape, generator=g), self.device)
+        keep = to_device(torch.rand(b, generator=g) >= cfg.cfg_dropout, self.device)
+        t = to_device(t_cpu, self.device)
+        x_in, target = self._input_and_target(x0, noise, t_cpu)
         kwargs = self._condition_inputs(captions, labels, keep)
         autocast = self._autocast()
         with autocast:
             out = self.ddp(x_in, t, **kwargs)
         per_row = F.mse_loss(out.float(), target, reduction="none").mean(dim=(1, 2, 3))
-        return (per_row * self._weights(t)).mean()
+        return (per_row * to_device(self._weights(t_cpu), self.device)).mean()
 
     def _input_and_target(self, x0, noise, t) -> tuple[torch.Tensor, torch.Tensor]:
         """What the network sees at timestep t and what it should answer, per prediction type."""
@@ -322,13 +348,14 @@ class Trainer:
         dtype = torch.bfloat16 if mp == "bf16" else torch.float16
         return torch.autocast(device_type=self.device.type, dtype=dtype)
 
-    def train_step(self) -> float:
+    def train_step(self) -> float | torch.Tensor:
+        """One optimiser step; its loss as a float, or with ``defer_loss_check`` as a tensor on the device,
+        which the loop reads and checks later (loop.PendingLosses)."""
         for group in self.optimizer.param_groups:
             group["lr"] = lr_at(self.step, self.cfg)
         loss = self.loss(self.step)
-        if not torch.isfinite(loss):
-            raise MinidiffError(f"the loss became {loss.item()} at step {self.step}; lower --lr or use "
-                                "--mixed-precision no")
+        if not self.defer_loss_check and not torch.isfinite(loss):
+            raise loss_error(loss.item(), self.step, self.loss_hint)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         if self.cfg.grad_clip or self.tracker.active:  # the norm is free where it clips; inf only measures
@@ -340,7 +367,7 @@ class Trainer:
         decay = min(self.cfg.ema_decay, (1 + self.step) / (10 + self.step))
         ema_update(self.ema_params, self.net_params, decay)
         self.step += 1
-        return loss.item()
+        return loss.detach() if self.defer_loss_check else loss.item()
 
     # -- files ---------------------------------------------------------------------------
     def save(self) -> None:
