@@ -3,7 +3,7 @@
 Runs `minidiff distill` once per method from the same teacher, stopped at each measuring point
 and continued with --resume (the learning-rate decay is fixed to the whole budget, so the
 weights are those of one uninterrupted run), and measures prompt adherence with `minidiff eval`
-at lcm:1, lcm:2 and lcm:4 after each chunk. The teacher's own DDIM at 2, 4 and 50 steps is the
+at 1, 2 and 4 steps of the student's sampler after each chunk (lcm; ddim for mcm). The teacher's own DDIM at 2, 4 and 50 steps is the
 reference, in the same run. CPU seconds are the distill processes' own (user + system), so two
 methods run side by side on a busy machine still compare fairly; wall seconds are given too.
 
@@ -12,7 +12,8 @@ methods run side by side on a busy machine still compare fairly; wall seconds ar
     python benchmarks/bench_distill.py --smoke          # a few steps of each: proves it runs
 
 Methods: lcm (consistency distillation: one guided DDIM step of the teacher per target, guidance
-folded in, the student samples at cfg 1) and lct (consistency training: no teacher call, the
+folded in, the student samples at cfg 1), mcm (multistep consistency distillation: the same
+teacher step, the student consistent at the next point of its own grid, sampled by DDIM) and lct (consistency training: no teacher call, the
 student samples at the teacher's cfg, two network calls per step).
 """
 
@@ -71,6 +72,7 @@ def main() -> None:
     parser.add_argument("-n", type=int, default=8, help="images per prompt in each evaluation")
     parser.add_argument("--out", default="runs/bench-distill")
     parser.add_argument("--extra", default="", help="more distill flags for every method, e.g. \"--gain-cap 16\"")
+    parser.add_argument("--no-teacher", action="store_true", help="skip the teacher's evaluation (known already)")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--smoke", action="store_true")
     args = parser.parse_args()
@@ -79,8 +81,9 @@ def main() -> None:
     out = Path(args.out)
     report = {"machine": platform.processor() or platform.machine(), "python": platform.python_version(),
               "date": time.strftime("%Y-%m-%d"), "teacher": args.teacher, "batch_size": args.batch_size,
-              "threads": args.threads, "teacher_eval": evaluate(args.teacher, "ddim:2,ddim:4,ddim:50", 3.0,
-                                                                args.threads, args.n),
+              "threads": args.threads,
+              "teacher_eval": None if args.no_teacher else evaluate(args.teacher, "ddim:2,ddim:4,ddim:50", 3.0,
+                                                                    args.threads, args.n),
               "methods": {}}
     for method in args.methods.split(","):
         folder, cpu, wall, curve = out / method, 0.0, 0.0, []
@@ -94,8 +97,9 @@ def main() -> None:
                 flags += ["--resume"]
             c, w = run(["distill", "--out", str(folder), *flags])
             cpu, wall = cpu + c, wall + w
-            cfg = 1.0 if method == "lcm" else 3.0
-            scores = evaluate(str(folder), "lcm:1,lcm:2,lcm:4", cfg, args.threads, args.n)
+            cfg = 3.0 if method == "lct" else 1.0  # lct folds no guidance in
+            sampler = "ddim" if method == "mcm" else "lcm"
+            scores = evaluate(str(folder), f"{sampler}:1,{sampler}:2,{sampler}:4", cfg, args.threads, args.n)
             curve.append({"step": stop, "cpu_s": round(cpu, 1), "wall_s": round(wall, 1), **scores})
             print(f"{method} step {stop}: cpu {cpu:.0f} s, " + ", ".join(
                 f"{k} {v['seen']:.3f}/{v['held_out']:.3f}" for k, v in scores.items()), file=sys.stderr, flush=True)

@@ -23,6 +23,7 @@ from minidiff_cli.files.png_parameters import read_parameters
 from minidiff_cli.nets import lora
 from minidiff_cli.nets.unet import UNet, UNetConfig
 from minidiff_cli.plugins import get_sampler
+from minidiff_cli.training.distill import _ddim_jump, segment_ends
 
 MU, S, N = 0.5, 0.5, 20_000
 DISTILL = ["--max-steps", "4", "--lr-decay-steps", "4", "--batch-size", "4", "--save-every", "2", "--sample-every", "1000", "--log-every", "1",
@@ -202,6 +203,41 @@ def test_a_resumed_distillation_equals_an_uninterrupted_one(teacher, tmp_path):
     assert again.returncode == 0, again.stderr
     a, b = load_file(str(straight / "model.safetensors")), load_file(str(halves / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_mcm_segments_end_at_the_next_point_of_the_students_grid():
+    grid = timesteps(1000, 2).flip(0)  # 499, 999
+    t = torch.tensor([19, 499, 519, 979, 999])
+    assert segment_ends(grid, t).tolist() == [-1, -1, 499, 499, 499]
+    four = timesteps(1000, 4).flip(0)  # 249, 499, 749, 999
+    assert segment_ends(four, torch.tensor([249, 250, 749, 999])).tolist() == [-1, 249, 499, 749]
+
+
+def test_a_ddim_jump_to_its_own_level_is_the_identity_and_to_level_one_is_x0():
+    g = torch.Generator().manual_seed(0)
+    x, eps = torch.randn(3, 2, 4, 4, generator=g), torch.randn(3, 2, 4, 4, generator=g)
+    abar = torch.tensor([0.9, 0.5, 0.01]).reshape(3, 1, 1, 1)
+    assert torch.allclose(_ddim_jump(x, eps, abar, abar), x, atol=1e-5)
+    x0 = _ddim_jump(x, eps, abar, torch.ones_like(abar))
+    assert torch.allclose(abar.sqrt() * x0 + (1 - abar).sqrt() * eps, x, atol=1e-5)  # Ho et al. eq. 4 holds
+
+
+def test_an_mcm_student_is_drawn_by_ddim_at_its_steps(teacher, tmp_path):
+    out = teacher.parent / "mcm"  # beside the teacher's run folder, where a student finds it
+    result = run_cli("distill", "--model", str(teacher), "--out", str(out), "--method", "mcm", "--steps", "2", *DISTILL)
+    assert result.returncode == 0, result.stderr
+    config = json.loads(header(out / "model.safetensors")["__metadata__"]["config"])
+    assert config["sampling"] == {"sampler": "ddim", "steps": 2, "cfg": 1.0}
+    assert config["student"]["method"] == "mcm" and config["student"]["guidance"] == 3.0
+    rc, _, err = run_in_process("generate", "a red circle", "--model", str(out), "-o", str(tmp_path / "a.png"),
+                                "--quiet", "--device", "cpu")
+    assert rc == 0, err
+    params = read_parameters(tmp_path / "a.png")
+    assert (params["sampler"], params["steps"], params["cfg"]) == ("ddim", 2, 1.0)
+    # Three steps on T = 100 end segments at 66 and 32, which the 50-point solver grid (every 2nd t) misses.
+    assert_error(run_in_process("distill", "--model", str(teacher), "--out", str(tmp_path / "off"), "--method", "mcm",
+                                "--steps", "3", *DISTILL), "--solver-steps a multiple of --steps")
+    assert not (tmp_path / "off").exists()
 
 
 def test_distill_refuses_what_it_cannot_do_in_one_line(teacher, student, tmp_path):

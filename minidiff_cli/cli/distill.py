@@ -21,7 +21,8 @@ def distill_command(
     out: Optional[str] = typer.Option(None, "--out", help="Run folder; the student is OUT/model.safetensors "
                                       "[default: runs/distill]."),
     method: Optional[str] = typer.Option(None, "--method", help="lcm: consistency distillation from the teacher's "
-                                         "guided steps; lct: consistency training, no teacher calls, no guidance "
+                                         "guided steps; mcm: multistep consistency distillation, drawn by DDIM at "
+                                         "exactly --steps; lct: consistency training, no teacher calls, no guidance "
                                          "folded in [default: lcm]."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Sampling steps the student is made for; `generate` "
                                         "defaults to them [default: 4]."),

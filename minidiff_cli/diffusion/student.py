@@ -34,7 +34,7 @@ from minidiff_cli.nets.unet import UNet, UNetConfig
 
 ADAPTER = "adapter"  # the prefix of a student file's tensors
 ADAPTER_DTYPE = torch.float16  # how a student file stores them: half the bytes; merged in float32
-METHODS = ("lcm", "lct")  # consistency distillation, consistency training (training/distill.py)
+METHODS = ("lcm", "mcm", "lct")  # consistency distillation, multistep, consistency training (training/distill.py)
 SHARED = ("unet", "schedule", "conditioner", "prediction", "vae")  # what a student copies from its teacher
 HASH = re.compile(r"[0-9a-f]{10}")
 RUN_NAME = re.compile(r"(runs/)?[A-Za-z0-9][A-Za-z0-9._-]{0,99}")  # a model's name, never a path

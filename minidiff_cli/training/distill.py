@@ -11,6 +11,14 @@ distillation; Luo et al. 2023, LCM and LCM-LoRA), with classifier-free guidance 
 3. the student's x_0 guess at (x_t, t) is pulled towards its own guess at (x_s, s), computed
    without gradients (at s < 0, the boundary, towards x_s itself), with the pseudo-Huber loss.
 
+``--method mcm`` is multistep consistency distillation (Heek, Hoogeboom & Salimans 2024): the
+student's own sampling grid (``steps`` points) cuts the trajectory into segments, and within a
+segment the student's guess is consistent not at x_0 but at the segment's end, the next grid
+point b, reached by a deterministic DDIM step: y = sqrt(abar_b) x0_hat + sqrt(1 - abar_b) eps_hat
+(x_0 itself in the last segment). Each segment only has to learn a piece of the teacher's ODE,
+and the student then samples with plain DDIM at exactly those steps. The loss is measured on y,
+where the DDIM step carries the eps error with a gain g; rows count min(1, gain_cap / g).
+
 ``--method lct`` is consistency training instead (Song et al. 2023, sec. 5): x_s is x_0 noised with
 the same noise to level s, no teacher is called (each step costs half as much), and no guidance
 is folded in (the student samples with cfg, two network calls per step).
@@ -54,7 +62,8 @@ class DistillConfig:
     """The recipe of a ``minidiff distill`` run; ``validate()`` refuses impossible values in one line each."""
 
     teacher: str = "shapes-clip"  # a model name or file
-    method: str = "lcm"  # lcm: consistency distillation (the teacher's guided ODE step); lct: consistency training
+    method: str = "lcm"  # lcm: consistency distillation (the teacher's guided ODE step); mcm: multistep
+    # consistency distillation (consistent at the next point of the student's grid); lct: consistency training
     out: str = "runs/distill"
     data: Optional[str] = None  # default: what the teacher was trained on
     holdout: Optional[str] = None  # default: the teacher's
@@ -127,6 +136,7 @@ class Distiller:
         check_contents(self.out, resume)
         check_creatable(self.out)
         self.model, self.teacher_path = self._teacher()
+        self.grid = self._segment_grid()
         self.dataset = self._dataset()
         torch.manual_seed(cfg.seed)  # the adapters' first weights: the same in every run of this recipe
         self.adapters = lora.add_adapters(self.model.unet, cfg.rank, float(cfg.alpha))
@@ -150,6 +160,20 @@ class Distiller:
             raise MinidiffError(f"'{path}' has no usable hash to name it by")
         model.unet.eval()  # teacher and student run without dropout: the targets must be deterministic
         return model, path
+
+    def _segment_grid(self) -> torch.Tensor:
+        """The student's sampling grid, ascending, as the ends of --method mcm's segments (empty otherwise)."""
+        from minidiff_cli.diffusion.sampling import timesteps
+
+        if self.cfg.method != "mcm":
+            return torch.zeros(0, dtype=torch.long)
+        T = self.model.schedule.num_timesteps
+        skip = T // self.cfg.solver_steps
+        grid = timesteps(T, self.cfg.steps, "trailing").flip(0)
+        if any((int(g) + 1) % skip for g in grid):  # a segment's end must be a point the teacher's steps land on
+            raise MinidiffError(f"--method mcm needs the student's {self.cfg.steps} steps on the teacher's solver grid "
+                                f"({self.cfg.solver_steps} points): choose --solver-steps a multiple of --steps")
+        return grid.to(self.device)
 
     def _dataset(self):
         from minidiff_cli.data.sources import open_dataset
@@ -210,12 +234,15 @@ class Distiller:
         abar = schedule.alphas_cumprod.to(self.device, torch.float32)
         abar_t, abar_s = _rows(abar[t], x0), _rows(torch.where(s >= 0, abar[s.clamp(min=0)], 1.0), x0)
         with torch.no_grad():
-            if cfg.method == "lcm":  # one guided DDIM step of the teacher (the adapters off) from t to s
+            if cfg.method == "lct":  # consistency training: the same x_0 and noise at s, no teacher call (and no guidance)
+                x_s = abar_s.sqrt() * x0 + (1 - abar_s).sqrt() * noise
+            else:  # one guided DDIM step of the teacher (the adapters off) from t to s
                 with lora.disabled(self.adapters):
                     eps = self._guided_eps(x_t, t, cond)
                 x_s = abar_s.sqrt() * _x0(x_t, eps, abar_t) + (1 - abar_s).sqrt() * eps
-            else:  # consistency training: the same x_0 and noise at s, no teacher call (and no guidance)
-                x_s = abar_s.sqrt() * x0 + (1 - abar_s).sqrt() * noise
+        if cfg.method == "mcm":
+            return self._segment_loss(x_t, t, x_s, s, cond)
+        with torch.no_grad():
             target = _x0(x_s, self.model.predict_eps(x_s, s.clamp(min=0), cond), abar_s)
             target = torch.where(_rows(s >= 0, x0), target, x_s)
         pred = _x0(x_t, self.model.predict_eps(x_t, t, cond), abar_t)
@@ -223,8 +250,28 @@ class Distiller:
         # capped cosine's last step), which would drown every other timestep's gradient: the x_0 error
         # counts min(1, gain_cap sqrt(abar_t)), as x_t carries it at gain_cap 1, plain x_0 error at large ones.
         weight = (cfg.gain_cap * abar_t.sqrt()).clamp(max=1.0)
-        diff = weight * (pred.float() - target.float())
-        c = cfg.huber_c
+        return self._huber(weight * (pred.float() - target.float()))
+
+    def _segment_loss(self, x_t, t, x_s, s, cond: Conditioning) -> torch.Tensor:
+        """--method mcm: the student's DDIM jump from t to its segment's end b, pulled towards its jump
+        from s (without gradients), or towards x_s itself where s is b."""
+        abar = self.model.schedule.alphas_cumprod.to(self.device, torch.float32)
+        b = segment_ends(self.grid, t)
+        abar_t, abar_s, abar_b = (_level(abar, u, x_t) for u in (t, s, b))
+        with torch.no_grad():
+            target = _ddim_jump(x_s, self.model.predict_eps(x_s, s.clamp(min=0), cond), abar_s, abar_b)
+            target = torch.where(_rows(s == b, x_s), x_s, target)
+        pred = _ddim_jump(x_t, self.model.predict_eps(x_t, t, cond), abar_t, abar_b)
+        # The jump carries the eps error times g = sqrt(abar_b (1 - abar_t) / abar_t) - sqrt(1 - abar_b), some
+        # 150x from t = T to the middle of the capped cosine: as in lcm, rows count min(1, gain_cap / g), so
+        # that no error counts more than the eps error behind it and the top of the grid does not drown the rest.
+        gain = (abar_b * (1 - abar_t) / abar_t).sqrt() - (1 - abar_b).sqrt()
+        weight = (self.cfg.gain_cap / gain.clamp(min=1e-12)).clamp(max=1.0)
+        return self._huber(weight * (pred.float() - target.float()))
+
+    def _huber(self, diff: torch.Tensor) -> torch.Tensor:
+        """The pseudo-Huber loss sqrt(d^2 + c^2) - c (Song & Dhariwal 2023), averaged."""
+        c = self.cfg.huber_c
         return ((diff ** 2 + c * c).sqrt() - c).mean()
 
     def _guided_eps(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
@@ -259,14 +306,19 @@ class Distiller:
             if key in teacher:
                 config[key] = teacher[key]
         config["name"] = self.cfg.name or self.out.name
-        folded = self.cfg.method == "lcm"  # consistency training has no teacher to fold guidance from
+        folded = self.cfg.method != "lct"  # consistency training has no teacher to fold guidance from
         config["student"] = {"teacher": {"name": self._teacher_name(), "hash": self.model.hash},
                              "method": self.cfg.method, "rank": self.cfg.rank, "alpha": float(self.cfg.alpha),
                              "guidance": float(self.cfg.guidance) if folded else 1.0}
-        config["sampling"] = {"sampler": "lcm", "steps": self.cfg.steps, "cfg": 1.0 if folded else self.cfg.guidance}
+        config["sampling"] = {"sampler": self.sampler(), "steps": self.cfg.steps,
+                              "cfg": 1.0 if folded else self.cfg.guidance}
         config["training"] = {"step": self.step, "data": self.cfg.data or teacher.get("training", {}).get("data"),
                               "holdout": self._holdout(), "flags": self.cfg.to_dict(), "final_loss": self.smoothed_loss()}
         return config
+
+    def sampler(self) -> str:
+        """The sampler the student is made for: DDIM along its grid for mcm, consistency jumps otherwise."""
+        return "ddim" if self.cfg.method == "mcm" else "lcm"
 
     def _teacher_name(self) -> str:
         """The name ``--model`` knows the teacher by: a shipped or user model's stem, a run's folder."""
@@ -305,9 +357,10 @@ class Distiller:
         self.model.config = {**saved, "training": {**saved.get("training", {}), "holdout": self._holdout()}}
         try:
             path = ensure_writable_dir(self.out / "samples") / f"step-{self.step:07d}.png"
-            cfg = 1.0 if self.cfg.method == "lcm" else self.cfg.guidance
+            cfg = 1.0 if self.cfg.method != "lct" else self.cfg.guidance
             return sample_and_score(self.model, default_prompts(self.dataset, self._holdout()), path,
-                                    shapes=self._data() == "shapes", steps=self.cfg.steps, cfg=cfg, sampler="lcm")
+                                    shapes=self._data() == "shapes", steps=self.cfg.steps, cfg=cfg,
+                                    sampler=self.sampler())
         finally:
             self.model.config = saved
 
@@ -322,6 +375,22 @@ class Distiller:
 def _rows(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """A per-row value [B] shaped to broadcast over ``like`` [B, C, H, W]."""
     return values.reshape(-1, *([1] * (like.dim() - 1)))
+
+
+def segment_ends(grid: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """For each timestep t, the end of its segment: the largest point of ``grid`` below t, or -1 (x_0)."""
+    below = grid.unsqueeze(0) < t.unsqueeze(1)
+    return torch.where(below, grid.unsqueeze(0), -1).amax(dim=1)
+
+
+def _level(abar: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """alpha_bar at each row's timestep, 1 at t = -1 (x_0), shaped to broadcast over ``like``."""
+    return _rows(torch.where(t >= 0, abar[t.clamp(min=0)], 1.0), like)
+
+
+def _ddim_jump(x: torch.Tensor, eps: torch.Tensor, abar: torch.Tensor, abar_to: torch.Tensor) -> torch.Tensor:
+    """A deterministic DDIM step from level abar to abar_to (Song et al. 2021, eq. 12, sigma 0); x_0 at abar_to 1."""
+    return abar_to.sqrt() * _x0(x, eps, abar) + (1 - abar_to).sqrt() * eps
 
 
 def _x0(x: torch.Tensor, eps: torch.Tensor, abar: torch.Tensor) -> torch.Tensor:
