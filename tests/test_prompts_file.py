@@ -174,7 +174,9 @@ def test_torchrun_splits_the_lines_and_draws_what_one_process_draws(model, promp
     command = [torchrun] if torchrun else [sys.executable, "-m", "torch.distributed.run"]
     common = ["generate", "--prompts", str(prompts), "--model", str(model), "--steps", "4", "--batch-size", "2",
               "--grid", "-q"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
+    # PYTHONFAULTHANDLER: a rank that aborts (once seen: exit -6, not reproduced in 40 runs since) prints
+    # every thread's Python stack into the assertion's stderr, which names where it happened.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200", "PYTHONFAULTHANDLER": "1"}
     one = run_cli(*common, "-o", "one", "--json", cwd=tmp_path)
     assert one.returncode == 0, one.stderr
     two = subprocess.run([*command, "--standalone", "--nproc-per-node", "2", "-m", "minidiff_cli", *common,
