@@ -50,7 +50,7 @@ from minidiff_cli.nets import lora
 from minidiff_cli.runtime.distributed import start_training
 from minidiff_cli.training.captions import CaptionTable
 from minidiff_cli.training.config import resumed_values
-from minidiff_cli.training.loop import forget_metrics_after, run_steps, smoothed
+from minidiff_cli.training.loop import forget_metrics_after, loss_error, run_steps, smoothed
 from minidiff_cli.training.optim import warmup_cosine
 from minidiff_cli.training.run_folder import CHECKPOINT, MODEL, check_contents, check_creatable
 
@@ -232,16 +232,16 @@ class Distiller:
         noise = torch.randn(x0.shape, generator=g).to(self.device)
         x_t = schedule.add_noise(x0, noise, t)
         abar = schedule.alphas_cumprod.to(self.device, torch.float32)
-        abar_t, abar_s = _rows(abar[t], x0), _rows(torch.where(s >= 0, abar[s.clamp(min=0)], 1.0), x0)
+        abar_t, abar_s = _level(abar, t, x0), _level(abar, s, x0)
         with torch.no_grad():
             if cfg.method == "lct":  # consistency training: the same x_0 and noise at s, no teacher call (and no guidance)
                 x_s = abar_s.sqrt() * x0 + (1 - abar_s).sqrt() * noise
             else:  # one guided DDIM step of the teacher (the adapters off) from t to s
                 with lora.disabled(self.adapters):
                     eps = self._guided_eps(x_t, t, cond)
-                x_s = abar_s.sqrt() * _x0(x_t, eps, abar_t) + (1 - abar_s).sqrt() * eps
+                x_s = _ddim_jump(x_t, eps, abar_t, abar_s)
         if cfg.method == "mcm":
-            return self._segment_loss(x_t, t, x_s, s, cond)
+            return self._segment_loss(x_t, t, abar_t, x_s, s, abar_s, cond)
         with torch.no_grad():
             target = _x0(x_s, self.model.predict_eps(x_s, s.clamp(min=0), cond), abar_s)
             target = torch.where(_rows(s >= 0, x0), target, x_s)
@@ -252,12 +252,11 @@ class Distiller:
         weight = (cfg.gain_cap * abar_t.sqrt()).clamp(max=1.0)
         return self._huber(weight * (pred.float() - target.float()))
 
-    def _segment_loss(self, x_t, t, x_s, s, cond: Conditioning) -> torch.Tensor:
+    def _segment_loss(self, x_t, t, abar_t, x_s, s, abar_s, cond: Conditioning) -> torch.Tensor:
         """--method mcm: the student's DDIM jump from t to its segment's end b, pulled towards its jump
         from s (without gradients), or towards x_s itself where s is b."""
-        abar = self.model.schedule.alphas_cumprod.to(self.device, torch.float32)
         b = segment_ends(self.grid, t)
-        abar_t, abar_s, abar_b = (_level(abar, u, x_t) for u in (t, s, b))
+        abar_b = _level(self.model.schedule.alphas_cumprod.to(self.device, torch.float32), b, x_t)
         with torch.no_grad():
             target = _ddim_jump(x_s, self.model.predict_eps(x_s, s.clamp(min=0), cond), abar_s, abar_b)
             target = torch.where(_rows(s == b, x_s), x_s, target)
@@ -290,7 +289,7 @@ class Distiller:
             group["lr"] = warmup_cosine(self.step, cfg.lr, cfg.warmup, cfg.lr_decay_steps)
         loss = self.loss(self.step)
         if not torch.isfinite(loss):
-            raise MinidiffError(f"the loss became {loss.item()} at step {self.step}; lower --lr")
+            raise loss_error(loss.item(), self.step, "lower --lr")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()

@@ -77,6 +77,8 @@ class Trainer:
     SIGTERM finishes the step and saves; ``Trainer(cfg, resume=True)`` goes on from there.
     """
 
+    loss_hint = LOSS_HINT  # what the one line of a non-finite loss advises (loop.PendingLosses reads it too)
+
     def __init__(self, cfg: TrainConfig, resume: bool = False, log: Callable[[str], None] = print):
         if not cfg.lr_decay_steps:  # fixed now, so that resuming with more steps keeps the schedule
             cfg = dataclasses.replace(cfg, lr_decay_steps=cfg.max_steps)
@@ -117,7 +119,6 @@ class Trainer:
         # On CUDA a step's loss stays on the device and the loop reads it at log, sample and save steps
         # (loop.PendingLosses): reading it every step made the host wait for the GPU every step.
         self.defer_loss_check = self.device.type == "cuda"
-        self.loss_hint = LOSS_HINT
         self.scaler = torch.amp.GradScaler("cuda", enabled=cfg.mixed_precision == "fp16" and self.device.type == "cuda")
 
     # -- set-up --------------------------------------------------------------------------
