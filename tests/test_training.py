@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -491,3 +492,27 @@ def test_a_clip_run_interrupted_and_resumed_is_bit_identical_to_an_uninterrupted
     assert [loss for _, loss in second.losses] == [loss for _, loss in whole.losses]
     assert same_tensors(tmp_path / "whole" / MODEL, tmp_path / "parts" / MODEL)  # every bit: net, EMA
     assert same_tensors(tmp_path / "whole" / CHECKPOINT, tmp_path / "parts" / CHECKPOINT)  # and AdamW's moments
+
+
+def test_a_process_leaves_the_group_before_the_interpreter_shuts_down(tmp_path):
+    """Exiting inside a gloo group leaves its teardown to interpreter finalisation, where it can abort
+    a rank (exit -6; issue 26 item 10): init_distributed registers leave_group with atexit. A hook
+    registered before joining runs after it (atexit is last in, first out) and sees the group gone."""
+    script = tmp_path / "rank.py"
+    script.write_text(
+        "import atexit, torch, torch.distributed as dist\n"
+        "from minidiff_cli.runtime.distributed import init_distributed\n"
+        "atexit.register(lambda: print(f'rank {dist.get_rank() if dist.is_initialized() else \"-\"} '\n"
+        "                              f'initialized at exit: {dist.is_initialized()}', flush=True))\n"
+        "ranks = init_distributed(torch.device('cpu'))\n"
+        "dist.barrier()\n"
+        "print(f'joined as {ranks.rank} of {ranks.world}', flush=True)\n")
+    torchrun = shutil.which("torchrun")
+    launcher = [torchrun] if torchrun else [sys.executable, "-m", "torch.distributed.run"]
+    result = subprocess.run([*launcher, "--standalone", "--nproc-per-node", "2", str(script)], capture_output=True,
+                            text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    # the two ranks share one pipe, so their lines may interleave: count, do not split
+    assert sorted(re.findall(r"joined as \d of 2", result.stdout)) == ["joined as 0 of 2", "joined as 1 of 2"], \
+        result.stdout
+    assert result.stdout.count("initialized at exit: False") == 2, result.stdout

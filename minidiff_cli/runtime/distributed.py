@@ -7,6 +7,7 @@ none of this costs anything.
 
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -37,7 +38,22 @@ def init_distributed(device: torch.device) -> Dist:
 
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        atexit.register(leave_group)
     return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def leave_group() -> None:
+    """Leave the process group, if one is joined, while the interpreter is still whole.
+
+    A process that exits inside the group leaves it to interpreter shutdown, where gloo's worker
+    threads can still hold tensors whose release takes the GIL while Python is finalising, and the
+    process aborts (SIGABRT, exit -6 under torchrun; pytorch/pytorch#190489). ``init_distributed``
+    registers this with atexit, which runs before finalisation; calling it twice is harmless.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def start_training(cfg) -> tuple[torch.device, Dist, Any]:

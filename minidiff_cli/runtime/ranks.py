@@ -35,16 +35,17 @@ def joined(device: str) -> Iterator[tuple[Any, str]]:
     import torch
     import torch.distributed as dist
 
-    from minidiff_cli.runtime.distributed import init_distributed
+    from minidiff_cli.runtime.distributed import init_distributed, leave_group
 
     device = _device_for_rank(device, int(os.environ.get("LOCAL_RANK", "0")))
     joined_here = not dist.is_initialized()
     ranks = init_distributed(torch.device("cuda" if device.startswith("cuda") else "cpu"))
     try:
         yield ranks, device
+        dist.barrier()  # on the way out together: no rank closes its sockets while another still sends
     finally:
-        if joined_here and dist.is_initialized():
-            dist.destroy_process_group()
+        if joined_here:
+            leave_group()
 
 
 def _device_for_rank(device: str, local_rank: int) -> str:
