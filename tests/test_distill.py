@@ -194,15 +194,36 @@ def test_the_student_draws_what_its_merged_weights_draw(teacher, student):
     assert model.hash != base.hash and model.config["sampling"]["steps"] == 2
 
 
-def test_a_resumed_distillation_equals_an_uninterrupted_one(teacher, tmp_path):
+@pytest.mark.parametrize("method", [[], ["--method", "mcm", "--steps", "2", "--target-ema", "0.9"]],
+                         ids=["lcm", "mcm-target-ema"])
+def test_a_resumed_distillation_equals_an_uninterrupted_one(teacher, tmp_path, method):
     straight, halves = tmp_path / "straight", tmp_path / "halves"
-    assert run_cli("distill", "--model", str(teacher), "--out", str(straight), *DISTILL).returncode == 0
-    first = run_cli("distill", "--model", str(teacher), "--out", str(halves), *DISTILL[:1], "2", *DISTILL[2:])
+    assert run_cli("distill", "--model", str(teacher), "--out", str(straight), *method, *DISTILL).returncode == 0
+    first = run_cli("distill", "--model", str(teacher), "--out", str(halves), *method, *DISTILL[:1], "2", *DISTILL[2:])
     assert first.returncode == 0, first.stderr
     again = run_cli("distill", "--out", str(halves), "--resume", "--max-steps", "4")
     assert again.returncode == 0, again.stderr
-    a, b = load_file(str(straight / "model.safetensors")), load_file(str(halves / "model.safetensors"))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    for name in ("model.safetensors", "checkpoint.safetensors"):  # the checkpoint: the target's average too
+        a, b = load_file(str(straight / name)), load_file(str(halves / name))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    assert any(k.startswith("target.") for k in a) == bool(method)
+
+
+def test_the_target_average_moves_by_one_minus_mu_and_is_what_the_targets_see(teacher, tmp_path):
+    from minidiff_cli.training.distill import DistillConfig, Distiller
+
+    cfg = DistillConfig(teacher=str(teacher), method="mcm", steps=2, target_ema=0.9, out=str(tmp_path / "run"),
+                        batch_size=4, rank=4, warmup=0, device="cpu", threads=1, quiet=True)
+    d = Distiller(cfg, log=lambda line: None)
+    before = [p.detach().clone() for p in d.live]
+    d.train_step()
+    assert any(not torch.equal(a, p) for a, p in zip(before, d.live))  # the live weights moved (the "up" ones first)
+    for average, old, live in zip(d.target.values(), before, d.live):
+        assert torch.allclose(average, 0.9 * old + 0.1 * live, atol=1e-7)
+    live = [p.detach().clone() for p in d.live]
+    with d._target_weights():
+        assert all(torch.equal(p, average) for p, average in zip(d.live, d.target.values()))
+    assert all(torch.equal(p, q) for p, q in zip(d.live, live))  # and back
 
 
 def test_mcm_segments_end_at_the_next_point_of_the_students_grid():

@@ -45,6 +45,9 @@ def distill_command(
                                              "sqrt(alpha_bar_t)); 1 counts it as x_t carries it, larger values "
                                              "count the noisiest steps more (what 1- and 2-step students need) "
                                              "[default: 1]."),
+    target_ema: Optional[float] = typer.Option(None, "--target-ema", help="Compute the consistency targets with an "
+                                               "average of the adapter's weights that moves by 1 - MU a step "
+                                               "(0.95 steadied mcm); 0: the live weights [default: 0]."),
     save_every: Optional[int] = typer.Option(None, "--save-every", help="Checkpoint and student file every N steps "
                                              "[default: 250]."),
     sample_every: Optional[int] = typer.Option(None, "--sample-every", help="Student samples every N steps "
@@ -73,7 +76,8 @@ def distill_command(
     flags = {"teacher": model, "method": method, "out": out, "steps": steps, "guidance": guidance, "data": data, "holdout": holdout,
              "max_steps": max_steps, "batch_size": batch_size, "lr": lr, "warmup": warmup,
              "lr_decay_steps": lr_decay_steps, "rank": rank,
-             "solver_steps": solver_steps, "gain_cap": gain_cap, "save_every": save_every, "sample_every": sample_every,
+             "solver_steps": solver_steps, "gain_cap": gain_cap, "target_ema": target_ema,
+             "save_every": save_every, "sample_every": sample_every,
              "log_every": log_every, "seed": seed, "device": device, "threads": threads, "quiet": quiet, "name": name}
     given = {k: v for k, v in flags.items() if v is not None}
     cfg = _resumed(given) if resume else DistillConfig(**given).validate()

@@ -19,6 +19,11 @@ point b, reached by a deterministic DDIM step: y = sqrt(abar_b) x0_hat + sqrt(1 
 and the student then samples with plain DDIM at exactly those steps. The loss is measured on y,
 where the DDIM step carries the eps error with a gain g; rows count min(1, gain_cap / g).
 
+``--target-ema MU`` computes the targets (the student's guess from x_s) with an exponential moving
+average of the adapter's weights instead of the live ones (the "target network" of Song et al. 2023,
+sec. 3): the target then moves slowly, which steadied mcm on shapes (see benchmarks/RESULTS.md).
+The student file holds the live weights; the average lives in the checkpoint, so resume is exact.
+
 ``--method lct`` is consistency training instead (Song et al. 2023, sec. 5): x_s is x_0 noised with
 the same noise to level s, no teacher is called (each step costs half as much), and no guidance
 is folded in (the student samples with cfg, two network calls per step).
@@ -33,9 +38,10 @@ generators seeded by (seed, s); checkpoints hold the adapter and AdamW's state.
 from __future__ import annotations
 
 import dataclasses
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 
@@ -51,7 +57,7 @@ from minidiff_cli.runtime.distributed import start_training
 from minidiff_cli.training.captions import CaptionTable
 from minidiff_cli.training.config import resumed_values
 from minidiff_cli.training.loop import forget_metrics_after, loss_error, run_steps, smoothed
-from minidiff_cli.training.optim import warmup_cosine
+from minidiff_cli.training.optim import ema_update, warmup_cosine
 from minidiff_cli.training.run_folder import CHECKPOINT, MODEL, check_contents, check_creatable
 
 RESUMABLE = ("max_steps", "save_every", "sample_every", "log_every", "quiet", "device", "threads", "out")
@@ -79,6 +85,7 @@ class DistillConfig:
     solver_steps: int = 50  # the teacher's DDIM grid the consistency steps skip along
     huber_c: float = 0.001
     gain_cap: float = 1.0  # the x_0 error at t counts min(1, gain_cap sqrt(abar_t)): 1 is as x_t carries it
+    target_ema: float = 0.0  # the targets' weights: 0 the live adapter, MU an average moving by 1 - MU a step
     seed: int = 0
     save_every: int = 250
     sample_every: int = 250
@@ -98,7 +105,8 @@ class DistillConfig:
             if not is_int(value) or not low <= value <= high:
                 raise MinidiffError(f"--{key.replace('_', '-')} must be a whole number from {low} to {high} "
                                     f"(got {value!r:.40})")
-        reals = {"guidance": (0.0, 100.0), "lr": (1e-8, 1.0), "huber_c": (0.0, 1.0), "gain_cap": (1.0, 1e6)}
+        reals = {"guidance": (0.0, 100.0), "lr": (1e-8, 1.0), "huber_c": (0.0, 1.0), "gain_cap": (1.0, 1e6),
+                 "target_ema": (0.0, 0.9999)}
         for key, (low, high) in reals.items():
             value = getattr(self, key)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not low <= value <= high:
@@ -140,7 +148,9 @@ class Distiller:
         self.dataset = self._dataset()
         torch.manual_seed(cfg.seed)  # the adapters' first weights: the same in every run of this recipe
         self.adapters = lora.add_adapters(self.model.unet, cfg.rank, float(cfg.alpha))
-        self.optimizer = torch.optim.AdamW(list(lora.trainable(self.adapters)), lr=cfg.lr, weight_decay=0.0)
+        self.live = list(lora.trainable(self.adapters))
+        self.optimizer = torch.optim.AdamW(self.live, lr=cfg.lr, weight_decay=0.0)
+        self.target = self._target_copy()
         self.order = EpochShuffle(len(self.dataset), cfg.seed)
         self.step, self.losses = 0, []
         # A frozen conditioner's encodings in batches fixed by the data set: resumed runs get the same bits.
@@ -194,7 +204,7 @@ class Distiller:
         if meta.get("teacher_hash") != self.model.hash:
             raise MinidiffError(f"the run in '{self.out}' distilled another teacher (hash {meta.get('teacher_hash')}); "
                                 "start a new run")
-        self.step = restore(meta, tensors, path, modules={"adapter": self._adapter_module()}, optimizer=self.optimizer)
+        self.step = restore(meta, tensors, path, modules=self._saved_modules(), optimizer=self.optimizer)
         self.losses = [tuple(x) for x in meta.get("losses", [])]
         forget_metrics_after(self.out, self.step)
         if self.step >= self.cfg.max_steps:
@@ -203,6 +213,36 @@ class Distiller:
 
     def _adapter_module(self) -> torch.nn.Module:
         return torch.nn.ModuleDict({name.replace(".", "/"): a for name, a in self.adapters.items()})
+
+    def _target_copy(self) -> torch.nn.ParameterDict | None:
+        """--target-ema: the average of the adapter's weights, in the order of ``self.live`` (None without it)."""
+        if not self.cfg.target_ema:
+            return None
+        copies = [(f"{name.replace('.', '/')}/{part}", torch.nn.Parameter(getattr(a, part).weight.detach().clone(),
+                                                                           requires_grad=False))
+                  for name, a in self.adapters.items() for part in lora.TENSORS]
+        return torch.nn.ParameterDict(copies)  # pairs, not a dict, which ParameterDict would sort
+
+    def _saved_modules(self) -> dict[str, torch.nn.Module]:
+        modules = {"adapter": self._adapter_module()}
+        if self.target is not None:
+            modules["target"] = self.target
+        return modules
+
+    @contextmanager
+    def _target_weights(self) -> Iterator[None]:
+        """The adapter with the target's weights for the time of the block (the live ones without --target-ema)."""
+        if self.target is None:
+            yield
+            return
+        saved = [p.detach().clone() for p in self.live]
+        with torch.no_grad():
+            torch._foreach_copy_(self.live, list(self.target.values()))
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                torch._foreach_copy_(self.live, saved)
 
     # -- one step ------------------------------------------------------------------------
     def batch(self, step: int) -> tuple[torch.Tensor, Conditioning]:
@@ -242,7 +282,7 @@ class Distiller:
                 x_s = _ddim_jump(x_t, eps, abar_t, abar_s)
         if cfg.method == "mcm":
             return self._segment_loss(x_t, t, abar_t, x_s, s, abar_s, cond)
-        with torch.no_grad():
+        with torch.no_grad(), self._target_weights():
             target = _x0(x_s, self.model.predict_eps(x_s, s.clamp(min=0), cond), abar_s)
             target = torch.where(_rows(s >= 0, x0), target, x_s)
         pred = _x0(x_t, self.model.predict_eps(x_t, t, cond), abar_t)
@@ -257,7 +297,7 @@ class Distiller:
         from s (without gradients), or towards x_s itself where s is b."""
         b = segment_ends(self.grid, t)
         abar_b = _level(self.model.schedule.alphas_cumprod.to(self.device, torch.float32), b, x_t)
-        with torch.no_grad():
+        with torch.no_grad(), self._target_weights():
             target = _ddim_jump(x_s, self.model.predict_eps(x_s, s.clamp(min=0), cond), abar_s, abar_b)
             target = torch.where(_rows(s == b, x_s), x_s, target)
         pred = _ddim_jump(x_t, self.model.predict_eps(x_t, t, cond), abar_t, abar_b)
@@ -293,6 +333,8 @@ class Distiller:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
+        if self.target is not None:
+            ema_update(list(self.target.values()), self.live, cfg.target_ema)
         self.step += 1
         return loss.item()
 
@@ -338,7 +380,7 @@ class Distiller:
         from minidiff_cli.training.checkpoint import save_checkpoint
 
         ensure_writable_dir(self.out)
-        save_checkpoint(self.out / CHECKPOINT, modules={"adapter": self._adapter_module()}, optimizer=self.optimizer,
+        save_checkpoint(self.out / CHECKPOINT, modules=self._saved_modules(), optimizer=self.optimizer,
                         step=self.step, train_config=self.cfg.to_dict(),
                         extra={"losses": self.losses[-5000:], "teacher_hash": self.model.hash})
         tensors = {f"{ADAPTER}.{k}": v.to(ADAPTER_DTYPE).cpu() for k, v in lora.adapter_tensors(self.adapters).items()}
