@@ -257,8 +257,11 @@ def test_an_mcm_student_is_drawn_by_ddim_at_its_steps(teacher, tmp_path):
     assert (params["sampler"], params["steps"], params["cfg"]) == ("ddim", 2, 1.0)
     # Three steps on T = 100 end segments at 66 and 32, which the 50-point solver grid (every 2nd t) misses.
     assert_error(run_in_process("distill", "--model", str(teacher), "--out", str(tmp_path / "off"), "--method", "mcm",
-                                "--steps", "3", *DISTILL), "--solver-steps a multiple of --steps")
+                                "--steps", "3", *DISTILL), "choose --solver-steps 100")
     assert not (tmp_path / "off").exists()
+    # Four steps end segments at 75, 50 and 25: grids of 20 and 100 points land there, 50 (every 2nd t) does not.
+    assert_error(run_in_process("distill", "--model", str(teacher), "--out", str(tmp_path / "off"), "--method", "mcm",
+                                "--steps", "4", *DISTILL), "choose --solver-steps 20 or 100")
 
 
 def test_distill_refuses_what_it_cannot_do_in_one_line(teacher, student, tmp_path):

@@ -178,11 +178,14 @@ class Distiller:
         if self.cfg.method != "mcm":
             return torch.zeros(0, dtype=torch.long)
         T = self.model.schedule.num_timesteps
-        skip = T // self.cfg.solver_steps
         grid = timesteps(T, self.cfg.steps, "trailing").flip(0)
-        if any((int(g) + 1) % skip for g in grid):  # a segment's end must be a point the teacher's steps land on
+        if not _lands_on(grid, T // self.cfg.solver_steps):
+            fits = [n for n in range(1, T + 1) if T % n == 0 and _lands_on(grid, T // n)]  # T itself always fits
+            below = [n for n in fits if n < self.cfg.solver_steps][-1:]
+            above = [n for n in fits if n > self.cfg.solver_steps][:1]
             raise MinidiffError(f"--method mcm needs the student's {self.cfg.steps} steps on the teacher's solver grid "
-                                f"({self.cfg.solver_steps} points): choose --solver-steps a multiple of --steps")
+                                f"({self.cfg.solver_steps} points): choose --solver-steps "
+                                f"{' or '.join(map(str, below + above))}")
         return grid.to(self.device)
 
     def _dataset(self):
@@ -442,3 +445,8 @@ def _x0(x: torch.Tensor, eps: torch.Tensor, abar: torch.Tensor) -> torch.Tensor:
 def check_resume_flags(stored: DistillConfig, given: dict[str, Any]) -> DistillConfig:
     """On --resume the stored recipe stands; only RESUMABLE flags may change."""
     return DistillConfig.from_dict(resumed_values(stored.to_dict(), given, RESUMABLE))
+
+
+def _lands_on(grid: torch.Tensor, skip: int) -> bool:
+    """Whether every segment end of the student's grid is a point the teacher's steps of ``skip`` land on."""
+    return all((int(g) + 1) % skip == 0 for g in grid)
