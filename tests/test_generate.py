@@ -336,19 +336,24 @@ def test_save_trajectory_refuses_to_overwrite_before_sampling(trained_run, tmp_p
     assert sorted(p.name for p in tmp_path.iterdir()) == ["minidiff-00000-trajectory.gif"]
 
 
-def test_sampler_options_reach_the_sampler_and_are_recorded(trained_run, tmp_path):
+@pytest.mark.parametrize("steps, option, bad, message", [
+    ("3", "spacing=leading", "nonsense", "KEY=VALUE"),
+    ("2", "timesteps=89,49", "timesteps=89,49,9", "3 timesteps given for 2 steps"),  # a grid by hand
+])
+def test_sampler_options_reach_the_sampler_and_are_recorded(trained_run, tmp_path, steps, option, bad, message):
     model = str(trained_run / "model.safetensors")
-    args = ("generate", "red circle", "--model", model, "--steps", "3", "-q", "--json")
-    leading = run_cli(*args, "-O", "spacing=leading", "-o", str(tmp_path / "a.png"))
-    trailing = run_cli(*args, "-o", str(tmp_path / "b.png"))
-    assert leading.returncode == 0 and trailing.returncode == 0, leading.stderr + trailing.stderr
-    assert json.loads(leading.stdout)["parameters"][0]["sampler_options"] == {"spacing": "leading"}
+    args = ("generate", "red circle", "--model", model, "--steps", steps, "-q", "--json")
+    given = run_cli(*args, "-O", option, "-o", str(tmp_path / "a.png"))
+    default = run_cli(*args, "-o", str(tmp_path / "b.png"))
+    assert given.returncode == 0 and default.returncode == 0, given.stderr + default.stderr
+    key, _, value = option.partition("=")
+    assert json.loads(given.stdout)["parameters"][0]["sampler_options"] == {key: value}
     assert not np.array_equal(pixels(tmp_path / "a.png"), pixels(tmp_path / "b.png"))
     again = run_cli("generate", "--from", str(tmp_path / "a.png"), "--model", model, "-o", str(tmp_path / "c.png"), "-q")
     assert again.returncode == 0, again.stderr
     assert np.array_equal(pixels(tmp_path / "a.png"), pixels(tmp_path / "c.png"))
-    bad = run_cli(*args, "-O", "nonsense", "-o", str(tmp_path / "d.png"))
-    assert_one_line_error(bad, "KEY=VALUE")
+    assert_one_line_error(run_cli(*args, "-O", bad, "-o", str(tmp_path / "d.png")), message)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "b.png", "c.png"]
 
 
 # -- sampler options and the Python API refuse what the CLI refuses -------------------------------

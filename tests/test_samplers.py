@@ -73,6 +73,41 @@ def test_unknown_spacing_is_refused():
         timesteps(1000, 10, "even")
 
 
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "lcm"])
+@pytest.mark.parametrize("given", ["899,499", [899, 499], "899, 499"])
+def test_a_grid_given_by_hand_is_the_one_visited_and_the_one_levels_report(sampler, given):
+    schedule = get_schedule("cosine", 1000)
+    seen = []
+    get_sampler(sampler).sample(gaussian_denoiser(schedule, MU, S), torch.randn(8), schedule, 2,
+                                callback=seen.append, timesteps=given)
+    assert [info["t"] for info in seen] == [899, 499]
+    levels = get_sampler(sampler).noise_levels(schedule, 2, timesteps=given)
+    assert levels == pytest.approx([schedule.alphas_cumprod[899].item(), schedule.alphas_cumprod[499].item(), 1.0])
+
+
+def test_a_grid_given_by_hand_replaces_the_spacing_and_matches_the_spaced_run_it_equals():
+    # The trailing grid written out by hand is the trailing run, bit for bit.
+    by_hand = run("ddim", "cosine", 4, timesteps=",".join(map(str, timesteps(1000, 4).tolist())))
+    assert torch.equal(by_hand, run("ddim", "cosine", 4))
+    assert not torch.equal(run("ddim", "cosine", 4, timesteps="899,599,299,0"), by_hand)
+
+
+@pytest.mark.parametrize("given, message", [
+    ("999,499,0", r"3 timesteps given for 2 steps; give one a step or pass --steps 3"),
+    ("499,999", r"must descend strictly from at most 999 to at least 0 \(got 499,999\)"),
+    ("999,999", r"must descend strictly"),
+    ([1000, 0], r"must descend strictly .* \(got 1000,0\)"),
+    ("999,-1", r"whole numbers separated by commas, e.g. 999,499"),
+    ([999.5, 0], r"whole numbers"),
+    ([True, False], r"whole numbers"),
+    (7, r"whole numbers"),
+])
+def test_a_bad_grid_is_refused_in_one_line(given, message):
+    schedule = get_schedule("cosine", 1000)
+    with pytest.raises(MinidiffError, match="sampler 'lcm': .*" + message):
+        get_sampler("lcm").sample(gaussian_denoiser(schedule, MU, S), torch.randn(4), schedule, 2, timesteps=given)
+
+
 # -- samplers on Gaussian data --------------------------------------------------------
 @pytest.mark.parametrize("schedule", ["linear", "cosine"])
 def test_ddpm_with_all_1000_steps_recovers_the_gaussian(schedule):
@@ -169,7 +204,7 @@ def test_callback_sees_every_step_with_the_documented_keys():
 
 
 @pytest.mark.parametrize("sampler, option, message", [
-    ("ddim", {"etta": 0.5}, "sampler 'ddim' has no option etta; its options are: eta, spacing, clip_x0"),
+    ("ddim", {"etta": 0.5}, "sampler 'ddim' has no option etta; its options are: eta, spacing, timesteps, clip_x0"),
     ("ddpm", {"eta": 0.5}, "sampler 'ddpm' has no option eta"),
     ("ddim", {"eta": 2}, "eta must be between 0 and 1"),
     ("ddpm", {"variance": "big"}, "variance must be 'beta-tilde' or 'beta'"),

@@ -61,24 +61,25 @@ class DDPM:
     """Ancestral sampling (Ho et al. 2020, Algorithm 2), at any number of steps.
 
     Options: ``variance`` "beta-tilde" (default) or "beta"; ``spacing`` of the timesteps
-    (see ``minidiff_cli.diffusion.sampling.timesteps``); ``clip_x0`` clamps the predicted x_0 to
+    (see ``minidiff_cli.diffusion.sampling.timesteps``) or ``timesteps``, a grid given by hand
+    (``sampler_grid``); ``clip_x0`` clamps the predicted x_0 to
     [-clip_x0, clip_x0] (default None: no clamp). ``start`` / ``stop`` run part of the grid
     (``minidiff_cli.diffusion.sampling.PartialSampler``).
     """
 
     name = "ddpm"
     default_steps = 1000
-    options = ("variance", "spacing", "clip_x0")
+    options = ("variance", "spacing", "timesteps", "clip_x0")
 
     def sample(self, denoiser, x, schedule, steps, *, generator=None, callback=None, start=0, stop=None,
-               variance="beta-tilde", spacing="trailing", clip_x0=None, **unknown):
-        from minidiff_cli.diffusion.sampling import alpha_bars, batch_t, noise_like, step_range, timesteps
+               variance="beta-tilde", spacing="trailing", timesteps=None, clip_x0=None, **unknown):
+        from minidiff_cli.diffusion.sampling import alpha_bars, batch_t, noise_like, sampler_grid, step_range
 
         _no_unknown(self.name, unknown, self.options)
         if variance not in ("beta-tilde", "beta"):
             raise MinidiffError(f"sampler 'ddpm': variance must be 'beta-tilde' or 'beta' (got {variance!r})")
         clip = _clip_value(self.name, clip_x0)
-        ts = timesteps(schedule.num_timesteps, steps, spacing)
+        ts = sampler_grid(self.name, schedule.num_timesteps, steps, spacing, timesteps)
         for i in step_range(start, stop, len(ts)):
             t = int(ts[i])
             abar_t, abar_prev = alpha_bars(schedule, ts, i)
@@ -91,31 +92,31 @@ class DDPM:
                 callback({"i": i, "steps": len(ts), "t": t, "x": x, "x0": x0})
         return x
 
-    def noise_levels(self, schedule, steps, *, spacing="trailing", **others):
-        return _grid_levels(self, schedule, steps, spacing, others)
+    def noise_levels(self, schedule, steps, *, spacing="trailing", timesteps=None, **others):
+        return _grid_levels(self, schedule, steps, spacing, timesteps, others)
 
 
 class DDIM:
     """Denoising diffusion implicit models (Song et al. 2021), deterministic at eta = 0.
 
     Options: ``eta`` in [0, 1] (default 0) scales the fresh noise per step, eta = 1 being
-    DDPM; ``spacing``, ``clip_x0``, ``start`` and ``stop`` as for DDPM.
+    DDPM; ``spacing``, ``timesteps``, ``clip_x0``, ``start`` and ``stop`` as for DDPM.
     """
 
     name = "ddim"
     default_steps = 50
-    options = ("eta", "spacing", "clip_x0")
+    options = ("eta", "spacing", "timesteps", "clip_x0")
 
     def sample(self, denoiser, x, schedule, steps, *, generator=None, callback=None, start=0, stop=None,
-               eta=0.0, spacing="trailing", clip_x0=None, **unknown):
-        from minidiff_cli.diffusion.sampling import alpha_bars, batch_t, noise_like, step_range, timesteps
+               eta=0.0, spacing="trailing", timesteps=None, clip_x0=None, **unknown):
+        from minidiff_cli.diffusion.sampling import alpha_bars, batch_t, noise_like, sampler_grid, step_range
 
         _no_unknown(self.name, unknown, self.options)
         eta = _number(self.name, "eta", eta)
         if not 0 <= eta <= 1:
             raise MinidiffError(f"sampler 'ddim': eta must be between 0 and 1 (got {eta:g})")
         clip = _clip_value(self.name, clip_x0)
-        ts = timesteps(schedule.num_timesteps, steps, spacing)
+        ts = sampler_grid(self.name, schedule.num_timesteps, steps, spacing, timesteps)
         for i in step_range(start, stop, len(ts)):
             t = int(ts[i])
             abar_t, abar_prev = alpha_bars(schedule, ts, i)
@@ -132,8 +133,8 @@ class DDIM:
                 callback({"i": i, "steps": len(ts), "t": t, "x": x, "x0": x0})
         return x
 
-    def noise_levels(self, schedule, steps, *, spacing="trailing", **others):
-        return _grid_levels(self, schedule, steps, spacing, others)
+    def noise_levels(self, schedule, steps, *, spacing="trailing", timesteps=None, **others):
+        return _grid_levels(self, schedule, steps, spacing, timesteps, others)
 
 
 class LCM:
@@ -143,20 +144,20 @@ class LCM:
     Each step predicts x_0 and, except the last, noises it afresh to the next level on the grid:
     x_next = sqrt(abar_next) x_0 + sqrt(1 - abar_next) z. With one step it is a one-shot
     generator. On an ordinary model it is a poor sampler (its x_0 guesses are blurry until t is
-    small). Options: ``spacing`` (as for DDIM), ``clip_x0``, ``start`` / ``stop``.
+    small). Options: ``spacing``, ``timesteps`` (as for DDIM), ``clip_x0``, ``start`` / ``stop``.
     """
 
     name = "lcm"
     default_steps = 4
-    options = ("spacing", "clip_x0")
+    options = ("spacing", "timesteps", "clip_x0")
 
     def sample(self, denoiser, x, schedule, steps, *, generator=None, callback=None, start=0, stop=None,
-               spacing="trailing", clip_x0=None, **unknown):
-        from minidiff_cli.diffusion.sampling import alpha_bars, batch_t, noise_like, step_range, timesteps
+               spacing="trailing", timesteps=None, clip_x0=None, **unknown):
+        from minidiff_cli.diffusion.sampling import alpha_bars, batch_t, noise_like, sampler_grid, step_range
 
         _no_unknown(self.name, unknown, self.options)
         clip = _clip_value(self.name, clip_x0)
-        ts = timesteps(schedule.num_timesteps, steps, spacing)
+        ts = sampler_grid(self.name, schedule.num_timesteps, steps, spacing, timesteps)
         for i in step_range(start, stop, len(ts)):
             t = int(ts[i])
             abar_t, abar_next = alpha_bars(schedule, ts, i)
@@ -169,16 +170,16 @@ class LCM:
                 callback({"i": i, "steps": len(ts), "t": t, "x": x, "x0": x0})
         return x
 
-    def noise_levels(self, schedule, steps, *, spacing="trailing", **others):
-        return _grid_levels(self, schedule, steps, spacing, others)
+    def noise_levels(self, schedule, steps, *, spacing="trailing", timesteps=None, **others):
+        return _grid_levels(self, schedule, steps, spacing, timesteps, others)
 
 
-def _grid_levels(sampler, schedule, steps, spacing, others) -> list[float]:
+def _grid_levels(sampler, schedule, steps, spacing, custom, others) -> list[float]:
     """alpha_bar along the sampler's timesteps; its other options do not move the grid but must be its own."""
-    from minidiff_cli.diffusion.sampling import grid_levels, timesteps
+    from minidiff_cli.diffusion.sampling import grid_levels, sampler_grid
 
     _no_unknown(sampler.name, {k: v for k, v in others.items() if k not in sampler.options}, sampler.options)
-    return grid_levels(schedule, timesteps(schedule.num_timesteps, steps, spacing))
+    return grid_levels(schedule, sampler_grid(sampler.name, schedule.num_timesteps, steps, spacing, custom))
 
 
 # -- option checks ---------------------------------------------------------------------

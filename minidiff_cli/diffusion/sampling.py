@@ -118,6 +118,37 @@ def timesteps(num_timesteps: int, steps: int, spacing: str = "trailing") -> torc
     return ts.long()
 
 
+def sampler_grid(sampler: str, num_timesteps: int, steps: int, spacing: str = "trailing",
+                 custom: Any = None) -> torch.Tensor:
+    """The timesteps a sampler visits: its ``timesteps`` option where given, else ``spacing``'s grid.
+
+    ``custom`` is a list of whole numbers or a comma-separated string ("999,499", as ``-O
+    timesteps=999,499`` arrives), one per step, strictly descending, each in [0, T - 1]: a grid
+    chosen by hand, like diffusers' ``timesteps=`` argument (e.g. a few-step student started
+    below the noisiest level; see benchmarks/RESULTS.md). It replaces ``spacing``.
+    """
+    if custom is None:
+        return timesteps(num_timesteps, steps, spacing)
+    values = custom.split(",") if isinstance(custom, str) else custom
+    if not isinstance(values, (list, tuple)) or not all(_whole(v) for v in values):
+        raise MinidiffError(f"sampler '{sampler}': timesteps must be whole numbers separated by commas, "
+                            f"e.g. 999,499 (got {custom!r:.60})")
+    ts = [int(v) for v in values]
+    if len(ts) != steps:
+        raise MinidiffError(f"sampler '{sampler}': {len(ts)} timesteps given for {steps} steps; "
+                            f"give one a step or pass --steps {len(ts)}")
+    if any(not 0 <= t < num_timesteps for t in ts) or any(a <= b for a, b in zip(ts, ts[1:])):
+        raise MinidiffError(f"sampler '{sampler}': timesteps must descend strictly from at most "
+                            f"{num_timesteps - 1} to at least 0 (got {','.join(map(str, ts)):.60})")
+    return torch.tensor(ts, dtype=torch.long)
+
+
+def _whole(value: Any) -> bool:
+    if isinstance(value, str):
+        return value.strip().isdigit()
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def noise_like(x: torch.Tensor, generator=None) -> torch.Tensor:
     """Standard normal noise shaped like x, in x's dtype and on x's device.
 
