@@ -98,7 +98,9 @@ def test_a_grid_given_by_hand_replaces_the_spacing_and_matches_the_spaced_run_it
     ("999,999", r"must descend strictly"),
     ([1000, 0], r"must descend strictly .* \(got 1000,0\)"),
     ("999,-1", r"whole numbers separated by commas, e.g. 999,499"),
+    ("9²,0", r"whole numbers"),  # a superscript two is a digit to str.isdigit(), not to int()
     ([999.5, 0], r"whole numbers"),
+    ("9" * 5000 + ",0", r"whole numbers"),  # beyond int()'s digit limit
     ([True, False], r"whole numbers"),
     (7, r"whole numbers"),
 ])
