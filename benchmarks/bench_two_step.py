@@ -27,7 +27,7 @@ import torch
 
 from minidiff_cli.data.holdout import parse_holdout
 from minidiff_cli.data.shapes import COLOURS, DEFAULT_SHAPES
-from minidiff_cli.evaluation.shapes_judge import class_prompts, diversity, score
+from minidiff_cli.evaluation.shapes_judge import class_prompts, judge, summarise
 from minidiff_cli.inference.pipeline import Generation, Pipeline
 
 BORDER = 2  # pixels; the shapes world draws no shape this close to the edge
@@ -51,15 +51,10 @@ def measure(pipe: Pipeline, gen: Generation, n: int, held: set[str]) -> dict:
     start = time.time()
     x = pipe.sample_many(gen, [p for p, _, _ in prompts for _ in range(n)], [k for _ in prompts for k in range(n)],
                          batch_size=64)
-    seen, held_out, div = [], [], []
-    for k, (_, colour, shape) in enumerate(prompts):
-        images = x[k * n:(k + 1) * n]
-        (held_out if f"{colour} {shape}" in held else seen).append(score(images, colour, shape)["both"])
-        div.append(diversity(images))
+    summary = summarise(judge(x, prompts, n, held))
     spread, grain = border_stats(x, n)
-    return {"seen": sum(seen) / len(seen), "held_out": sum(held_out) / max(1, len(held_out)),
-            "diversity": sum(div) / len(div), "border_spread": spread, "border_grain": grain,
-            "seconds": round(time.time() - start, 1)}
+    return {"seen": summary["seen"], "held_out": summary["held_out"], "diversity": summary["diversity"],
+            "border_spread": spread, "border_grain": grain, "seconds": round(time.time() - start, 1)}
 
 
 def main() -> None:
@@ -89,8 +84,8 @@ def main() -> None:
     for name, pipe, gen in runs:
         result = report["runs"][name] = measure(pipe, gen, args.n, held)
         if not args.json:
-            print(f"| {name} | {result['seen']:.3f} | {result['held_out']:.3f} | {result['diversity']:.3f} "
-                  f"| {result['border_spread']:.3f} | {result['border_grain']:.3f} |", flush=True)
+            cells = [result[k] for k in ("seen", "held_out", "diversity", "border_spread", "border_grain")]
+            print(f"| {name} | " + " | ".join("-" if v is None else f"{v:.3f}" for v in cells) + " |", flush=True)
     if args.json:
         print(json.dumps(report, indent=2))
 

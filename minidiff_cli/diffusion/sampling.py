@@ -144,8 +144,9 @@ def sampler_grid(sampler: str, num_timesteps: int, steps: int, spacing: str = "t
 
 
 def _whole(value: Any) -> bool:
-    if isinstance(value, str):  # ASCII digits only: str.isdigit() also takes "²", which int() refuses
-        return value.strip().isascii() and value.strip().isdigit() and len(value.strip()) <= 18  # int() limits digits
+    if isinstance(value, str):  # ASCII digits only: str.isdigit() also takes "²", which int() refuses;
+        digits = value.strip()  # and few enough for int(), which limits them
+        return digits.isascii() and digits.isdigit() and len(digits) <= 18
     return isinstance(value, int) and not isinstance(value, bool)
 
 

@@ -118,16 +118,23 @@ def evaluate(pipe: Pipeline, *, colours, shapes, holdout: list[tuple[str, str]],
         rows = [p for p, _, _ in prompts for _ in range(n)]
         seeds = [seed + k for _ in prompts for k in range(n)]
         x = pipe.sample_many(gen, rows, seeds, batch_size=batch_size, callback=progress)
-        per_prompt = {}
-        for k, (prompt, colour, shape) in enumerate(prompts):
-            images = x[k * n:(k + 1) * n]
-            per_prompt[prompt] = {**score(images, colour, shape), "diversity": diversity(images),
-                                  "held_out": f"{colour} {shape}" in held}
+        per_prompt = judge(x, prompts, n, held)
         report["runs"].append({"sampler": sampler, "steps": steps, "seconds": round(time.time() - start, 1),
                                **summarise(per_prompt), "per_prompt": per_prompt})
         if grid_path is not None and len(report["runs"]) == 1:
             save_grid(x, columns=n * len(shapes), path=grid_path, overwrite=overwrite)
     return report
+
+
+def judge(x: torch.Tensor, prompts: list[tuple[str, str, str]], n: int, held: set[str]) -> dict[str, dict[str, Any]]:
+    """Scores and diversity of each prompt's ``n`` images, which lie in ``x`` in the order of ``prompts``
+    (``class_prompts``); ``held`` holds the held-out pairs as "colour shape"."""
+    per_prompt = {}
+    for k, (prompt, colour, shape) in enumerate(prompts):
+        images = x[k * n:(k + 1) * n]
+        per_prompt[prompt] = {**score(images, colour, shape), "diversity": diversity(images),
+                              "held_out": f"{colour} {shape}" in held}
+    return per_prompt
 
 
 def save_grid(x: torch.Tensor, columns: int, path: Path, overwrite: bool = False) -> None:
