@@ -178,7 +178,7 @@ def test_readme_commands_that_train_run(tmp_path):
 
     commands = _runnable(slow=True)
     assert len(commands) >= 4
-    _run_in_order(commands, tmp_path)  # about 50 s on 2 busy cores: under the bar for @slow
+    _run_in_order(commands, tmp_path)  # about 130 s on 2 busy cores, beside the rest under -n auto
     for run in tmp_path.glob("runs/*/model.safetensors"):
         unet = read_config(run)["unet"]
         lowest = unet["image_size"] >> (len(unet["channel_mult"]) - 1)

@@ -37,6 +37,8 @@ def server(tmp_path_factory):
 def api(server):
     client = webuiapi.WebUIApi(port=server.port)
     yield client
+    # A test may have left its connection idle past the server's keep-alive; a new one does not race the close.
+    client.session.close()
     client.util_set_model("shapes-clip")  # every test starts on the default model
 
 
@@ -199,6 +201,21 @@ def test_a_full_queue_is_503_with_retry_after_and_clients_that_leave_lose_nothin
     served = requests.post(f"{server.url}/sdapi/v1/txt2img", timeout=120,
                            json={"prompt": "a red circle", "steps": 2, "width": 0, "height": 0})
     assert served.status_code == 200, served.text
+
+
+def test_an_idle_connection_outlives_uvicorns_five_seconds(server):
+    """Kept 30 s, as AUTOMATIC1111 keeps it: a client pausing between requests reuses its connection
+    instead of racing the server's close ("connection reset by peer")."""
+    import http.client
+
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    connection.request("GET", "/sdapi/v1/options")
+    assert connection.getresponse().read() and connection.sock is not None
+    first = connection.sock
+    time.sleep(6)
+    connection.request("GET", "/sdapi/v1/options")  # on a closed connection this raises RemoteDisconnected
+    assert connection.getresponse().status == 200 and connection.sock is first
+    connection.close()
 
 
 def test_nothing_is_written_without_save_dir(server):
