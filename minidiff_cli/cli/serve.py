@@ -20,6 +20,9 @@ from minidiff_cli.cli.options import threads_option
 from minidiff_cli.errors import MinidiffError
 from minidiff_cli.runtime.threads import apply_threads
 
+# An idle client connection is kept 30 s (AUTOMATIC1111's default), not uvicorn's 5: a client that
+# reuses its connection just as the server drops it gets "connection reset", and clients that pause
+# a few seconds between requests (a script drawing, a person reading) would meet that often.
 KEEP_ALIVE_S = 30
 
 
@@ -82,9 +85,6 @@ def serve_command(
             stop_soon(state.board)
             super().handle_exit(sig, frame)
 
-    # An idle client connection is kept 30 s (AUTOMATIC1111's default), not uvicorn's 5: a client that
-    # reuses its connection just as the server drops it gets "connection reset", and clients that pause
-    # a few seconds between requests (a script drawing, a person reading) would meet that often.
     config = uvicorn.Config(server_app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=10,
                             timeout_keep_alive=KEEP_ALIVE_S, lifespan="on")
     _banner(host, port, entry, pipe, token, api_auth, cors, save_dir)
